@@ -1,0 +1,148 @@
+"""Command-line entry points. `bitnet-train --help` lists every flag.
+
+Values layer as: TrainConfig defaults < the preset's train defaults < the resumed checkpoint's
+config < --config FILE (TOML or YAML, parsed, never evaluated) < flags given on the command line.
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from bitnet.model.config import PRESETS, ModelConfig
+from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names
+
+NOT_FROM_CHECKPOINT = {"run_id", "overwrite", "resume_from", "runs_dir"}
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bitnet-train",
+        description="Train a BitNet b1.58 LLaMA-style model. Quick start (CPU, ~2 min): "
+                    "bitnet-train --preset tiny --run-id demo",
+        argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of the flags below (flags win); "
+                   "a [model] table overrides the preset's model fields")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            p.add_argument(flag, type=kind, metavar=f.name.upper(), help=help_text)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
+    return p
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config file must end in .toml, .yaml or .yml: {path}")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of keys")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def check_types(values: dict, source: str, cls=TrainConfig) -> dict:
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+    for key, v in values.items():
+        if key not in types:
+            raise UserError(f"unknown key {key!r} in {source}")
+        want = types[key]
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+              "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": isinstance(v, bool), "str": isinstance(v, str)}[want]
+        if not ok:
+            raise UserError(f"{key} in {source} must be {want}, got {v!r}")
+    return {k: float(v) if types[k] == "float" else v for k, v in values.items()}
+
+
+def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | None, bool]:
+    """Parse flags and files into (train config, model config, loaded resume checkpoint, quiet)."""
+    args = vars(build_parser().parse_args(argv))
+    quiet = args.pop("quiet", False)
+    file_values = read_config_file(args.pop("config")) if "config" in args else {}
+    model_overrides = file_values.pop("model", {})
+    if not isinstance(model_overrides, dict):
+        raise UserError("the config file's 'model' entry must be a table")
+    file_values = check_types(file_values, "config file")
+
+    resume, ckpt_train, ckpt_model = None, {}, None
+    resume_from = args.get("resume_from") or file_values.get("resume_from")
+    if resume_from:
+        from bitnet.train import checkpoint
+
+        try:
+            resume = checkpoint.load(resume_from)
+            saved = resume["config"]
+        except checkpoint.CheckpointError as e:
+            raise UserError(str(e)) from None
+        ckpt_train = {k: v for k, v in saved["train"].items() if k in field_names() and k not in NOT_FROM_CHECKPOINT}
+        ckpt_model = saved["model"]
+
+    preset = args.get("preset") or file_values.get("preset") or ckpt_train.get("preset") or TrainConfig.preset
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    if ckpt_model is not None and preset != ckpt_train.get("preset"):
+        raise UserError(f"--preset {preset} conflicts with the checkpoint's preset {ckpt_train.get('preset')}")
+
+    values = {**PRESET_TRAIN_DEFAULTS[preset], **ckpt_train, **file_values, **args, "preset": preset}
+    cfg = TrainConfig(**values)
+    try:
+        if ckpt_model is not None:
+            if model_overrides:
+                raise UserError("a [model] table cannot change the model of a resumed checkpoint")
+            model_cfg = ModelConfig.from_dict(ckpt_model)
+        else:
+            model_cfg = ModelConfig.from_dict({**PRESETS[preset].to_dict(), **model_overrides})
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return cfg, model_cfg, resume, quiet
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`bitnet-train`: exit 0 on success (or a graceful stop), 2 on bad input, 1 on a failure mid-run."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, model_cfg, resume, quiet = resolve_config(argv)
+        from bitnet.train.loop import train
+
+        result = train(cfg, model_cfg, resume=resume, resumed_from=cfg.resume_from or None, quiet=quiet)
+    except (UserError, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if not quiet:
+        print(f"done: {result.run_dir} at step {result.step} ({result.tokens:,} tokens), last loss {result.last_loss:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

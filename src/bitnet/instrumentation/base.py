@@ -1,0 +1,28 @@
+"""`Hook`: the named points at which the loop calls instrumentation. Every method does nothing by default.
+
+Hooks observe and never change results. To stop a run, a hook sets `stop_requested`, which the
+loop checks in plain sight.
+"""
+
+
+class Hook:
+    stop_requested: bool = False
+    stop_reason: str = ""
+
+    def on_train_start(self, state) -> None:
+        """Called once, after setup and resume, before the first step."""
+
+    def on_step_end(self, state, out) -> None:
+        """Called after every optimizer step with the step's detached outputs (no host sync here)."""
+
+    def on_log(self, state, row: dict) -> None:
+        """Called at log steps with the scalars row (host values, already synced)."""
+
+    def on_checkpoint(self, state, path) -> None:
+        """Called after a checkpoint was written."""
+
+    def on_train_end(self, state) -> None:
+        """Called once after the last step."""
+
+    def close(self) -> None:
+        """Always called (in a finally), also after an error."""

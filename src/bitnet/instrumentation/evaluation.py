@@ -1,0 +1,54 @@
+"""Eval on the frozen held-out set: loss, perplexity and the train-eval gap (eval/eval_results.jsonl)."""
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bitnet.instrumentation.base import Hook
+from bitnet.instrumentation.jsonl import JsonlWriter
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast, device) -> float:
+    """Token-weighted mean cross entropy over the eval batches. Uses no RNG, so training is unaffected."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)
+        total += torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                                   reduction="sum").double()
+        count += y.numel()
+    model.train(was_training)
+    return total.item() / count  # host sync: once per eval
+
+
+class EvalHook(Hook):
+    def __init__(self, run_dir: Path, model, batches, autocast, device, interval: int, num_steps: int):
+        self.model, self.batches, self.autocast, self.device = model, batches, autocast, device
+        self.interval, self.num_steps = interval, num_steps
+        self.writer = JsonlWriter(Path(run_dir) / "eval" / "eval_results.jsonl")
+        self.last_train_loss = float("nan")
+        self.last = None
+
+    def on_log(self, state, row):
+        self.last_train_loss = row.get("loss_avg", row["loss"])
+
+    def on_step_end(self, state, out):
+        if state.step % self.interval and state.step != self.num_steps:
+            return
+        eval_loss = evaluate(self.model, self.batches, self.autocast, self.device)
+        state.best_eval_loss = min(state.best_eval_loss, eval_loss)
+        self.last = {"step": state.step, "tokens": state.tokens, "eval_loss": eval_loss,
+                     "eval_ppl": math.exp(min(eval_loss, 50.0)), "train_loss": self.last_train_loss,
+                     "gap": eval_loss - self.last_train_loss, "best_eval_loss": state.best_eval_loss,
+                     "time": time.time()}
+        self.writer.write(self.last)
+
+    def close(self):
+        self.writer.close()

@@ -1,0 +1,188 @@
+"""The BitNet b1.58 LLaMA-style transformer.
+
+How it differs from plain LLaMA:
+- every attention and FFN projection is a `BitLinear` (ternary weights, int8 activations);
+  the embedding and the (tied) head stay full precision;
+- SubLN norm placement, as in Hugging Face transformers' `BitNetForCausalLM`, so an export maps
+  name for name: `attn_sub_norm` (hidden size) before `o_proj`, `ffn_sub_norm` (FFN width)
+  before `down_proj`, besides the usual pre-norms and the final norm;
+- input and output embeddings are one tensor (tied);
+- `quantization='none'` builds the identical network with plain linears (the bf16 twin).
+`forward` returns logits; the loss lives in train/step.py.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitnet.model.bitlinear import make_linear
+from bitnet.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (bf16 sums of squares lose too much), returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_seq_len, head_dim // 2) for rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head, the HF LLaMA convention. x: (B, H, T, D)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D/2)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding. k, v: (B, n_kv_heads, max_len, head_dim)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = cfg.quantization
+        self.q_proj = make_linear(cfg.dim, cfg.n_heads * cfg.head_dim, q)
+        self.k_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q)
+        self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q)
+        self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k_all = cache.k[layer][:, :, :start + T]  # (B, Hkv, S, D)
+            v_all = cache.v[layer][:, :, :start + T]
+            # Query i (absolute position start+i) sees keys 0..start+i.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(self.attn_sub_norm(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(ffn_sub_norm(silu(gate(x)) * up(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        q = cfg.quantization
+        self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, q)
+        self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q)
+        self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps)
+        self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q)
+
+    def forward(self, x):
+        return self.down_proj(self.ffn_sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab). Names follow HF transformers' BitNet model."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, std) for matrices and the embedding; residual outputs scaled by 1/sqrt(2L) (GPT-2)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm gains
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, resid_std, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        return F.linear(x, self.embed_tokens.weight)  # tied head, (B, T, vocab)
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 * (non-embedding matmul params + head) + attention scores.
+
+        6N counts forward (2N) and backward (4N) of every matmul weight, including the tied head
+        (a matmul of vocab x dim); attention adds 12 * layers * dim * seq_len (PaLM appendix B,
+        QK^T and AV, forward + backward, without the causal halving).
+        """
+        c = self.cfg
+        matmul_params = self.num_params() - sum(p.numel() for p in self.parameters() if p.dim() == 1)
+        return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len

@@ -1,0 +1,104 @@
+"""`TrainConfig`: every knob of a training run, with units, defaults and per-preset defaults.
+
+Values are layered: dataclass defaults < the preset's train defaults < --config FILE < CLI flags.
+`resolve_derived` computes and checks the values that follow from the others (accumulation,
+stage boundary) in one place.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # ---- run
+    preset: str = _f("95m", "model preset: 95m (the seed's 95.4M model) or tiny (CPU seconds)")
+    run_id: str = _f("", "run directory name under --runs-dir (default: <preset>_<data>_<timestamp>)")
+    runs_dir: str = _f("runs", "parent directory of run directories")
+    overwrite: bool = _f(False, "replace an existing run directory of the same id")
+    resume_from: str = _f("", "checkpoint.pt (or its step dir) to resume from; starts a new run directory")
+    seed: int = _f(42, "seed of model init, data order and every RNG")
+    device: str = _f("auto", "auto (cuda if available), cuda, cuda:N, cpu")
+    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA), on, off")
+    # ---- data
+    data: str = _f("fineweb-edu", "data source: embedded (packaged corpus), fineweb-edu, ...")
+    tokenizer: str = _f("llama2", "tokenizer: llama2 (vendored), a tokenizer.json path or a hub name")
+    batch_size: int = _f(32, "global batch in sequences per optimizer step (all ranks, all micro-batches)")
+    micro_batch_size: int = _f(0, "sequences per forward/backward on one rank (0: the whole per-rank batch)")
+    seq_len: int = _f(1024, "tokens per training sequence (<= the model's context)")
+    # ---- schedule (DESIGN.md section 4)
+    num_steps: int = _f(400_000, "optimizer steps")
+    warmup_steps: int = _f(375, "linear warmup steps from lr_peak/warmup_steps to lr_peak")
+    lr_peak: float = _f(1.5e-3, "LR at the end of warmup (stage 1 start)")
+    lr_stage1_end: float = _f(1.0e-3, "LR at the end of stage 1 (linear decay from lr_peak)")
+    lr_stage2_start: float = _f(1.0e-3, "LR at the start of stage 2")
+    lr_end: float = _f(1.5e-5, "LR at the last step (linear decay from lr_stage2_start)")
+    stage_boundary: float = _f(0.5, "fraction of num_steps after which stage 2 starts")
+    wd_stage1: float = _f(0.1, "AdamW weight decay in stage 1 (matrices only)")
+    wd_stage2: float = _f(0.0, "AdamW weight decay in stage 2")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global grad norm to this (0: no clipping)")
+    # ---- logging, eval, checkpoints
+    log_interval: int = _f(100, "write a scalars.jsonl row every N steps")
+    eval_interval: int = _f(5000, "evaluate on the frozen eval set every N steps")
+    eval_sequences: int = _f(256, "sequences in the frozen eval set")
+    no_eval: bool = _f(False, "skip evaluation")
+    sample_interval: int = _f(5000, "generate samples every N steps (0: never)")
+    checkpoint_interval: int = _f(10_000, "save a checkpoint every N steps")
+    keep_last: int = _f(3, "checkpoints kept besides milestones (boundary, final, keep_every)")
+    keep_every: int = _f(50_000, "also keep every N-th step's checkpoint forever (0: none)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Train defaults per preset: the 95m preset is the seed's recipe; tiny is the CPU quick start.
+PRESET_TRAIN_DEFAULTS = {
+    "95m": {},
+    "tiny": dict(data="embedded", batch_size=8, seq_len=128, num_steps=300, warmup_steps=30,
+                 log_interval=10, eval_interval=100, eval_sequences=64, sample_interval=100,
+                 checkpoint_interval=100, keep_every=0),
+}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict:
+    """Check the config and derive grad accumulation and the stage boundary. Raises ValueError."""
+    positive = ["batch_size", "seq_len", "num_steps", "log_interval", "eval_interval", "checkpoint_interval",
+                "eval_sequences"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ["warmup_steps", "micro_batch_size", "sample_interval", "keep_last", "keep_every", "grad_clip",
+                 "wd_stage1", "wd_stage2", "lr_end"]:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ["lr_peak", "lr_stage1_end", "lr_stage2_start"]:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.stage_boundary <= 1.0:
+        raise ValueError(f"--stage-boundary must be in (0, 1], got {cfg.stage_boundary}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise ValueError("--beta1 and --beta2 must be in [0, 1)")
+    if cfg.seq_len > max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_seq_len}")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise ValueError(f"--compile must be auto, on or off, got {cfg.compile!r}")
+    if cfg.batch_size % world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world_size}")
+    per_rank = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} (--batch-size {cfg.batch_size} / {world_size} ranks) is not "
+                         f"divisible by --micro-batch-size {micro}")
+    boundary = max(1, int(round(cfg.num_steps * cfg.stage_boundary)))
+    return {"world_size": world_size, "micro_batch_size": micro, "grad_accum": per_rank // micro,
+            "tokens_per_step": cfg.batch_size * cfg.seq_len, "stage_boundary_step": boundary}

@@ -1,0 +1,26 @@
+"""AdamW with weight decay on matrices only (not norms, not the embedding / tied head)."""
+
+import torch
+import torch.nn as nn
+
+from bitnet.train.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.wd_stage1, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr_peak, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             fused=fused or None)
+
+
+def set_schedule(opt: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """Apply this step's LR to every group and its weight decay to the decayed group."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+        if group["name"] == "decay":
+            group["weight_decay"] = wd
