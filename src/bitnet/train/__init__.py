@@ -1,0 +1,1 @@
+"""Training: config, schedule, optimizer, step, loop, checkpoints, run directory."""
