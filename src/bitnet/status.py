@@ -1,0 +1,507 @@
+"""Read-only monitor for one training run directory (layout: DESIGN.md section 3).
+
+Prints a text summary, one JSON object (--json) or a dashboard plot (--plot OUT.png|.html) of a
+run, refreshing with --watch. Standard library only (matplotlib is imported lazily by plot()), it
+never writes inside the run directory and it tolerates files a live trainer is appending to.
+
+    python scripts/check_training_status.py runs/<id> [--watch [SECONDS]] [--json] [--plot OUT.png]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
+STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is flagged "stalled?"
+STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
+SAMPLE_CHARS = 80
+_CKPT_DIR = re.compile(r"^step_(\d+)$")
+_ANOMALY_DIR = re.compile(r"^step_(\d+)_(.+)$")
+_PROVENANCE_KEYS = ("git_commit", "git_dirty", "command", "host", "gpu", "torch", "cuda", "seed",
+                    "start_time", "resumed_from")
+
+
+class StatusError(Exception):
+    """A problem worth one `error: ...` line (bad path, bad flags), not a traceback."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+def load_jsonl(path) -> list[dict]:
+    """Rows of a JSONL file, [] if it is missing. Lines that do not parse are skipped: the last one
+    may be torn while the trainer appends, and a crash can leave one in the middle."""
+    rows = []
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        return []
+    return rows
+
+
+def load_json(path) -> dict:
+    """A JSON object file, {} if missing or unreadable (it may be mid-write)."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _num(x):
+    """x as a finite float, else None: rows may hold null, NaN, strings or nothing at all."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _listdir(d: Path) -> list[Path]:
+    return list(d.iterdir()) if d.is_dir() else []
+
+
+def _by_step(rows: list[dict]) -> list[dict]:
+    """Rows with an integer step, sorted; a step logged twice (after a resume) keeps its last row."""
+    by_step = {}
+    for row in rows:
+        step = _num(row.get("step"))
+        if step is not None:  # copy only when needed: a long run's scalars can be 100k+ rows
+            by_step[int(step)] = row if type(row["step"]) is int else dict(row, step=int(step))
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _xy(rows: list[dict], key: str) -> tuple[list, list]:
+    """Steps and finite values of one key, for medians and plots."""
+    pairs = [(r["step"], _num(r.get(key))) for r in rows]
+    pairs = [(s, v) for s, v in pairs if v is not None]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Trailing moving average; the first window-1 points average what exists so far."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _anomalies(run: Path) -> list[tuple[int, str, Path]]:
+    """(step, event, dir) of anomaly dumps, oldest first."""
+    found = []
+    for p in _listdir(run / "anomalies"):
+        m = _ANOMALY_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), m.group(2), p))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------- summary
+
+def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
+    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise StatusError(f"no such run directory: {run}" if not run.exists() else f"not a directory: {run}")
+    if not ((run / "meta").is_dir() or (run / "metrics").is_dir()):
+        raise StatusError(f"not a run directory (no meta/ or metrics/): {run}")
+    now = time.time() if now is None else now
+    config, prov = load_json(run / "meta/config.json"), load_json(run / "meta/provenance.json")
+    train_cfg, model_cfg = _dict(config.get("train")), _dict(config.get("model"))
+    s = {"run_id": run.resolve().name, "run_dir": str(run), "now": now, "smoothing": smoothing,
+         "provenance": {k: prov.get(k) for k in _PROVENANCE_KEYS},
+         "model": {k: v for k, v in model_cfg.items() if isinstance(v, (int, float, str, bool))},
+         "train_config": {k: train_cfg.get(k) for k in ("num_steps", "batch_size", "seq_len", "grad_accum")}}
+
+    # Training scalars. Progress counts optimizer steps, so gradient accumulation cannot distort it.
+    rows = _by_step(load_jsonl(run / "metrics/scalars.jsonl"))
+    recent = rows[-RECENT_ROWS:]
+    last = rows[-1] if rows else {}
+    step = last.get("step")
+    num_steps = _num(train_cfg.get("num_steps"))
+    num_steps = int(num_steps) if num_steps and num_steps > 0 else None
+    losses = _xy(rows[-smoothing:], "loss")[1]  # finite losses among the last `smoothing` rows
+    step_ms = _median(_xy(recent, "step_ms")[1])
+    # Wall seconds per step between consecutive rows: includes eval/checkpoint time that step_ms omits.
+    tail = list(zip(*_xy(rows[-RECENT_ROWS - 1:], "time")))
+    first_time = next((t for t in (_num(r.get("time")) for r in rows) if t is not None), None)
+    pairs = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in zip(tail, tail[1:]) if s1 > s0 and t1 >= t0]
+    wall_s_per_step = _median([dt / ds for ds, dt in pairs])
+    row_interval_s = _median([dt for _, dt in pairs])
+    remaining = max(num_steps - step, 0) if num_steps and step is not None else None
+    age_s = now - tail[-1][1] if tail else None
+    finished = bool(num_steps and step is not None and step >= num_steps)
+    stalled = None if age_s is None or row_interval_s is None else (
+        not finished and age_s > max(STALL_FACTOR * row_interval_s, STALL_MIN_S))
+    mems = _xy(rows, "mem_gib")[1]
+    s.update({
+        "step": step, "num_steps": num_steps, "rows": len(rows),
+        "pct_done": 100.0 * step / num_steps if num_steps and step is not None else None,
+        "tokens": _num(last.get("tokens")),
+        "loss": _num(last.get("loss")), "loss_raw": repr(last.get("loss")) if "loss" in last else None,
+        "loss_smoothed": statistics.fmean(losses[-smoothing:]) if losses else None,
+        "lr": _num(last.get("lr")), "wd": _num(last.get("wd")), "grad_norm": _num(last.get("grad_norm")),
+        "tok_s": _median(_xy(recent, "tok_s")[1]), "step_ms": step_ms, "wall_s_per_step": wall_s_per_step,
+        "eta_s": remaining * step_ms / 1000.0 if remaining is not None and step_ms is not None else None,
+        "eta_wall_s": remaining * wall_s_per_step if remaining is not None and wall_s_per_step is not None else None,
+        "elapsed_s": tail[-1][1] - first_time if tail else None,
+        "mem_gib": _num(last.get("mem_gib")), "mem_gib_max": max(mems) if mems else None,
+        "last_row_age_s": age_s, "row_interval_s": row_interval_s, "stalled": stalled, "finished": finished,
+    })
+
+    evals = _by_step(load_jsonl(run / "eval/eval_results.jsonl"))
+    s["eval"] = None
+    if evals:
+        e = evals[-1]
+        eval_loss, train_loss, gap = _num(e.get("eval_loss")), _num(e.get("train_loss")), _num(e.get("gap"))
+        if gap is None and eval_loss is not None and train_loss is not None:
+            gap = eval_loss - train_loss
+        ppl = _num(e.get("eval_ppl"))
+        if ppl is None and eval_loss is not None and eval_loss < 700:
+            ppl = math.exp(eval_loss)
+        eval_steps, eval_losses = _xy(evals, "eval_loss")
+        best = min(zip(eval_losses, eval_steps), default=(None, None))  # (lowest loss, its step)
+        s["eval"] = {"step": e["step"], "eval_loss": eval_loss, "eval_ppl": ppl, "train_loss": train_loss,
+                     "gap": gap, "best_eval_loss": best[0], "best_step": best[1], "count": len(evals)}
+
+    # Samples: the newest step only, first row of each mode (one line per mode on screen).
+    samples = [r for r in load_jsonl(run / "samples/samples.jsonl") if _num(r.get("step")) is not None]
+    s["samples"] = None
+    if samples:
+        newest = max(_num(r["step"]) for r in samples)
+        by_mode = {}
+        for r in samples:
+            if _num(r["step"]) == newest:
+                by_mode.setdefault(str(r.get("mode")), r)
+        s["samples"] = {"step": int(newest), "modes": [
+            {"mode": mode, "prompt": r.get("prompt"), "text": "" if r.get("text") is None else str(r["text"]),
+             **{k: _num(r.get(k)) for k in ("mean_entropy", "max_repetition", "unique_ratio")}}
+            for mode, r in by_mode.items()]}
+
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / "metrics/quant.jsonl"))]
+    quant = [(step, g) for step, g in quant if g]
+    s["quant"] = {"first_step": quant[0][0], "latest_step": quant[-1][0], "first": quant[0][1],
+                  "latest": quant[-1][1]} if quant else None
+
+    found = _anomalies(run)
+    s["anomalies"] = {"count": len(found), "latest": [p.name for _, _, p in found[-3:]],
+                      "latest_message": load_json(found[-1][2] / "info.json").get("message") if found else None}
+
+    ckpts, incomplete = [], 0
+    for p in _listdir(run / "checkpoints"):
+        m = _CKPT_DIR.match(p.name)
+        if m and (p / "meta.json").is_file():
+            ckpts.append(int(m.group(1)))
+        elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
+            incomplete += 1
+    s["checkpoints"] = {"latest_step": max(ckpts, default=None), "count": len(ckpts), "incomplete": incomplete}
+    return s
+
+
+def _quant_groups(row: dict) -> dict:
+    """{"attn": {"neg", "zero", "pos"}, "ffn": {...}} with only groups whose three fractions are finite."""
+    out = {}
+    for name, g in _dict(row.get("groups")).items():
+        fr = {k: _num(_dict(g).get(k)) for k in ("neg", "zero", "pos")}
+        if None not in fr.values():
+            out[str(name)] = fr
+    return out
+
+
+# ---------------------------------------------------------------------------- text
+
+def _f(x, spec: str = ".4g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _count(x) -> str:
+    """Human count: 163.8M, 13.1B."""
+    if x is None:
+        return "n/a"
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _dur(sec) -> str:
+    """Compact duration: 42s, 5m12s, 2h03m, 3d04h."""
+    if sec is None:
+        return "n/a"
+    sec = int(round(sec))
+    d, h, m, s_ = sec // 86400, sec % 86400 // 3600, sec % 3600 // 60, sec % 60
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s_:02d}s" if m else f"{s_}s"
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render_text(s: dict) -> str:
+    """The screen: one topic a line, 'none yet' where the trainer has not written a file yet."""
+    p, tc = s["provenance"], s["train_config"]
+    commit = str(p.get("git_commit") or "n/a")[:10] + (" (dirty)" if p.get("git_dirty") else "")
+    lines = [f"run        {s['run_id']}   commit {commit}   gpu {p.get('gpu') or 'n/a'}   host {p.get('host') or 'n/a'}"]
+    model = " ".join(f"{k}={s['model'][k]}" for k in ("dim", "n_layers", "n_heads", "vocab_size") if k in s["model"])
+    lines.append(f"config     {model or 'n/a'}   batch {tc.get('batch_size') or '?'} x {tc.get('seq_len') or '?'} tok"
+                 f"   grad_accum {tc.get('grad_accum') or 1}")
+    if s["step"] is None:
+        lines.append("progress   no scalar rows yet (metrics/scalars.jsonl)")
+    else:
+        pct = f" ({s['pct_done']:.2f}%)" if s["pct_done"] is not None else ""
+        lines += [
+            f"progress   step {s['step']:,} / {_f(s['num_steps'], ',')}{pct}   tokens {_count(s['tokens'])}"
+            + ("   FINISHED" if s["finished"] else ""),
+            f"loss       {_f(s['loss'], '.4f') if s['loss'] is not None else s['loss_raw']} (last)   "
+            f"{_f(s['loss_smoothed'], '.4f')} (mean of last {s['smoothing']} rows)",
+            f"optim      lr {_f(s['lr'], '.3e')}   wd {_f(s['wd'], '.3g')}   grad_norm {_f(s['grad_norm'], '.4g')}",
+            f"speed      {_count(s['tok_s'])} tok/s   {_f(s['step_ms'], '.1f')} ms/step   "
+            f"mem {_f(s['mem_gib'], '.1f')} GiB (max {_f(s['mem_gib_max'], '.1f')})",
+            f"time       elapsed {_dur(s['elapsed_s'])}   ETA {_dur(s['eta_s'])} (step_ms) / "
+            f"{_dur(s['eta_wall_s'])} (wall)   last row {_dur(s['last_row_age_s'])} ago"
+            + ("   stalled?" if s["stalled"] else ""),
+        ]
+    e = s["eval"]
+    lines.append("eval       none yet" if e is None else
+                 f"eval       step {e['step']:,}: loss {_f(e['eval_loss'], '.4f')}  ppl {_f(e['eval_ppl'], '.2f')}  "
+                 f"gap {_f(e['gap'], '+.4f')}   (best {_f(e['best_eval_loss'], '.4f')} @ {_f(e['best_step'], ',')})")
+    sm = s["samples"]
+    lines.append("samples    none yet" if sm is None else f"samples    step {sm['step']:,}")
+    for r in (sm or {}).get("modes", []):
+        lines.append(f"  {r['mode']:<8} ent {_f(r['mean_entropy'], '.2f')} uniq {_f(r['unique_ratio'], '.2f')}  "
+                     f"{json.dumps(_one_line(r['text'], SAMPLE_CHARS), ensure_ascii=False)}")
+    q = s["quant"]
+    if q is None:
+        lines.append("quant      none yet")
+    for i, name in enumerate(sorted(q["latest"]) if q else []):
+        a, b = q["first"].get(name), q["latest"][name]
+        fr = lambda g: "/".join(f"{g[k]:.3f}" for k in ("neg", "zero", "pos")) if g else "n/a"
+        lines.append(f"{'quant' if i == 0 else '':<10} {name:<5} -1/0/+1 {fr(a)} (step {q['first_step']:,}) -> "
+                     f"{fr(b)} (step {q['latest_step']:,})")
+    an = s["anomalies"]
+    lines.append("anomalies  none yet" if not an["count"] else
+                 f"anomalies  {an['count']} (latest: {', '.join(an['latest'])})"
+                 + (f"  {_one_line(an['latest_message'], 60)!r}" if an["latest_message"] else ""))
+    ck = s["checkpoints"]
+    lines.append(("checkpoint none yet" if ck["latest_step"] is None else
+                  f"checkpoint step {ck['latest_step']:,} ({ck['count']} complete)")
+                 + (f", {ck['incomplete']} incomplete/in progress" if ck["incomplete"] else ""))
+    lines.append(f"resumed    {p.get('resumed_from') or 'no (fresh run)'}")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    """Strict JSON for scripts: NaN/inf become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x if x is None or isinstance(x, (str, int, float, bool)) else str(x)
+
+
+# ---------------------------------------------------------------------------- plot
+
+def _refuse_inside(run: Path, out: Path) -> None:
+    r, o = run.resolve(), out.resolve()
+    if o == r or r in o.parents:
+        raise StatusError(f"refusing to write {out} inside the run directory {run} (status is read-only)")
+
+
+def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> dict:
+    """Write a 2x3 dashboard as PNG, or as HTML embedding the PNG when `out` ends in .html
+    (refresh_s adds an auto-reload for --watch). Uses the Agg canvas directly, never pyplot, so no
+    global backend state changes. Returns the summary it drew."""
+    run, out = Path(run_dir), Path(out)
+    _refuse_inside(run, out)
+    s = summarize(run, smoothing)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise StatusError("--plot needs matplotlib (pip install matplotlib)") from None
+
+    rows = _by_step(load_jsonl(run / "metrics/scalars.jsonl"))
+    fig = Figure(figsize=(16, 9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    (ax_loss, ax_lr, ax_gn), (ax_tok, ax_q, ax_gap) = fig.subplots(2, 3)
+    pct = f" ({s['pct_done']:.1f}%)" if s["pct_done"] is not None else ""
+    e = s["eval"] or {}
+    fig.suptitle(f"{s['run_id']}   step {_f(s['step'], ',')} / {_f(s['num_steps'], ',')}{pct}   "
+                 f"tokens {_count(s['tokens'])}   ETA {_dur(s['eta_wall_s'] or s['eta_s'])}\n"
+                 f"loss {_f(s['loss'], '.4f')} (smoothed {_f(s['loss_smoothed'], '.4f')})   eval "
+                 f"{_f(e.get('eval_loss'), '.4f')} (gap {_f(e.get('gap'), '+.3f')})   {_count(s['tok_s'])} tok/s   "
+                 f"updated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['now']))}", fontsize=13)
+
+    def frame(ax, title, has_data):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if not has_data:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
+        return has_data
+
+    def panel(ax, title, key, color="C2", smooth=True):
+        """One scalar over steps: raw (faint) plus its moving average; False if there is no data."""
+        xs, ys = _xy(rows, key)
+        if frame(ax, title, bool(xs)):
+            ax.plot(xs, ys, color=color, lw=0.6 if smooth else 1.5, alpha=0.35 if smooth else 1, label=f"{key} (raw)",
+                    marker="o" if len(xs) == 1 else None)  # a lone first row is invisible as a line
+            if smooth:
+                ax.plot(xs, rolling_mean(ys, smoothing), color=color, lw=1.5, label=f"mean of {smoothing} rows")
+        return bool(xs)
+
+    evals = _by_step(load_jsonl(run / "eval/eval_results.jsonl"))
+    if panel(ax_loss, "loss (orange lines: anomalies)", "loss", "C0"):
+        ex, ey = _xy(evals, "eval_loss")
+        if ex:
+            ax_loss.plot(ex, ey, "o-", color="C3", ms=4, lw=1, label="eval_loss")
+        for step, _, _ in _anomalies(run)[-100:]:
+            ax_loss.axvline(step, color="C1", lw=0.8, alpha=0.4)
+        ax_loss.legend(fontsize=8)
+    if panel(ax_lr, "learning rate (solid) and weight decay (dashed)", "lr", "C0", smooth=False):
+        ax_lr.set_ylabel("lr", color="C0")
+        ax_wd = ax_lr.twinx()
+        ax_wd.plot(*_xy(rows, "wd"), color="C1", ls="--")
+        ax_wd.set_ylabel("weight decay", color="C1")
+    if panel(ax_gn, "grad norm (before clipping)", "grad_norm"):
+        ys = _xy(rows, "grad_norm")[1]
+        if min(ys) > 0 and max(ys) / min(ys) > 100:  # early spikes would flatten the rest
+            ax_gn.set_yscale("log")
+    panel(ax_tok, "tokens / s", "tok_s")
+    gx, gy = _xy(evals, "gap")
+    if frame(ax_gap, "eval loss - train loss (gap)", bool(gx)):
+        ax_gap.plot(gx, gy, "o-", color="C3", ms=4)
+        ax_gap.axhline(0, color="0.5", lw=0.8)
+
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / "metrics/quant.jsonl"))]
+    if frame(ax_q, "ternary weight fractions (attn solid, ffn dashed)", any(g for _, g in quant)):
+        for name, ls in (("attn", "-"), ("ffn", "--")):
+            for k, label, color, lw in (("neg", "-1", "C0", 2.5), ("zero", "0", "0.4", 1.5), ("pos", "+1", "C3", 1.2)):
+                pts = [(step, g[name][k]) for step, g in quant if name in g]
+                if pts:
+                    ax_q.plot(*zip(*pts), ls=ls, lw=lw, color=color, label=f"{name} {label}")
+        ax_q.set_ylim(0, 1)
+        ax_q.legend(fontsize=8, ncol=2)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = buf.getvalue()
+    if out.suffix.lower() in (".html", ".htm"):
+        meta = f'<meta http-equiv="refresh" content="{max(1, round(refresh_s))}">' if refresh_s else ""
+        data = (f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(s['run_id'])}</title>"
+                f"</head><body><img style='max-width:100%' src='data:image/png;base64,"
+                f"{base64.b64encode(data).decode('ascii')}'><pre>{html.escape(render_text(s))}</pre></body></html>"
+                ).encode("utf-8")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # next to `out`, so outside the run dir
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)  # a browser reloading the file never sees half of it
+    finally:
+        tmp.unlink(missing_ok=True)
+    return s
+
+
+# ---------------------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise StatusError(message)
+
+
+def watch(render, interval_s: float, max_iterations: int | None = None, sleep=None, clear: bool = True,
+          stream=None) -> int:
+    """Call render() and print it every interval_s until Ctrl-C (exit 0); errors show on screen
+    instead of ending the loop, since a run dir can briefly look odd while files are replaced."""
+    stream, sleep = stream or sys.stdout, sleep or time.sleep
+    done = 0
+    try:
+        while max_iterations is None or done < max_iterations:
+            try:
+                text = render()
+            except (StatusError, OSError) as e:
+                text = f"error: {e}"
+            stream.write(("\033[2J\033[H" if clear else "") + text + "\n")
+            if clear:
+                stream.write(f"\n(refresh every {interval_s:g}s, Ctrl-C to quit)\n")
+            stream.flush()
+            done += 1
+            if max_iterations is None or done < max_iterations:
+                sleep(interval_s)
+    except KeyboardInterrupt:
+        stream.write("\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of scripts/check_training_status.py; returns the exit code (2 on bad input)."""
+    ap = _Parser(description="Read-only monitor of one bitnet run directory.")
+    ap.add_argument("run_dir", nargs="?", help="runs/<id>")
+    ap.add_argument("--watch", nargs="?", const="10", metavar="SECONDS", help="refresh every SECONDS (default 10)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (JSON lines under --watch)")
+    ap.add_argument("--plot", metavar="OUT", help="write a dashboard PNG, or HTML embedding it if OUT ends in .html")
+    ap.add_argument("--smoothing", type=int, default=20, metavar="N", help="loss moving-average window in rows")
+    try:
+        args = ap.parse_args(argv)
+        # `--watch runs/x`: argparse hands the run dir to --watch's optional value.
+        if args.watch is not None and args.run_dir is None:
+            args.run_dir, args.watch = args.watch, "10"
+        if args.run_dir is None:
+            raise StatusError("the following arguments are required: run_dir")
+        try:
+            interval_s = None if args.watch is None else float(args.watch)
+        except ValueError:
+            interval_s = math.nan
+        if interval_s is not None and not 0 < interval_s < math.inf:
+            raise StatusError(f"--watch expects a positive number of seconds, got {args.watch!r}")
+        if args.smoothing < 1:
+            raise StatusError("--smoothing must be >= 1")
+        if args.plot:
+            _refuse_inside(Path(args.run_dir), Path(args.plot))
+
+        def render() -> str:
+            if args.plot:
+                s = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s)
+                return f"wrote {args.plot} (step {_f(s['step'], ',')})"
+            s = summarize(args.run_dir, args.smoothing)
+            return json.dumps(_json_safe(s), allow_nan=False) if args.json else render_text(s)
+
+        if interval_s is None:
+            print(render())
+            return 0
+        summarize(args.run_dir, args.smoothing)  # a wrong path fails now with exit 2, not on screen forever
+        return watch(render, interval_s, clear=not args.json)
+    except (StatusError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

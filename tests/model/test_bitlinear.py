@@ -1,0 +1,63 @@
+"""BitLinear: ternary weights, 256-level activations, STE gradients, integer-arithmetic parity."""
+
+import torch
+
+from bitnet.model.bitlinear import BitLinear, activation_quant, activation_scale, weight_quant, weight_scale
+
+
+def test_weights_are_ternary_times_one_scale():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * 0.02
+    wq = weight_quant(w)
+    gamma = w.abs().mean()
+    levels = torch.unique(wq)
+    assert len(levels) == 3
+    torch.testing.assert_close(levels, torch.tensor([-1.0, 0.0, 1.0]) * gamma)
+
+
+def test_activation_has_at_most_256_levels_per_token_and_keeps_the_max():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 1000) * 3
+    xq = activation_quant(x)
+    for row_x, row_q in zip(x.reshape(-1, 1000), xq.reshape(-1, 1000)):
+        assert torch.unique(row_q).numel() <= 256
+        # the per-token absmax maps to exactly +-127 / s, i.e. is preserved
+        torch.testing.assert_close(row_q.abs().max(), row_x.abs().max())
+        # every value lies on the grid k / s with integer k in [-128, 127]
+        s = 127.0 / row_x.abs().max()
+        k = row_q * s
+        torch.testing.assert_close(k, k.round(), atol=1e-4, rtol=0)
+
+
+def test_zero_input_stays_finite():
+    assert torch.isfinite(activation_quant(torch.zeros(2, 8))).all()
+    assert torch.isfinite(weight_quant(torch.zeros(4, 8))).all()
+
+
+def test_ste_passes_gradients_to_latent_weights_and_inputs():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    # identity STE: d(sum(x_q @ w_q^T))/dW = sum_t x_q[t], d/dx = sum_o w_q[o]
+    torch.testing.assert_close(layer.weight.grad, activation_quant(x.detach()).sum(0).expand(8, 16))
+    torch.testing.assert_close(x.grad, weight_quant(layer.weight.detach()).sum(0).expand(3, 16))
+
+
+def test_fake_quant_forward_equals_integer_reference():
+    torch.manual_seed(1)
+    for shape in [(5, 64, 32), (2, 3, 128, 96)]:
+        *lead, n_in, n_out = shape
+        layer = BitLinear(n_in, n_out)
+        torch.nn.init.normal_(layer.weight, std=0.05)
+        x = torch.randn(*lead, n_in) * 2
+        y = layer(x)
+        # integer path: int8 activations x ternary weights, accumulated exactly in int64, then scaled
+        sx = activation_scale(x)
+        x_int = (x * sx).round().clamp(-128, 127).to(torch.int64)
+        w_int, sw = layer.ternary_weight()
+        acc = x_int @ w_int.to(torch.int64).T
+        y_ref = acc.double() / (sx.double() * sw.double())
+        assert set(w_int.unique().tolist()) <= {-1, 0, 1}
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(weight_scale(layer.weight), sw)

@@ -1,0 +1,121 @@
+"""CLI: bad input gives one line, non-zero exit, no traceback, nothing written or overwritten."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitnet.cli import build_parser, train_main
+from tests.conftest import fast_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree(path: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))} if path.exists() else {}
+
+
+BAD = {
+    "unknown preset": ["--preset", "huge"],
+    "negative steps": ["--num-steps", "-5"],
+    "zero batch": ["--batch-size", "0"],
+    "seq-len above context": ["--seq-len", "100000"],
+    "missing resume file": ["--resume-from", "/nonexistent/checkpoint.pt"],
+    "run id with separator": ["--run-id", "../escape"],
+    "batch not divisible by micro": ["--batch-size", "6", "--micro-batch-size", "4"],
+    "unknown data source": ["--data", "nosuchsource"],
+    "bad compile value": ["--compile", "maybe"],
+    "stage boundary out of range": ["--stage-boundary", "1.5"],
+    "missing tokenizer file": ["--tokenizer", "/nonexistent/tokenizer.json"],
+    "cuda on a cpu machine": ["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_one_line_and_writes_nothing(name, runs, capsys):
+    args = fast_args(runs, "bad") + BAD[name]
+    before = tree(runs)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert tree(runs) == before
+
+
+def test_corrupt_resume_file(runs, tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert train_main(fast_args(runs, "x") + ["--resume-from", str(bad)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (runs / "x").exists()
+
+
+def test_existing_run_is_not_overwritten(runs, capsys):
+    assert train_main(fast_args(runs, "keep", steps=2)) == 0
+    before = tree(runs / "keep")
+    assert train_main(fast_args(runs, "keep", steps=2)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert tree(runs / "keep") == before
+    assert train_main(fast_args(runs, "keep", steps=2, overwrite=True)) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_runs_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert train_main(fast_args(locked / "runs", "r")) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_runs_dir_path_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert train_main(fast_args(blocker, "r")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_config_file_layers_under_flags(runs, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('seq-len = 40\nnum_steps = 3\nlr_peak = 0.002\n[model]\nn_layers = 1\n')
+    assert train_main(fast_args(runs, "cfg", steps=2) + ["--config", str(toml)]) == 0
+    import json
+    cfg = json.loads((runs / "cfg" / "meta" / "config.json").read_text())
+    assert cfg["train"]["seq_len"] == 32  # the flag (from fast_args) wins over the file
+    assert cfg["train"]["num_steps"] == 2
+    assert cfg["train"]["lr_peak"] == 0.002  # from the file
+    assert cfg["model"]["n_layers"] == 1
+
+
+@pytest.mark.parametrize("content,suffix,msg", [
+    ("num_steps = 'ten'\n", ".toml", "must be int"),
+    ("bogus_key = 1\n", ".toml", "unknown key"),
+    ("num_steps: [1, 2\n", ".yaml", "cannot parse"),
+    ("__import__('os').system('echo pwned')\n", ".toml", "cannot parse"),
+])
+def test_bad_config_files(runs, tmp_path, capsys, content, suffix, msg):
+    f = tmp_path / f"bad{suffix}"
+    f.write_text(content)
+    assert train_main(fast_args(runs, "c") + ["--config", str(f)]) == 2
+    assert msg in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_help_documents_every_seed_flag():
+    text = build_parser().format_help()
+    for flag in ["--run-id", "--batch-size", "--seq-len", "--num-steps", "--device", "--seed", "--no-eval",
+                 "--log-interval", "--checkpoint-interval", "--sample-interval", "--eval-interval",
+                 "--resume-from", "--preset", "--data", "--tokenizer", "--config", "--compile"]:
+        assert flag in text, flag
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bitnet.cli", "--preset", "nope"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown preset 'nope' (known: 95m, tiny)"

@@ -1,0 +1,293 @@
+"""Tests for bitnet.status, the read-only run monitor, on synthetic run directories (CPU, < 5 s)."""
+import ast
+import base64
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:  # also runs from a fresh clone before `pip install -e .`
+    sys.path.insert(0, str(SRC))
+
+from bitnet import status  # noqa: E402
+
+T0 = 1_700_000_000.0
+NUM_STEPS = 1000
+N_ROWS = 100
+TOKENS_PER_STEP = 32 * 1024
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_run(root: Path, *, n_rows=N_ROWS, evals=True, samples=True, quant=True, anomalies=True,
+             checkpoints=True, scalars=True) -> Path:
+    """A run dir as a trainer would leave it. Row i (1-based step): loss 10 - 0.05 i, step_ms alternating
+    200/300 (median 250), wall time 0.5 s per step, 4 grad-accum micro-steps per optimizer step."""
+    run = root / "runs" / "demo-run"
+    (run / "meta").mkdir(parents=True)
+    (run / "meta/config.json").write_text(json.dumps({
+        "model": {"vocab_size": 32000, "dim": 768, "n_layers": 12, "n_heads": 12},
+        "train": {"num_steps": NUM_STEPS, "batch_size": 32, "seq_len": 1024, "grad_accum": 4},
+        "data": {"source": "embedded"}}))
+    (run / "meta/provenance.json").write_text(json.dumps({
+        "git_commit": "0123456789abcdef", "git_dirty": True, "command": "bitnet train", "host": "box",
+        "gpu": "NVIDIA H100", "seed": 1337, "start_time": T0, "resumed_from": None}))
+    if scalars:
+        _write_jsonl(run / "metrics/scalars.jsonl", [
+            {"step": i, "tokens": i * TOKENS_PER_STEP, "loss": 10 - 0.05 * i, "lr": 1e-3, "wd": 0.1,
+             "grad_norm": 1.0 + 0.01 * i, "step_ms": 200.0 if i % 2 else 300.0, "tok_s": 100_000.0 + i,
+             "mem_gib": 10.0 + i / 100, "time": T0 + 0.5 * i} for i in range(1, n_rows + 1)])
+    if evals:
+        _write_jsonl(run / "eval/eval_results.jsonl", [
+            {"step": 50, "tokens": 50 * TOKENS_PER_STEP, "eval_loss": 7.75, "eval_ppl": math.exp(7.75),
+             "train_loss": 7.5, "gap": 0.25, "time": T0 + 25},
+            {"step": 100, "tokens": 100 * TOKENS_PER_STEP, "eval_loss": 5.3, "eval_ppl": math.exp(5.3),
+             "train_loss": 5.0, "gap": 0.3, "time": T0 + 50}])
+    if samples:
+        _write_jsonl(run / "samples/samples.jsonl", [
+            {"step": step, "prompt": "The", "mode": mode, "seed": 0, "text": f"step {step} {mode} " + "word " * 60,
+             "token_ids": [1, 2, 3], "mean_entropy": 2.5, "max_repetition": 3, "unique_ratio": 0.5, "top5": []}
+            for step in (50, 100) for mode in ("greedy", "typical", "stress")])
+    if quant:
+        _write_jsonl(run / "metrics/quant.jsonl", [
+            {"step": 10, "layers": {"layers.0.attn.q_proj": {"neg": 0.3, "zero": 0.4, "pos": 0.3, "gamma": 0.02}},
+             "groups": {"attn": {"neg": 0.3, "zero": 0.4, "pos": 0.3}, "ffn": {"neg": 0.31, "zero": 0.38, "pos": 0.31}}},
+            {"step": 100, "layers": {}, "groups": {"attn": {"neg": 0.25, "zero": 0.5, "pos": 0.25},
+                                                  "ffn": {"neg": 0.2, "zero": 0.6, "pos": 0.2}}}])
+    if anomalies:
+        for step, event in ((42, "loss_spike"), (77, "grad_norm")):
+            d = run / f"anomalies/step_{step:06d}_{event}"
+            d.mkdir(parents=True)
+            (d / "info.json").write_text(json.dumps({"step": step, "event": event, "message": f"{event} at {step}"}))
+    if checkpoints:
+        for name in ("step_000050", "step_000080"):
+            (run / "checkpoints" / name).mkdir(parents=True)
+            (run / "checkpoints" / name / "meta.json").write_text("{}")
+        (run / "checkpoints/step_000100.tmp").mkdir()
+    return run
+
+
+@pytest.fixture
+def run(tmp_path):
+    return make_run(tmp_path)
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root with its mtime (dirs included) and file content hash."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        snap[str(d)] = ("dir", d.stat().st_mtime_ns, tuple(sorted(dirnames + filenames)))
+        for name in filenames:
+            p = d / name
+            snap[str(p)] = ("file", p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return snap
+
+
+def test_summary_numbers(run):
+    s = status.summarize(run, smoothing=20, now=T0 + 0.5 * N_ROWS + 3)
+    assert s["run_id"] == "demo-run"
+    assert s["step"] == 100 and s["num_steps"] == NUM_STEPS
+    assert s["pct_done"] == pytest.approx(10.0)  # optimizer steps: grad_accum=4 must not change it
+    assert s["tokens"] == 100 * TOKENS_PER_STEP
+    assert s["loss"] == pytest.approx(5.0)
+    assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * 90.5)  # mean over steps 81..100
+    assert s["step_ms"] == pytest.approx(250.0)
+    assert s["tok_s"] == pytest.approx(100_090.5)  # median of steps 81..100
+    assert s["eta_s"] == pytest.approx(900 * 0.25)  # remaining steps * median step_ms
+    assert s["eta_wall_s"] == pytest.approx(900 * 0.5)  # remaining steps * wall seconds per step
+    assert s["elapsed_s"] == pytest.approx(99 * 0.5)
+    assert s["last_row_age_s"] == pytest.approx(3.0) and s["stalled"] is False
+    assert s["mem_gib"] == pytest.approx(11.0)
+    assert s["eval"]["step"] == 100 and s["eval"]["gap"] == pytest.approx(0.3)
+    assert s["eval"]["eval_ppl"] == pytest.approx(math.exp(5.3))
+    assert s["samples"]["step"] == 100 and [m["mode"] for m in s["samples"]["modes"]] == ["greedy", "typical", "stress"]
+    assert s["quant"]["first_step"] == 10 and s["quant"]["latest"]["ffn"]["zero"] == pytest.approx(0.6)
+    assert s["anomalies"]["count"] == 2 and s["anomalies"]["latest_message"] == "grad_norm at 77"
+    assert s["checkpoints"] == {"latest_step": 80, "count": 2, "incomplete": 1}
+
+
+def test_stalled_and_finished(tmp_path):
+    run = make_run(tmp_path)
+    last = T0 + 0.5 * N_ROWS
+    assert status.summarize(run, now=last + 1000)["stalled"] is True
+    done = make_run(tmp_path / "b", n_rows=NUM_STEPS)
+    s = status.summarize(done, now=T0 + 0.5 * NUM_STEPS + 1000)
+    assert s["finished"] and s["stalled"] is False and s["eta_s"] == 0
+    assert "stalled?" in status.render_text(status.summarize(run, now=last + 1000))
+
+
+def test_gap_computed_when_missing(tmp_path):
+    run = make_run(tmp_path, evals=False)
+    _write_jsonl(run / "eval/eval_results.jsonl", [{"step": 100, "eval_loss": 5.5, "train_loss": 5.0}])
+    e = status.summarize(run)["eval"]
+    assert e["gap"] == pytest.approx(0.5) and e["eval_ppl"] == pytest.approx(math.exp(5.5))
+
+
+def test_text_screen(run, capsys):
+    assert status.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "demo-run" in out and "step 100 / 1,000 (10.00%)" in out and "3.3M" in out
+    assert "5.4750 (mean of last 20 rows)" in out
+    assert "gap +0.3000" in out and "step_000077_grad_norm" in out and "checkpoint step 80" in out
+    sample_lines = [ln for ln in out.splitlines() if ln.lstrip().startswith(("greedy", "typical", "stress"))]
+    assert len(sample_lines) == 3 and all(len(ln) < 120 and "..." in ln for ln in sample_lines)
+    assert "attn  -1/0/+1 0.300/0.400/0.300 (step 10) -> 0.250/0.500/0.250 (step 100)" in out
+
+
+def test_smoothing_flag_and_json(run, capsys):
+    assert status.main([str(run), "--json", "--smoothing", "5"]) == 0
+    s = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * 98)  # mean over steps 96..100
+    assert s["pct_done"] == pytest.approx(10.0) and s["eta_s"] == pytest.approx(225.0)
+    assert s["eval"]["gap"] == pytest.approx(0.3) and s["checkpoints"]["latest_step"] == 80
+
+
+def test_torn_last_lines_are_skipped(run, capsys):
+    for rel in ("metrics/scalars.jsonl", "eval/eval_results.jsonl", "samples/samples.jsonl", "metrics/quant.jsonl"):
+        with open(run / rel, "a") as f:
+            f.write('{"step": 101, "tokens": 33')
+    s = status.summarize(run)
+    assert s["step"] == 100 and s["rows"] == N_ROWS and s["eval"]["step"] == 100
+    assert s["samples"]["step"] == 100 and s["quant"]["latest_step"] == 100
+    assert status.main([str(run)]) == 0
+
+
+def test_missing_optional_files(tmp_path, capsys):
+    run = make_run(tmp_path, evals=False, samples=False, quant=False, anomalies=False, checkpoints=False)
+    assert status.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    for topic in ("eval", "samples", "quant", "anomalies", "checkpoint"):
+        assert re.search(rf"^{topic}\s+none yet", out, re.M), topic
+
+
+def test_run_just_started(tmp_path, capsys):
+    run = make_run(tmp_path, scalars=False, evals=False, samples=False, quant=False, anomalies=False,
+                   checkpoints=False)
+    assert status.main([str(run)]) == 0
+    assert "no scalar rows yet" in capsys.readouterr().out
+    assert status.main([str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] is None
+    assert status.main([str(run), "--plot", str(tmp_path / "empty.png")]) == 0
+
+
+def test_odd_values_do_not_crash(tmp_path, capsys):
+    run = make_run(tmp_path)
+    with open(run / "metrics/scalars.jsonl", "a") as f:
+        f.write('{"step": 101, "loss": NaN, "lr": null, "grad_norm": "big", "time": Infinity}\n')
+        f.write('{"step": null, "loss": 1.0}\n["not", "a", "dict"]\n{}\n')
+    with open(run / "eval/eval_results.jsonl", "a") as f:
+        f.write('{"step": 120, "eval_loss": NaN, "gap": null}\n')
+    with open(run / "samples/samples.jsonl", "a") as f:
+        f.write('{"step": 120, "text": null}\n')
+    with open(run / "metrics/quant.jsonl", "a") as f:
+        f.write('{"step": 120, "groups": {"attn": {"neg": null}}}\n')
+    s = status.summarize(run)
+    assert s["step"] == 101 and s["loss"] is None and s["lr"] is None
+    assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * 91)  # last 20 rows, the NaN one left out
+    assert status.main([str(run)]) == 0
+    assert "nan (last)" in capsys.readouterr().out
+    assert status.main([str(run), "--json"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert status.main([str(run), "--plot", str(tmp_path / "odd.png")]) == 0
+
+
+def test_resumed_steps_keep_the_last_row(tmp_path):
+    run = make_run(tmp_path)
+    with open(run / "metrics/scalars.jsonl", "a") as f:  # resumed from step 90: steps 91..100 logged again
+        for i in range(91, 101):
+            f.write(json.dumps({"step": i, "loss": 1.0, "time": T0 + 1000 + 0.5 * i}) + "\n")
+    s = status.summarize(run, smoothing=10)
+    assert s["rows"] == N_ROWS and s["loss_smoothed"] == pytest.approx(1.0)
+
+
+def test_plot_png_and_html(run, tmp_path):
+    out_png, out_html = tmp_path / "out" / "dash.png", tmp_path / "out" / "dash.html"
+    out_png.parent.mkdir()
+    assert status.main([str(run), "--plot", str(out_png)]) == 0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert status.main([str(run), "--plot", str(out_html)]) == 0
+    page = out_html.read_text()
+    b64 = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
+    assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n" and "demo-run" in page
+    assert sorted(p.name for p in out_png.parent.iterdir()) == ["dash.html", "dash.png"]  # no temp left
+
+
+def test_status_never_writes_into_the_run(run, tmp_path, capsys):
+    before = snapshot(run)
+    assert status.main([str(run)]) == 0
+    assert status.main([str(run), "--json"]) == 0
+    assert status.main([str(run), "--plot", str(tmp_path / "outside.png")]) == 0
+    assert status.main([str(run), "--plot", str(tmp_path / "outside.html")]) == 0
+    assert status.watch(lambda: status.render_text(status.summarize(run)), 0.01, max_iterations=2,
+                        sleep=lambda _: None) == 0
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("inside", ["dash.png", "metrics/dash.html", "."])
+def test_plot_inside_the_run_is_refused(run, capsys, inside):
+    before = snapshot(run)
+    assert status.main([str(run), "--plot", str(run / inside)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: refusing") and err.count("\n") == 1
+    assert snapshot(run) == before
+
+
+def test_plot_refused_through_a_relative_path(run, capsys, monkeypatch):
+    monkeypatch.chdir(run / "metrics")
+    before = snapshot(run)
+    assert status.main([str(run), "--plot", "../x.png"]) == 2
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("argv", [["/nonexistent/run"], ["{tmp}"], ["{tmp}/file"], [], ["{run}", "--smoothing", "0"],
+                                  ["{run}", "--watch", "-1"], ["{run}", "--watch", "inf"], ["{run}", "--bogus"]])
+def test_bad_input_is_one_line_exit_2(tmp_path, run, capsys, argv):
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(tmp=tmp_path, run=run) for a in argv]
+    assert status.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and captured.out == ""
+
+
+def test_watch_stops_cleanly_on_ctrl_c(run, capsys, monkeypatch):
+    def interrupt(_seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(status.time, "sleep", interrupt)
+    assert status.main([str(run), "--watch", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("\033[2J\033[H") and "step 100 / 1,000" in out
+    assert status.main(["--watch", str(run)]) == 0  # default interval, run dir after a bare --watch
+    assert "refresh every 10s" in capsys.readouterr().out
+
+
+def test_watch_max_iterations_and_json_lines(run, capsys, monkeypatch):
+    monkeypatch.setattr(status.time, "sleep", lambda _s: None)
+    calls = []
+    assert status.watch(lambda: calls.append(1) or "frame", 0.01, max_iterations=3) == 0
+    assert len(calls) == 3 and capsys.readouterr().out.count("\033[2J") == 3
+    monkeypatch.setattr(status.time, "sleep", lambda _s: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert status.main([str(run), "--watch", "1", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[0])["step"] == 100 and "\033" not in lines[0]
+
+
+def test_imports_only_the_standard_library():
+    """Top-level imports are stdlib; matplotlib may appear only inside functions (plot is lazy)."""
+    tree = ast.parse(Path(status.__file__).read_text())
+
+    def roots(nodes):
+        return {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
+                for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    assert roots(tree.body) <= stdlib, roots(tree.body)
+    assert roots(ast.walk(tree)) <= stdlib | {"matplotlib"}, roots(ast.walk(tree))

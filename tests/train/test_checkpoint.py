@@ -1,0 +1,69 @@
+"""Checkpoints: atomic, checksummed, safe to load, pruned by retention, milestones kept."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from bitnet.cli import train_main
+from bitnet.train import checkpoint
+from tests.conftest import fast_args
+
+
+def state(step):
+    return {"model": {"w": torch.full((4,), float(step))}, "step": step, "tokens": step * 10}
+
+
+def test_save_is_atomic_and_latest_skips_incomplete(tmp_path):
+    checkpoint.save(tmp_path, 1, state(1))
+    checkpoint.save(tmp_path, 2, state(2))
+    # a crash mid-save leaves only a .tmp directory, which is never taken for a checkpoint
+    tmp = tmp_path / "checkpoints" / "step_000003.tmp"
+    tmp.mkdir()
+    (tmp / "checkpoint.pt").write_bytes(b"half")
+    assert checkpoint.latest(tmp_path).name == "step_000002"
+    # a truncated checkpoint.pt under a step name is detected by its checksum and skipped
+    pt = tmp_path / "checkpoints" / "step_000002" / "checkpoint.pt"
+    pt.write_bytes(pt.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="corrupt or truncated"):
+        assert checkpoint.latest(tmp_path).name == "step_000001"
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
+        checkpoint.load(pt)
+    assert checkpoint.load(tmp_path)["step"] == 1  # a run dir resolves to its newest valid checkpoint
+
+
+def test_failed_save_keeps_previous(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, 1, state(1))
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, 2, state(2))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001"]
+    assert checkpoint.load(tmp_path)["step"] == 1
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil(), "step": 1}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a safe bitnet checkpoint"):
+        checkpoint.load(path)
+
+
+def test_retention_keeps_last_k_and_milestones(runs):
+    # 20 steps, a checkpoint every 2, keep the last 2; boundary at 10 -> milestones 9, 10 and 20
+    assert train_main(fast_args(runs, "ret", steps=20, checkpoint_interval=2, keep_last=2)) == 0
+    steps = [s for s, _ in checkpoint.list_checkpoints(runs / "ret")]
+    assert steps == [9, 10, 16, 18, 20]
+    metas = {s: json.loads((d / "meta.json").read_text()) for s, d in checkpoint.list_checkpoints(runs / "ret")}
+    assert [s for s, m in metas.items() if m["milestone"]] == [9, 10, 20]
+    ck = checkpoint.load(runs / "ret" / "checkpoints" / "step_000010")
+    assert set(ck) >= {"model", "optimizer", "train_state", "rng", "config", "step", "tokens"}
+    assert ck["train_state"]["data"]["index"] == 10 * 4  # ten steps of 4 windows consumed
