@@ -5,8 +5,10 @@ config < --config FILE (TOML or YAML, parsed, never evaluated) < flags given on 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from bitnet.model.config import PRESETS, ModelConfig
@@ -19,8 +21,15 @@ class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as a UserError (one line) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="bitnet-train",
         description="Train a BitNet b1.58 LLaMA-style model. Quick start (CPU, ~2 min): "
                     "bitnet-train --preset tiny --run-id demo",
@@ -35,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
             p.add_argument(flag, type=kind, metavar=f.name.upper(), help=help_text)
+    p.add_argument("--quantization", choices=["bitnet", "none"],
+                   help="bitnet: ternary BitLinear (default); none: the same network with plain linears (the bf16 twin)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
     return p
 
@@ -87,20 +98,37 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | No
     model_overrides = file_values.pop("model", {})
     if not isinstance(model_overrides, dict):
         raise UserError("the config file's 'model' entry must be a table")
+    if "quantization" in args:
+        model_overrides = {**model_overrides, "quantization": args.pop("quantization")}
     file_values = check_types(file_values, "config file")
+    model_overrides = check_types(model_overrides, "the config file's [model] table", ModelConfig)
 
     resume, ckpt_train, ckpt_model = None, {}, None
     resume_from = args.get("resume_from") or file_values.get("resume_from")
     if resume_from:
         from bitnet.train import checkpoint
 
-        try:
-            resume = checkpoint.load(resume_from)
+        with one_line_warnings():  # e.g. "skipping checkpoint: ... corrupt or truncated"
+            if resume_from in ("auto", "latest"):
+                resume_from, args["run_id"] = find_auto_resume(args, file_values)
+                args["resume_from"] = resume_from
+            try:
+                resume = checkpoint.load(resume_from)
+            except checkpoint.CheckpointError as e:
+                raise UserError(str(e)) from None
+        try:  # a checkpoint is data from elsewhere: its config gets the same checks as a config file
             saved = resume["config"]
-        except checkpoint.CheckpointError as e:
-            raise UserError(str(e)) from None
-        ckpt_train = {k: v for k, v in saved["train"].items() if k in field_names() and k not in NOT_FROM_CHECKPOINT}
-        ckpt_model = saved["model"]
+            ckpt_train = check_types({k: v for k, v in saved["train"].items()
+                                      if k in field_names() and k not in NOT_FROM_CHECKPOINT}, resume_from)
+            ckpt_model = check_types(dict(saved["model"]), resume_from, ModelConfig)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{resume_from} holds no usable training config") from None
+        if not (args.get("run_id") or file_values.get("run_id")):  # a resume's default id: <run>_r<step>
+            from bitnet.train.run_dir import continuation_id
+
+            runs_dir = args.get("runs_dir") or file_values.get("runs_dir") or TrainConfig.runs_dir
+            with contextlib.suppress(ValueError):  # a recorded id that is no valid id: the default name
+                args["run_id"] = continuation_id(runs_dir, str(saved["train"].get("run_id")), resume["step"])
 
     preset = args.get("preset") or file_values.get("preset") or ckpt_train.get("preset") or TrainConfig.preset
     if preset not in PRESETS:
@@ -119,7 +147,49 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | No
             model_cfg = ModelConfig.from_dict({**PRESETS[preset].to_dict(), **model_overrides})
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
+    if cfg.run_id:  # a bad or taken run id fails now, not after minutes of data setup
+        from bitnet.train.run_dir import check_run_dir
+
+        check_run_dir(cfg.runs_dir, cfg.run_id, cfg.overwrite)
     return cfg, model_cfg, resume, quiet
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Show the warnings raised inside as `warning: ...` lines on stderr (not Python's two-line format)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+
+
+def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str]:
+    """--resume-from auto|latest: (newest intact checkpoint of --run-id's family, the new run's id).
+
+    The family is run X and its continuations X_r<step>[-n] (run_dir.py), so the same command line
+    resumes a run however often it was killed; each resume starts a new directory X_r<step>.
+    """
+    from bitnet.train import checkpoint
+    from bitnet.train.run_dir import check_run_id, continuation_id, run_family
+
+    run_id = args.get("run_id") or file_values.get("run_id")
+    runs_dir = args.get("runs_dir") or file_values.get("runs_dir") or TrainConfig.runs_dir
+    if not run_id:
+        raise UserError("--resume-from auto needs --run-id, the run to continue")
+    check_run_id(run_id)
+    found = []
+    for run in run_family(runs_dir, run_id):
+        step_dir = checkpoint.latest(run)  # warns about, and skips, incomplete or corrupt checkpoints
+        if step_dir is not None:
+            step = int(checkpoint.STEP_DIR.match(step_dir.name).group(1))
+            found.append((step, step_dir.stat().st_mtime_ns, step_dir))
+    if not found:
+        raise UserError(f"no intact checkpoint of run {run_id!r} (or its continuations) in {runs_dir}")
+    step, _, step_dir = max(found)
+    return str(step_dir), continuation_id(runs_dir, run_id, step)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -139,6 +209,13 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure mid-run with a one-line reason (disk full); any other error raises
+        from bitnet.train.loop import TrainingFailed
+
+        if not isinstance(e, TrainingFailed):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not quiet:
         print(f"done: {result.run_dir} at step {result.step} ({result.tokens:,} tokens), last loss {result.last_loss:.4f}")
     return 0

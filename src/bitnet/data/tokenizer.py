@@ -1,4 +1,6 @@
-"""Tokenizers: the vendored LLaMA-2 tokenizer by default, or any `tokenizer.json` / hub name.
+"""Tokenizers: the vendored LLaMA-2 tokenizer by default, a local `tokenizer.json`, a SentencePiece
+`tokenizer.model` (converted in-process, data/sentencepiece.py), a directory holding either, or a
+hub name.
 
 Every document is encoded WITHOUT the tokenizer's own special tokens and then framed as
 `[BOS] + ids + [EOS]` by the packing code (data/tokens.py), so document boundaries are explicit
@@ -11,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from bitnet.data.sentencepiece import tokenizer_from_sentencepiece
 
 VENDORED = "llama2"
 
@@ -50,22 +54,31 @@ class TextTokenizer:
 
 
 def load_tokenizer(spec: str = VENDORED) -> TextTokenizer:
-    """'llama2' (vendored), a tokenizer.json path, a directory holding one, or a hub repo name."""
+    """'llama2' (vendored), a tokenizer.json / tokenizer.model path, a directory holding one, or a hub name."""
     if spec == VENDORED:
         blob = resources.files("bitnet.data").joinpath("assets/llama2_tokenizer.json.gz").read_bytes()
         return TextTokenizer(Tokenizer.from_str(gzip.decompress(blob).decode()), VENDORED)
     path = Path(spec)
     if path.is_dir():
-        path = path / "tokenizer.json"
-    if path.suffix == ".json" or path.exists():
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"tokenizer directory {path} holds neither tokenizer.json nor tokenizer.model")
+        path = found[0]
+    if path.suffix in (".json", ".model") or path.exists():
         if not path.is_file():
             raise ValueError(f"tokenizer file not found: {path}")
         try:
+            if path.suffix == ".model":
+                return TextTokenizer(tokenizer_from_sentencepiece(path.read_bytes()), str(path))
             return TextTokenizer(Tokenizer.from_file(str(path)), str(path))
         except Exception as e:  # tokenizers raises bare Exceptions on malformed files
-            raise ValueError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"cannot read tokenizer {path}: {_first_line(e)}") from None
     try:
         return TextTokenizer(Tokenizer.from_pretrained(spec), spec)
     except Exception as e:
         raise ValueError(f"cannot load tokenizer {spec!r} (not a local file, hub unreachable or unknown): "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                         f"{_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,11 +1,15 @@
 """From documents to one flat token array: `[BOS] doc [EOS] [BOS] doc [EOS] ...` as uint16/uint32.
 
+`frame_texts` is the one framing step every reader uses (streams, prepare, eval documents);
+`pack_documents` / `tokenize_corpus` serve the in-memory embedded corpus.
+
 The frozen eval set is a set of whole held-out documents, so no eval token is ever a training
 token. Tokenized corpora are cached on disk (keyed by corpus and vocabulary) because the
 embedded corpus takes seconds to encode and every test run would pay it again.
 """
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -29,6 +33,20 @@ def pack_documents(docs_ids: list[list[int]], tok: TextTokenizer) -> np.ndarray:
         out[pos + 1 + len(ids)] = tok.eos_id
         pos += len(ids) + 2
     return out
+
+
+def frame_texts(tok: TextTokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a batch (all cores) and frame each document: (flat `[BOS] ids [EOS] ...`, per-document lengths)."""
+    ids = tok.encode_batch(texts)
+    lengths = np.fromiter((len(x) + 2 for x in ids), dtype=np.int64, count=len(ids))
+    ends = np.cumsum(lengths)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=token_dtype(tok.vocab_size))
+    body = np.ones(len(out), dtype=bool)
+    body[ends - lengths] = False
+    body[ends - 1] = False
+    out[~body] = np.tile([tok.bos_id, tok.eos_id], len(ids))
+    out[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=out.dtype, count=int(body.sum()))
+    return out, lengths
 
 
 def split_eval_documents(n_docs: int, eval_every: int) -> tuple[list[int], list[int]]:

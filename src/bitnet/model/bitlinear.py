@@ -6,6 +6,10 @@ BitNet b1.58 (Ma et al. 2024, "The Era of 1-bit LLMs", eqs. 1-3; training tips i
   activations  s = 127 / max|x| per token,  x_q = clip(round(x * s), -128, 127) / s  (absmax int8)
 Both use the straight-through estimator: the forward sees the quantized value, the backward
 treats quantization as the identity, so the fp32 latent weights keep learning.
+
+In our SubLN layout every BitLinear input is an RMSNorm output, so the model quantizes activations
+inside the norm (`norm_act_quant`: one pass over each row) and builds its BitLinears with
+`quantized_input=True`; a BitLinear used on its own quantizes its input itself.
 """
 
 import torch
@@ -44,28 +48,72 @@ def ste(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
     return x + (x_q - x).detach()
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the next matmul runs in: autocast's (bf16 on CUDA) when enabled, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def norm_act_quant_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm, then per-token absmax 8-bit fake quantization with STE, in plain PyTorch.
+
+    The same function as the model's `RMSNorm` (fp32 math, result rounded to x's dtype) followed by
+    `ste(y, activation_quant(y))`, written as one expression so torch.compile fuses it into one
+    kernel; the STE makes the backward exactly the RMSNorm backward.
+    """
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype).float()
+    s = 127.0 / y.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    y_q = (y * s).round().clamp(-128, 127) / s
+    return (y + (y_q - y).detach()).to(out_dtype)
+
+
+# "auto": the Triton kernel (model/kernels.py) for CUDA tensors in eager mode; the PyTorch
+# formulation on the CPU and inside torch.compile, where inductor fuses it with its neighbours
+# (silu * up, the residual add), which measured faster than the standalone kernel on an H100
+# (54.1 vs 59.0 ms per 95m step, benchmarks/NOTES.md). "torch": the PyTorch formulation always.
+NORM_QUANT_IMPL = "auto"
+
+
+def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in the dtype of the next matmul.
+
+    What `RMSNorm` followed by BitLinear's input quantization computes, in one pass over each row.
+    """
+    out_dtype = matmul_dtype(x)
+    if x.is_cuda and NORM_QUANT_IMPL == "auto" and not torch.compiler.is_compiling():
+        from bitnet.model import kernels  # imported here: Triton is needed (and loaded) on CUDA only
+
+        if kernels.available():
+            return kernels.rmsnorm_act_quant(x, weight, eps, out_dtype)
+    return norm_act_quant_reference(x, weight, eps, out_dtype)
+
+
 class BitLinear(nn.Linear):
     """Drop-in for `nn.Linear` (no bias) whose forward uses ternary weights and int8 activations.
 
     The parameter `weight` stays full precision (the latent weights AdamW updates). The input is
     expected to be normalized already: in our SubLN layout an RMSNorm precedes every BitLinear
-    (DESIGN.md section 2), so BitLinear itself holds no norm.
+    (DESIGN.md section 2), so BitLinear itself holds no norm. With `quantized_input=True` the input
+    is taken as already quantized (the output of `norm_act_quant`), so it is not quantized twice.
     """
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None, *,
+                 quantized_input: bool = False):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.quantized_input = quantized_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Quantize in fp32, then hand the matmul operands to autocast's dtype (bf16 holds the
+        # integers -128..127 and {-1,0,1} exactly; only the scales round).
+        dtype = matmul_dtype(x)
+        if not self.quantized_input:
+            x = ste(x, activation_quant(x))
         w = self.weight
-        if torch.is_autocast_enabled(x.device.type):
-            # Quantize in fp32, then hand the matmul operands to autocast's dtype (bf16 holds the
-            # integers -128..127 and {-1,0,1} exactly; only the scales round).
-            dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            dtype = x.dtype
-        x_q = ste(x, activation_quant(x)).to(dtype)
-        w_q = ste(w, weight_quant(w)).to(dtype)
-        return F.linear(x_q, w_q)
+        w_q = ste(w, weight_quant(w))
+        return F.linear(x.to(dtype), w_q.to(dtype))
 
     @torch.no_grad()
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +122,15 @@ class BitLinear(nn.Linear):
         s = weight_scale(w32)
         return (w32 * s).round().clamp(-1, 1).to(torch.int8), s
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", quantized_input=True" if self.quantized_input else "")
 
-def make_linear(in_features: int, out_features: int, quantization: str) -> nn.Linear:
-    """BitLinear for 'bitnet', plain bias-free nn.Linear for 'none' (the full-precision twin)."""
+
+def make_linear(in_features: int, out_features: int, quantization: str, quantized_input: bool = False) -> nn.Linear:
+    """BitLinear for 'bitnet', plain bias-free nn.Linear for 'none' (the full-precision twin).
+
+    quantized_input: the caller feeds `norm_act_quant` outputs (ignored for 'none').
+    """
     if quantization == "bitnet":
-        return BitLinear(in_features, out_features)
+        return BitLinear(in_features, out_features, quantized_input=quantized_input)
     return nn.Linear(in_features, out_features, bias=False)

@@ -2,7 +2,8 @@
 
 How it differs from plain LLaMA:
 - every attention and FFN projection is a `BitLinear` (ternary weights, int8 activations);
-  the embedding and the (tied) head stay full precision;
+  the embedding and the (tied) head stay full precision; the RMSNorm before each BitLinear also
+  quantizes its output (`quantize_output`, one fused pass), so those BitLinears skip their own;
 - SubLN norm placement, as in Hugging Face transformers' `BitNetForCausalLM`, so an export maps
   name for name: `attn_sub_norm` (hidden size) before `o_proj`, `ffn_sub_norm` (FFN width)
   before `down_proj`, besides the usual pre-norms and the final norm;
@@ -18,19 +19,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import make_linear
+from bitnet.model.bitlinear import make_linear, norm_act_quant
 from bitnet.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (bf16 sums of squares lose too much), returned in the input dtype."""
+    """RMSNorm computed in fp32 (bf16 sums of squares lose too much), returned in the input dtype.
 
-    def __init__(self, dim: int, eps: float):
+    quantize_output: the norm feeds only BitLinears, so it returns their int8-fake-quantized input
+    (per-token absmax, STE) in the matmul dtype: `norm_act_quant`, one fused pass on CUDA.
+    """
+
+    def __init__(self, dim: int, eps: float, quantize_output: bool = False):
         super().__init__()
         self.eps = eps
+        self.quantize_output = quantize_output
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_output:
+            return norm_act_quant(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.weight.float()).to(x.dtype)
@@ -73,12 +81,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q = cfg.quantization
-        self.q_proj = make_linear(cfg.dim, cfg.n_heads * cfg.head_dim, q)
-        self.k_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q)
-        self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q)
-        self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q)
+        q, bitnet = cfg.quantization, cfg.quantization == "bitnet"
+        # q/k/v take Block.input_layernorm's quantized output, o_proj attn_sub_norm's.
+        self.q_proj = make_linear(cfg.dim, cfg.n_heads * cfg.head_dim, q, quantized_input=True)
+        self.k_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
+        self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
+        self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
+        self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
@@ -106,11 +115,12 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        q = cfg.quantization
-        self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, q)
-        self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q)
-        self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps)
-        self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q)
+        q, bitnet = cfg.quantization, cfg.quantization == "bitnet"
+        # gate/up take Block.post_attention_layernorm's quantized output, down_proj ffn_sub_norm's.
+        self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, q, quantized_input=True)
+        self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q, quantized_input=True)
+        self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps, quantize_output=bitnet)
+        self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q, quantized_input=True)
 
     def forward(self, x):
         return self.down_proj(self.ffn_sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
@@ -119,9 +129,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        bitnet = cfg.quantization == "bitnet"  # these norms feed only BitLinears: quantize in the norm
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0):

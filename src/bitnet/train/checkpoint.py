@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def save(run_dir: Path, step: int, state: dict, milestone: bool = False) -> Path
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        # Test hook (tests/faults): hold a complete checkpoint under its temp name for this many
+        # seconds, so a test can SIGKILL the trainer between the last write and the rename.
+        time.sleep(float(os.environ.get("BITNET_TEST_SLOW_CHECKPOINT_S", "0") or 0))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

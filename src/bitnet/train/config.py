@@ -5,6 +5,7 @@ Values are layered: dataclass defaults < the preset's train defaults < --config 
 stage boundary) in one place.
 """
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -23,6 +24,11 @@ class TrainConfig:
     seed: int = _f(42, "seed of model init, data order and every RNG")
     device: str = _f("auto", "auto (cuda if available), cuda, cuda:N, cpu")
     compile: str = _f("auto", "torch.compile the model: auto (on for CUDA), on, off")
+    # ---- distributed (under torchrun; docs/distributed.md)
+    parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
+                              "sharded weights, gradients and optimizer state)")
+    dist_timeout_s: float = _f(600.0, "seconds the process-group start or a collective waits for the other ranks "
+                                      "before failing")
     # ---- data
     data: str = _f("fineweb-edu", "data source: embedded (packaged corpus), fineweb-edu, ...")
     tokenizer: str = _f("llama2", "tokenizer: llama2 (vendored), a tokenizer.json path or a hub name")
@@ -49,9 +55,22 @@ class TrainConfig:
     eval_sequences: int = _f(256, "sequences in the frozen eval set")
     no_eval: bool = _f(False, "skip evaluation")
     sample_interval: int = _f(5000, "generate samples every N steps (0: never)")
+    sample_prompts: str = _f("", "file of sample prompts, one a line, '#' starts a comment (default: the packaged "
+                                 "bitnet/prompts.txt)")
+    sample_max_tokens: int = _f(64, "tokens generated per sample at most")
+    quant_interval: int = _f(1000, "write ternary weight / activation stats to metrics/quant.jsonl every N steps "
+                                   "and at the last step (0: never)")
+    anomaly_policy: str = _f("warn", "on NaN/Inf, loss or grad-norm spikes, ternary collapse: warn (dump, go on), "
+                                     "skip (also drop non-finite updates; one host sync per step), stop (dump, "
+                                     "checkpoint, exit)")
+    anomaly_window: int = _f(100, "recent steps whose loss and grad norm the spike z-scores compare against")
+    anomaly_zscore: float = _f(6.0, "z-score above which a step's loss or grad norm counts as a spike")
+    tensorboard: bool = _f(False, "also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)")
     checkpoint_interval: int = _f(10_000, "save a checkpoint every N steps")
     keep_last: int = _f(3, "checkpoints kept besides milestones (boundary, final, keep_every)")
     keep_every: int = _f(50_000, "also keep every N-th step's checkpoint forever (0: none)")
+    on_checkpoint_error: str = _f("stop", "when a checkpoint cannot be written (disk full, unwritable): stop (exit 1, "
+                                          "the previous checkpoint intact) or continue (warn, retry at the next one)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +81,7 @@ PRESET_TRAIN_DEFAULTS = {
     "95m": {},
     "tiny": dict(data="embedded", batch_size=8, seq_len=128, num_steps=300, warmup_steps=30,
                  log_interval=10, eval_interval=100, eval_sequences=64, sample_interval=100,
-                 checkpoint_interval=100, keep_every=0),
+                 checkpoint_interval=100, keep_every=0, quant_interval=100),
 }
 
 
@@ -72,13 +91,17 @@ def field_names() -> set[str]:
 
 def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict:
     """Check the config and derive grad accumulation and the stage boundary. Raises ValueError."""
+    for f in fields(cfg):  # NaN and Inf pass every comparison below, so they are refused first
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["batch_size", "seq_len", "num_steps", "log_interval", "eval_interval", "checkpoint_interval",
-                "eval_sequences"]
+                "eval_sequences", "sample_max_tokens", "anomaly_window", "anomaly_zscore", "adam_eps"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ["warmup_steps", "micro_batch_size", "sample_interval", "keep_last", "keep_every", "grad_clip",
-                 "wd_stage1", "wd_stage2", "lr_end"]:
+    for name in ["warmup_steps", "micro_batch_size", "sample_interval", "quant_interval", "keep_last", "keep_every",
+                 "grad_clip", "wd_stage1", "wd_stage2", "lr_end"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ["lr_peak", "lr_stage1_end", "lr_stage2_start"]:
@@ -90,8 +113,16 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
         raise ValueError("--beta1 and --beta2 must be in [0, 1)")
     if cfg.seq_len > max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_seq_len}")
+    if cfg.on_checkpoint_error not in ("stop", "continue"):
+        raise ValueError(f"--on-checkpoint-error must be stop or continue, got {cfg.on_checkpoint_error!r}")
+    if cfg.anomaly_policy not in ("warn", "skip", "stop"):
+        raise ValueError(f"--anomaly-policy must be warn, skip or stop, got {cfg.anomaly_policy!r}")
     if cfg.compile not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off, got {cfg.compile!r}")
+    if cfg.parallel not in ("ddp", "fsdp2"):
+        raise ValueError(f"--parallel must be ddp or fsdp2, got {cfg.parallel!r}")
+    if not cfg.dist_timeout_s > 0:
+        raise ValueError(f"--dist-timeout-s must be positive, got {cfg.dist_timeout_s}")
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world_size}")
     per_rank = cfg.batch_size // world_size

@@ -19,18 +19,22 @@ from pathlib import Path
 import torch
 
 from bitnet.data import build_data, load_tokenizer
+from bitnet.instrumentation.anomalies import AnomalyHook
 from bitnet.instrumentation.console import ConsoleProgress
 from bitnet.instrumentation.evaluation import EvalHook
 from bitnet.instrumentation.jsonl import ScalarsLogger
 from bitnet.instrumentation.provenance import provenance
+from bitnet.instrumentation.quant_stats import QuantStatsHook
+from bitnet.instrumentation.samples import SampleHook, load_prompts
+from bitnet.instrumentation.tensorboard import TensorBoardHook, require_tensorboard
 from bitnet.model import ModelConfig, Transformer
-from bitnet.train import checkpoint
+from bitnet.train import checkpoint, parallel
 from bitnet.train.config import TrainConfig, resolve_derived
 from bitnet.train.optim import build_optimizer, set_schedule
 from bitnet.train.run_dir import create_run_dir, default_run_id, write_json
 from bitnet.train.schedule import lr_at, wd_at
 from bitnet.train.state import TrainState, rng_state, seed_everything, set_rng_state
-from bitnet.train.step import train_step
+from bitnet.train.step import compile_step, loss_fn, train_step
 
 
 @dataclass
@@ -42,10 +46,17 @@ class RunResult:
     stopped_early: bool = False
 
 
+class TrainingFailed(Exception):
+    """The run failed mid-way for a reason the user can act on (disk full, unwritable): one line, exit 1."""
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # e.g. "cuda:x"
+        raise ValueError(f"unsupported --device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for, but CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
@@ -80,10 +91,26 @@ class GracefulStop:
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, resumed_from: str | None = None,
           quiet: bool = False) -> RunResult:
-    """Run (or continue from `resume`, a loaded checkpoint) a training; returns where it ended."""
+    """Run (or continue from `resume`, a loaded checkpoint) a training; returns where it ended.
+
+    Under torchrun every rank runs this (parallel.py starts and ends the process group); without
+    torchrun no process group exists and nothing below communicates.
+    """
+    world = parallel.init(pick_device(cfg.device), cfg.dist_timeout_s)
+    try:
+        return _train(cfg, model_cfg, world, resume, resumed_from, quiet)
+    except BaseException as e:
+        parallel.report_failure(world, e)  # every rank says on its own stderr why it stopped
+        raise
+    finally:
+        parallel.teardown(world)
+
+
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None,
+           resumed_from: str | None, quiet: bool) -> RunResult:
     # ---- setup: validate everything before anything is written
-    derived = resolve_derived(cfg, world_size=1, max_seq_len=model_cfg.max_seq_len)
-    device = pick_device(cfg.device)
+    derived = resolve_derived(cfg, world_size=world.world_size, max_seq_len=model_cfg.max_seq_len)
+    device = world.device
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext)
@@ -92,24 +119,29 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
         torch.backends.cudnn.allow_tf32 = True
     boundary, accum, micro = derived["stage_boundary_step"], derived["grad_accum"], derived["micro_batch_size"]
     seed_everything(cfg.seed)
+    prompts = load_prompts(cfg.sample_prompts) if cfg.sample_interval else []
+    if cfg.tensorboard:
+        require_tensorboard()
 
     # ---- data
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, more than the model's "
                          f"vocab_size {model_cfg.vocab_size}")
-    data = build_data(cfg.data, tok, cfg.seq_len, cfg.seed, cfg.eval_sequences, micro)
+    data = build_data(cfg.data, tok, cfg.seq_len, cfg.seed, cfg.eval_sequences, micro, world.rank, world.world_size)
 
     # ---- model and optimizer
     model = Transformer(model_cfg).to(device)
     model.init_weights(seed=cfg.seed)
-    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    if resume is not None:
+        model.load_state_dict(resume["model"])  # the full weights, before FSDP2 shards them
+    wrapped = parallel.wrap_model(model, cfg.parallel, world)  # DDP or FSDP2 under torchrun, else `model` itself
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")  # after fully_shard: it holds the shards
     state = TrainState()
 
-    # ---- resume: weights, optimizer, position, data order and every RNG stream
+    # ---- resume: optimizer, position, data order and every RNG stream (the weights are in already)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        parallel.load_optimizer_state(model, optimizer, resume["optimizer"])
         state.load_state_dict(resume["train_state"])
         data.train.load_state_dict(state.data)
         set_rng_state(resume["rng"])
@@ -117,35 +149,79 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
             raise ValueError(f"checkpoint is at step {state.step}, not before --num-steps {cfg.num_steps}: nothing to do")
 
     # ---- run directory (created only now that every input checked out)
-    run_id = cfg.run_id or default_run_id(cfg.preset, cfg.data)
-    run_dir = create_run_dir(cfg.runs_dir, run_id, cfg.overwrite)
-    full_config = {"model": model_cfg.to_dict(), "train": {**cfg.to_dict(), "run_id": run_id, **derived},
+    # rank 0's name (the default holds a timestamp) and rank 0 alone writes the directory
+    run_id = parallel.broadcast_from_main(cfg.run_id or default_run_id(cfg.preset, cfg.data), world)
+    run_dir = Path(cfg.runs_dir) / run_id
+    # the derived values first: the flags as given win, so a resume on another world size re-derives
+    # the micro-batch instead of inheriting the old per-rank one
+    full_config = {"model": model_cfg.to_dict(), "train": {**derived, **cfg.to_dict(), "run_id": run_id},
                    "data": data.fingerprint}
-    write_json(run_dir / "meta" / "config.json", full_config)
-    write_json(run_dir / "meta" / "provenance.json", provenance(cfg.seed, device, resumed_from))
-    write_json(run_dir / "meta" / "dataset_fingerprint.json", data.fingerprint)
+    if world.is_main:
+        run_dir = create_run_dir(cfg.runs_dir, run_id, cfg.overwrite)
+        write_json(run_dir / "meta" / "config.json", full_config)
+        write_json(run_dir / "meta" / "provenance.json", provenance(cfg.seed, device, resumed_from, world.world_size))
+        write_json(run_dir / "meta" / "dataset_fingerprint.json", data.fingerprint)
 
-    step_model = torch.compile(model) if use_compile else model
-    progress = ConsoleProgress(cfg.num_steps, state.step, enabled=not quiet)
-    hooks = [ScalarsLogger(run_dir), progress]
-    if not cfg.no_eval:
+    # compiled blocks + compiled loss (benchmarks/train_throughput.py measures the choice)
+    step_model, step_loss = compile_step(wrapped) if use_compile else (wrapped, loss_fn)
+    progress = ConsoleProgress(cfg.num_steps, state.step, enabled=not quiet and world.is_main)
+    hooks = [ScalarsLogger(run_dir), progress] if world.is_main else []  # the other ranks write nothing
+    if not cfg.no_eval and world.is_main:
         hooks.append(EvalHook(run_dir, step_model, data.eval, autocast, device, cfg.eval_interval, cfg.num_steps))
+    elif not cfg.no_eval:  # FSDP2's eval forward needs every rank
+        hooks.append(parallel.MirrorEval(step_model, data.eval, autocast, device, cfg.eval_interval, cfg.num_steps))
+    # Quant stats, samples and anomaly checks use the plain model: no recompiles for their shapes.
+    # They write the run directory, so only rank 0 has them; under FSDP2 rank 0 holds only a shard
+    # of the model, so the two that run it stay off (docs/distributed.md).
+    whole_model = not parallel.is_sharded(model)
+    if world.is_main:
+        anomalies = AnomalyHook(run_dir, model, cfg.anomaly_policy, cfg.anomaly_window, cfg.anomaly_zscore,
+                                log=progress.write)
+        hooks.append(anomalies)
+        if cfg.quant_interval and whole_model:  # activation stats on the first 4 eval sequences
+            hooks.append(QuantStatsHook(run_dir, model, data.eval[0][0][:4], cfg.quant_interval, cfg.num_steps,
+                                        autocast, anomalies))
+        if cfg.sample_interval and whole_model:
+            hooks.append(SampleHook(run_dir, model, tok, prompts, cfg.sample_interval, cfg.num_steps,
+                                    cfg.sample_max_tokens, cfg.seed, autocast))
+        if cfg.tensorboard:
+            hooks.append(TensorBoardHook(run_dir))
 
-    def save(milestone: bool) -> Path:
+    def save(milestone: bool, must_succeed: bool = False) -> Path | None:
+        """Every rank calls this (FSDP2 gathers its shards to rank 0); rank 0 alone writes.
+
+        A failed write (disk full, unwritable) leaves the previous checkpoint intact; it stops the run
+        (TrainingFailed, exit 1) unless --on-checkpoint-error continue, which warns and returns None.
+        The final and the stop checkpoints must succeed under either policy.
+        """
         state.data = data.train.state_dict()
-        return checkpoint.save(run_dir, state.step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "train_state": state.state_dict(), "rng": rng_state(),
-            "config": full_config, "step": state.step, "tokens": state.tokens,
-        }, milestone=milestone)
+        model_sd, optim_sd = parallel.full_state_dicts(model, optimizer)
+        if not world.is_main:
+            return run_dir / "checkpoints" / checkpoint.step_dir_name(state.step)
+        try:
+            return checkpoint.save(run_dir, state.step, {
+                "model": model_sd, "optimizer": optim_sd,
+                "train_state": state.state_dict(), "rng": rng_state(),
+                "config": full_config, "step": state.step, "tokens": state.tokens,
+            }, milestone=milestone)
+        except OSError as e:
+            kept = checkpoint.latest(run_dir)
+            problem = (f"checkpoint of step {state.step} could not be written ({e.strerror or e}); "
+                       f"newest intact checkpoint: {kept or 'none'}")
+            if cfg.on_checkpoint_error == "continue" and not must_succeed:
+                progress.write(f"warning: {problem}; training goes on (--on-checkpoint-error continue)")
+                return None
+            resume = f"; resume with: bitnet-train --resume-from {kept}" if kept else ""
+            raise TrainingFailed(problem + resume) from None
 
     milestones = {boundary - 1, boundary, cfg.num_steps}
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.seq_len)
-    if not quiet:
+    if not quiet and world.is_main:
+        ranks = f" x {world.world_size} ranks ({cfg.parallel})" if world.distributed else ""
         progress.write(f"run {run_dir} | {n_params:,} parameters | {device} | compile={use_compile} | "
                        f"batch {cfg.batch_size} x {cfg.seq_len} = {derived['tokens_per_step']:,} tokens/step "
-                       f"(micro {micro} x accum {accum}) | steps {state.step + 1}..{cfg.num_steps}")
+                       f"(micro {micro} x accum {accum}{ranks}) | steps {state.step + 1}..{cfg.num_steps}")
 
     # ---- the loop
     last_loss = float("nan")
@@ -154,6 +230,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
     excluded_s = 0.0  # eval / checkpoint time, kept out of step_ms
     steps_since_log = 0
     loss_sum = torch.zeros((), device=device)
+    voted_stop = None  # under torchrun: why all ranks agreed to stop (at a log step)
     try:
         for hook in hooks:
             hook.on_train_start(state)
@@ -161,23 +238,36 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
             for step in range(state.step + 1, cfg.num_steps + 1):
                 lr, wd = lr_at(step, cfg, boundary), wd_at(step, cfg, boundary)
                 set_schedule(optimizer, lr, wd)
-                micro_batches = [data.train.next_batch(micro) for _ in range(accum)]
-                out = train_step(step_model, optimizer, micro_batches, autocast, cfg.grad_clip, lr, wd, device)
+                micro_batches = [data.train.next_batch(micro * world.world_size) for _ in range(accum)]
+                out = train_step(step_model, optimizer, micro_batches, autocast, cfg.grad_clip, lr, wd, device,
+                                 skip_nonfinite=cfg.anomaly_policy == "skip", loss_fn=step_loss)
+                out = parallel.full_tensors(out, world)  # FSDP2 returns its grad norms as DTensors
                 state.step, state.tokens = step, state.tokens + derived["tokens_per_step"]
                 loss_sum += out.loss
                 steps_since_log += 1
 
-                if step % cfg.log_interval == 0 or step == cfg.num_steps or stop.signal_name:
+                if step % cfg.log_interval == 0 or step == cfg.num_steps or (stop.signal_name and not world.distributed):
                     if device.type == "cuda":
                         torch.cuda.synchronize()  # host sync: once per log interval, for honest timings
                     now = time.perf_counter()
                     step_ms = (now - t_last - excluded_s) * 1000 / steps_since_log
-                    last_loss = out.loss.item()
+                    # One all-reduce per log interval, never per step: losses averaged over ranks, tokens
+                    # summed, and a stop vote (signal or hook) so that every rank stops at this same step.
+                    wants_stop = bool(stop.signal_name) or any(h.stop_requested for h in hooks)
+                    local_tokens = steps_since_log * derived["tokens_per_step"] // world.world_size
+                    stats = torch.cat([torch.stack([out.loss, loss_sum]).double(),
+                                       torch.tensor([local_tokens, wants_stop], dtype=torch.float64, device=device)])
+                    loss_total, loss_sum_total, tokens_logged, stop_votes = parallel.all_reduce_sum(stats, world).tolist()
+                    last_loss = loss_total / world.world_size
+                    if stop_votes and world.distributed:
+                        voted_stop = stop.signal_name or next((h.stop_reason for h in hooks if h.stop_requested),
+                                                              "stop requested on another rank")
                     row = {"step": step, "tokens": state.tokens, "loss": last_loss,
-                           "loss_avg": (loss_sum / steps_since_log).item(), "lr": lr, "wd": wd,
+                           "loss_avg": loss_sum_total / world.world_size / steps_since_log, "lr": lr, "wd": wd,
                            "grad_norm": out.grad_norm.item(), "step_ms": step_ms,
-                           "tok_s": derived["tokens_per_step"] / (step_ms / 1000),
-                           "mfu": flops_per_token * derived["tokens_per_step"] / (step_ms / 1000) / peak_flops(device),
+                           "tok_s": tokens_logged / steps_since_log / (step_ms / 1000),  # step_ms is per step
+                           "mfu": flops_per_token * derived["tokens_per_step"] / (step_ms / 1000) / peak_flops(device)
+                                  / world.world_size,
                            "mem_gib": memory_gib(device), "epoch": data.train.epochs_float, "time": time.time()}
                     for hook in hooks:
                         hook.on_log(state, row)
@@ -187,24 +277,34 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
                 t0 = time.perf_counter()
                 for hook in hooks:
                     hook.on_step_end(state, out)
-                if step % cfg.checkpoint_interval == 0 or step in milestones or stop.signal_name:
-                    path = save(milestone=step in milestones or (cfg.keep_every and step % cfg.keep_every == 0))
-                    checkpoint.prune(run_dir, cfg.keep_last)
-                    for hook in hooks:
-                        hook.on_checkpoint(state, path)
+                # one process stops at once; under torchrun every rank stops where the vote said so
+                stopping = voted_stop if world.distributed else stop.signal_name
+                if step % cfg.checkpoint_interval == 0 or step in milestones or stopping:
+                    path = save(milestone=step in milestones or (cfg.keep_every and step % cfg.keep_every == 0),
+                                must_succeed=step == cfg.num_steps or bool(stopping))
+                    if path is not None:  # None: the write failed and --on-checkpoint-error continue
+                        if world.is_main:
+                            checkpoint.prune(run_dir, cfg.keep_last)
+                        for hook in hooks:
+                            hook.on_checkpoint(state, path)
                 excluded_s += time.perf_counter() - t0
 
-                halt = [h for h in hooks if h.stop_requested]
-                if stop.signal_name or halt:
-                    reason = stop.signal_name or halt[0].stop_reason
-                    if halt and not stop.signal_name:
-                        save(milestone=True)
-                    progress.write(f"stopped at step {step} ({reason}); checkpoint saved. Resume with:\n"
-                                   f"  bitnet-train --resume-from {run_dir / 'checkpoints' / checkpoint.step_dir_name(step)}")
+                halt = [h for h in hooks if h.stop_requested] if not world.distributed else []
+                if stopping or halt:
+                    reason = stopping or halt[0].stop_reason
+                    if halt and not stopping:
+                        save(milestone=True, must_succeed=True)
+                    if world.is_main:
+                        progress.write(f"stopped at step {step} ({reason}); checkpoint saved. Resume with:\n"
+                                       f"  bitnet-train --resume-from {run_dir / 'checkpoints' / checkpoint.step_dir_name(step)}")
                     stopped_early = True
                     break
         for hook in hooks:
             hook.on_train_end(state)
+    except OSError as e:  # disk full or unwritable outside a checkpoint write (scalars, eval, dumps)
+        where = f" ({e.filename})" if e.filename else ""
+        raise TrainingFailed(f"{e.strerror or e}{where} at step {state.step}; newest intact checkpoint: "
+                             f"{checkpoint.latest(run_dir) if world.is_main else 'on rank 0'}") from None
     finally:
         for hook in hooks:
             hook.close()

@@ -20,8 +20,8 @@ def check_run_id(run_id: str) -> None:
         raise ValueError(f"invalid --run-id {run_id!r}: use letters, digits, '.', '_' and '-' (no path separators)")
 
 
-def create_run_dir(runs_dir: str, run_id: str, overwrite: bool) -> Path:
-    """Make runs_dir/run_id with its subdirectories; refuses to reuse one unless overwrite is set."""
+def check_run_dir(runs_dir: str, run_id: str, overwrite: bool) -> Path:
+    """runs_dir/run_id, if a run may be created there; the CLI calls it before the (slow) data setup."""
     check_run_id(run_id)
     run_dir = Path(runs_dir) / run_id
     if run_dir.exists():
@@ -30,6 +30,15 @@ def create_run_dir(runs_dir: str, run_id: str, overwrite: bool) -> Path:
                                   f"or --resume-from {run_dir} to continue it in a new run)")
         if not (run_dir / "meta").is_dir():
             raise FileExistsError(f"{run_dir} exists and is not a run directory; refusing to delete it")
+    elif Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+        raise FileExistsError(f"--runs-dir {runs_dir} is not a directory")
+    return run_dir
+
+
+def create_run_dir(runs_dir: str, run_id: str, overwrite: bool) -> Path:
+    """Make runs_dir/run_id with its subdirectories; refuses to reuse one unless overwrite is set."""
+    run_dir = check_run_dir(runs_dir, run_id, overwrite)
+    if run_dir.exists():  # --overwrite of a run directory
         shutil.rmtree(run_dir)
     for sub in ("meta", "checkpoints", "metrics", "eval", "samples", "anomalies"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -45,3 +54,31 @@ def write_json(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ---- continuations: a resumed run starts a new directory named after the run and the step it resumed from
+CONTINUATION = re.compile(r"^(?P<base>.+)_r\d+(?:-\d+)?$")
+
+
+def base_run_id(run_id: str) -> str:
+    """The run a continuation belongs to: X for X, X_r500 and X_r500-2."""
+    m = CONTINUATION.match(run_id)
+    return m.group("base") if m else run_id
+
+
+def run_family(runs_dir: str, run_id: str) -> list[Path]:
+    """Run directories of run_id's family: the base run X and its continuations X_r<step>[-n]."""
+    base, root = base_run_id(run_id), Path(runs_dir)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and base_run_id(d.name) == base)
+
+
+def continuation_id(runs_dir: str, run_id: str, step: int) -> str:
+    """Id of the run that continues run_id's family from `step`: X_r<step>, or X_r<step>-2, -3 ... if taken."""
+    base = base_run_id(run_id)
+    new, n = f"{base}_r{step}", 2
+    while (Path(runs_dir) / new).exists():
+        new, n = f"{base}_r{step}-{n}", n + 1
+    check_run_id(new)
+    return new

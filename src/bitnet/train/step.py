@@ -5,11 +5,15 @@ never stalled by the step itself (the loop syncs once per log interval).
 """
 
 import contextlib
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bitnet.model import Transformer
 
 
 @dataclass
@@ -20,6 +24,12 @@ class StepOutput:
     """Global grad norm before clipping (0-dim, on device)."""
     lr: float
     wd: float
+    param_grad_norms: torch.Tensor | None = None
+    """Grad norm of each parameter before clipping, in model.parameters() order (1-dim, on device)."""
+    skipped: bool = False
+    """True when skip_nonfinite found a non-finite loss or gradient and the update was not applied."""
+    micro_batches: list | None = None
+    """The step's input batches [(x, y), ...] (CPU tensors), kept for anomaly dumps."""
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -27,12 +37,46 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def compile_step(model: nn.Module, regional: bool = True, fused_loss: bool = True) -> tuple[nn.Module, Callable]:
+    """torch.compile for training: returns (model to call, loss function to call).
+
+    regional: compile each transformer block and the final norm. Dynamo treats module
+    parameters as inputs, so one block's compiled code serves every block and the first step comes
+    after one block's compile, not the whole model's (issue #5: time to first step <= 60 s).
+    Otherwise the whole model is one graph.
+    fused_loss: on CUDA, the Triton cross entropy (model/kernels.py): one read of the bf16 logits
+    forward, and a backward that writes the gradient over them, so no second 2 GiB logits-sized
+    buffer exists at 32 x 1024 x 32000 (the step's memory peak). Otherwise loss_fn compiled, which
+    reads the logits as often but allocates the gradient. benchmarks/NOTES.md has the measurements.
+    """
+    from bitnet.model import kernels
+
+    loss = kernels.cross_entropy if fused_loss and kernels.available() else torch.compile(loss_fn)
+    if not regional or type(model) is not Transformer:  # DDP / FSDP-wrapped models: compile them whole
+        return torch.compile(model), loss
+    # A shallow copy that shares every parameter, buffer and submodule with `model` but calls
+    # compiled blocks: the plain model stays uncompiled for the hooks that run other shapes.
+    compiled = copy.copy(model)
+    compiled._modules = dict(model._modules)
+    compiled.layers = nn.ModuleList(torch.compile(block) for block in model.layers)
+    compiled.norm = torch.compile(model.norm)
+    return compiled, loss
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, autocast,
-               grad_clip: float, lr: float, wd: float, device: torch.device) -> StepOutput:
-    """micro_batches: [(x, y), ...] CPU tensors; the loss is averaged so the step sees the global batch."""
+               grad_clip: float, lr: float, wd: float, device: torch.device,
+               skip_nonfinite: bool = False, loss_fn: Callable = loss_fn) -> StepOutput:
+    """micro_batches: [(x, y), ...] CPU tensors; the loss is averaged so the step sees the global batch.
+
+    skip_nonfinite (--anomaly-policy skip): when the loss or a gradient is NaN/Inf, leave the weights
+    and the optimizer state as they were. Deciding that costs one host sync per step.
+    loss_fn: `loss_fn` itself, or its compiled form from `compile_step`.
+    """
     n = len(micro_batches)
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
+        if device.type == "cuda":  # page-locked first, so the copy does not wait for the GPU's queue
+            x, y = x.pin_memory(), y.pin_memory()
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         # Under DDP, all-reduce gradients only on the last micro-batch.
@@ -42,11 +86,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                 loss = loss_fn(model(x), y) / n
             loss.backward()
         total += loss.detach()
-    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # Per-parameter norms, the global norm and the clip, computed as clip_grad_norm_ does
+    # (same kernels, same results); the per-parameter norms go into anomaly dumps for free.
+    param_grad_norms = torch.stack(torch._foreach_norm(grads))
+    grad_norm = torch.linalg.vector_norm(param_grad_norms)
     if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    optimizer.step()
+        torch._foreach_mul_(grads, torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))
+    # Host sync, only under --anomaly-policy skip. A NaN/Inf loss always makes NaN/Inf gradients, and
+    # the grad norm (unlike the loss) is the same on every rank, so all ranks skip the same steps.
+    skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutput(loss=total, grad_norm=grad_norm.detach(), lr=lr, wd=wd)
+    return StepOutput(loss=total, grad_norm=grad_norm.detach(), lr=lr, wd=wd, param_grad_norms=param_grad_norms,
+                      skipped=skipped, micro_batches=micro_batches)

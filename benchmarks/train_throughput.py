@@ -1,0 +1,604 @@
+"""Training-step speed of the 95m BitNet on one GPU: the project's fast path beside reference variants.
+
+    PYTHONPATH=src python benchmarks/train_throughput.py --out bench.json        # all rows, ~7 min on an H100
+    PYTHONPATH=src python benchmarks/train_throughput.py --variants fast,bf16-compiled --trainer-steps 0
+    PYTHONPATH=src python benchmarks/train_throughput.py --smoke                  # CPU, tiny model: the plumbing
+
+Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random tokens):
+  eager-ref      the straightforward BitLinear (RMSNorm, then every BitLinear quantizes its input and
+                 weight, Training-Tips style, fp32 quantization math), no compile, fp32 loss
+  compile-ref    the same under torch.compile(model), loss in eager fp32 (the trainer before issue #5)
+  fast           the project's path, as the trainer runs it: bitnet.train.step.compile_step (compiled
+                 blocks with the RMSNorm + int8 quantization fused, Triton cross entropy) + train_step
+  bf16-compiled  ModelConfig(quantization='none') on the same path: the same shapes without BitNet
+  fast-*         exploration rows, one change each against `fast` (see VARIANTS)
+  bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
+                 on --data token data: the median tok_s of its scalars.jsonl
+MFU = model.flops_per_token(seq_len) * tok/s / peak, where flops_per_token = 6 * (matmul params incl.
+the tied head) + 12 * n_layers * dim * seq_len = 648 MFLOP/token for 95m; peaks: 989 TFLOP/s (H100 dense
+bf16 datasheet) and the bf16 GEMM rate measured in this run (8192^3, random data).
+Every row runs in its own process with empty compile caches, so its time to first step (from the
+process start to the end of the first optimizer step) is a cold start. Also checked here: the Triton
+kernels against their fallbacks (outputs poisoned with NaN first), the fast path against the reference
+(logits, grads, 50 training steps on real tokens), and with --sdpa the attention backends.
+Prints a table last; writes JSON (--out).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from functools import partial
+from pathlib import Path
+
+VARIANTS = {
+    # name: (quantization, formulation, compile)
+    "eager-ref": ("bitnet", "ref", "none"),
+    "compile-ref": ("bitnet", "ref", "model"),
+    "fast": ("bitnet", "project", "project"),
+    "bf16-compiled": ("none", "project", "project"),
+    # exploration: one change each against `fast` (benchmarks/NOTES.md)
+    "fast-compiledce": ("bitnet", "project", "compiledce"),  # torch.compile(loss_fn) for the Triton loss
+    "fast-whole": ("bitnet", "project", "whole"),            # one graph for the model instead of per block
+    "fast-unfused": ("bitnet", "ref", "project"),            # the reference formulation on the fast path
+    "bf16-compile-ref": ("none", "ref", "model"),            # bf16 twin, compile(model) + eager loss
+}
+DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-compiledce"
+DATASHEET_TFLOPS = 989.0
+
+
+# ---------------------------------------------------------------------------- child processes
+
+def reference_bitlinear_forward(self, x):
+    """The straightforward BitLinear: quantize input and weight (fp32 math), STE, matmul."""
+    import torch.nn.functional as F
+
+    from bitnet.model.bitlinear import activation_quant, matmul_dtype, weight_quant
+
+    dtype = matmul_dtype(x)
+    x_q = x + (activation_quant(x) - x).detach()
+    w = self.weight
+    w_q = w + (weight_quant(w) - w).detach()
+    return F.linear(x_q.to(dtype), w_q.to(dtype))
+
+
+def use_reference_formulation(model) -> None:
+    """Norms return plain RMSNorm outputs; every BitLinear quantizes its own input (per instance)."""
+    from bitnet.model.bitlinear import BitLinear
+    from bitnet.model.llama import RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.quantize_output = False
+        elif isinstance(m, BitLinear):
+            m.forward = types.MethodType(reference_bitlinear_forward, m)
+
+
+def build(quantization, formulation, preset, device):
+    from bitnet.model import PRESETS, ModelConfig, Transformer
+
+    cfg = ModelConfig(**{**PRESETS[preset].to_dict(), "quantization": quantization})
+    model = Transformer(cfg).to(device)
+    model.init_weights(seed=0)
+    if formulation == "ref":
+        use_reference_formulation(model)
+    return model
+
+
+def compiled(model, how):
+    import torch
+
+    from bitnet.train.step import compile_step, loss_fn
+
+    if how == "none":
+        return model, loss_fn
+    if how == "model":
+        return torch.compile(model), loss_fn
+    return compile_step(model, regional=how != "whole", fused_loss=how != "compiledce")
+
+
+def make_step(model, how, device, lr=1e-3, wd=0.1):
+    """(step_model, step(batch) -> StepOutput, loss fn) on the project's optimizer and train_step."""
+    import torch
+
+    from bitnet.train.config import TrainConfig
+    from bitnet.train.optim import build_optimizer, set_schedule
+    from bitnet.train.step import train_step
+
+    cfg = TrainConfig()
+    opt = build_optimizer(model, cfg, fused=device.type == "cuda")
+    set_schedule(opt, lr, wd)
+    step_model, lf = compiled(model, how)
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+        partial(torch.autocast, "cpu", enabled=False)
+
+    def step(batch):
+        return train_step(step_model, opt, [batch], autocast, cfg.grad_clip, lr, wd, device, loss_fn=lf)
+    return step_model, step, lf
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_steps(step, batches, device, n=2) -> dict:
+    """CUDA kernel time per step, by category and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(batches[i % len(batches)])
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((e.key, e.count // n, t / n / 1000))
+    rows.sort(key=lambda r: -r[2])
+    cats = {"gemm": 0.0, "attention": 0.0, "inductor": 0.0, "project triton": 0.0, "optimizer": 0.0, "other": 0.0}
+    for name, _, ms in rows:
+        low = name.lower()
+        if any(k in low for k in ("sdpa", "flash", "fmha", "attention")):
+            cats["attention"] += ms
+        elif any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
+            cats["gemm"] += ms
+        elif low.startswith(("_rmsnorm", "_cross_entropy")):
+            cats["project triton"] += ms
+        elif low.startswith("triton"):
+            cats["inductor"] += ms
+        elif any(k in low for k in ("multi_tensor", "adam", "foreach")):
+            cats["optimizer"] += ms
+        else:
+            cats["other"] += ms
+    return {"ms_per_step_by_category": {k: round(v, 3) for k, v in cats.items()},
+            "kernel_ms_per_step": round(sum(r[2] for r in rows), 3),
+            "top": [{"kernel": k[:110], "calls": c, "ms": round(ms, 3)} for k, c, ms in rows[:25]]}
+
+
+def run_variant(name, a, t0) -> dict:
+    import torch
+
+    quantization, formulation, how = VARIANTS[name]
+    device = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build(quantization, formulation, a.preset, device)
+    step_model, step, lf = make_step(model, how, device)
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randint(0, model.cfg.vocab_size, (2, a.batch, a.seq_len), generator=g)) for _ in range(4)]
+    out = step(batches[0])
+    sync(device)
+    ttfs = time.time() - t0
+    for i in range(1, a.warmup):
+        step(batches[i % 4])
+    sync(device)
+    per_step = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        for i in range(a.steps):
+            out = step(batches[i % 4])
+        sync(device)
+        per_step.append((time.perf_counter() - t) / a.steps)
+    ms = statistics.median(per_step) * 1000
+    res = {"ms_per_step": ms, "ms_per_step_repeats": [x * 1000 for x in per_step],
+           "tok_s": a.batch * a.seq_len / (ms / 1000), "ttfs_s": ttfs, "last_loss": out.loss.item(),
+           "flops_per_token": model.flops_per_token(a.seq_len), "quantization": quantization,
+           "formulation": formulation, "compile": how}
+    if device.type == "cuda":
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        from torch._dynamo.utils import counters
+        res["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+    except Exception:
+        pass
+    print(f"[{name}] {ms:.2f} ms/step {res['tok_s']:,.0f} tok/s ttfs {ttfs:.1f}s", flush=True)
+    if name in a.profile.split(",") and device.type == "cuda":
+        res["profile"] = profile_steps(step, batches, device)
+        print(f"[{name}] kernel ms/step by category: {res['profile']['ms_per_step_by_category']}")
+        for r in res["profile"]["top"][:12]:
+            print(f"    {r['ms']:7.3f} ms  x{r['calls']:<4d} {r['kernel'][:90]}")
+    if name == "fast" and a.correctness:
+        res["correctness"] = correctness(model, step_model, lf, a, device)
+    return res
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def correctness(fast_model, fast_step_model, fast_loss, a, device) -> dict:
+    """The fast path against the eager reference formulation: logits, grads, 50 steps on real tokens."""
+    import torch
+
+    from bitnet.data import build_data, load_tokenizer
+    from bitnet.train.config import TrainConfig
+    from bitnet.train.optim import build_optimizer, set_schedule
+    from bitnet.train.schedule import lr_at, wd_at
+    from bitnet.train.step import loss_fn, train_step
+
+    tok = load_tokenizer("llama2")
+    data = build_data(a.data, tok, a.seq_len, 0, 32, a.batch)
+    batches = [data.train.next_batch(a.batch) for _ in range(a.corr_steps)]
+    ref = build("bitnet", "ref", a.preset, device)
+    fast_model.init_weights(seed=0)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    x, y = (t.to(device) for t in batches[0])
+    logits, losses, grads = {}, {}, {}
+    for name, params_of, call, lf in (("ref", ref, ref, loss_fn), ("fast", fast_model, fast_step_model, fast_loss)):
+        with autocast():
+            out = call(x)
+            logits[name] = out.detach().float()  # before backward: the fused loss overwrites the logits
+            loss = lf(out, y)
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = [p.grad.detach().float().clone() for p in params_of.parameters()]
+        params_of.zero_grad(set_to_none=True)
+        del out, loss
+    num = sum((g1.double() - g0.double()).pow(2).sum() for g0, g1 in zip(grads["ref"], grads["fast"]))
+    den = sum(g0.double().pow(2).sum() for g0 in grads["ref"])
+    res = {"logits_rel_err": rel(logits["fast"], logits["ref"]), "loss_ref": losses["ref"], "loss_fast": losses["fast"],
+           "grads_rel_err_global": (num / den).sqrt().item(),
+           "grads_rel_err_max_param": max(rel(g1, g0) for g0, g1 in zip(grads["ref"], grads["fast"]))}
+    del logits, grads
+    # bf16 noise for scale: the reference itself in fp32 vs under bf16 autocast, on a quarter batch
+    with torch.no_grad():
+        xs = x[: max(1, a.batch // 4)]
+        with autocast():
+            l16 = ref(xs).float()
+        res["ref_bf16_vs_fp32_logits_rel_err"] = rel(l16, ref(xs).float())
+        del l16
+    # the same init, the same real batches, LR warmed up over 10 steps to 1.5e-3
+    cfg = TrainConfig(warmup_steps=10, num_steps=10_000)
+    curves = {}
+    for name, m, call, lf in (("ref", ref, ref, loss_fn), ("fast", fast_model, fast_step_model, fast_loss)):
+        m.init_weights(seed=0)
+        opt = build_optimizer(m, cfg, fused=device.type == "cuda")
+        step_losses = []
+        for i, b in enumerate(batches, start=1):
+            lr, wd = lr_at(i, cfg, 5000), wd_at(i, cfg, 5000)
+            set_schedule(opt, lr, wd)
+            step_losses.append(train_step(call, opt, [b], autocast, cfg.grad_clip, lr, wd, device, loss_fn=lf).loss)
+        curves[name] = torch.stack(step_losses).tolist()
+        del opt
+    d = [abs(p - q) for p, q in zip(curves["ref"], curves["fast"])]
+    res.update({"steps": len(d), "loss_ref_curve": curves["ref"], "loss_fast_curve": curves["fast"],
+                "loss_max_abs_diff": max(d), "loss_mean_abs_diff_last10": statistics.fmean(d[-10:]),
+                "loss_ref_final": curves["ref"][-1], "loss_fast_final": curves["fast"][-1]})
+    print(f"[correctness] logits rel {res['logits_rel_err']:.2e} grads rel {res['grads_rel_err_global']:.2e} "
+          f"(max param {res['grads_rel_err_max_param']:.2e}; ref bf16 vs fp32 logits "
+          f"{res['ref_bf16_vs_fp32_logits_rel_err']:.2e}); {len(d)} steps: final loss ref "
+          f"{curves['ref'][-1]:.4f} fast {curves['fast'][-1]:.4f}, max |diff| {max(d):.4f}", flush=True)
+    return res
+
+
+def run_check(a) -> dict:
+    """GEMM peak, Triton kernels vs fallback on poisoned outputs, SDPA backends at the model's shapes."""
+    import torch
+
+    res = {}
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        n = 8192
+        x, w = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            x @ w
+        rates = []
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(10):
+                x @ w
+            e.record()
+            torch.cuda.synchronize()
+            rates.append(2 * n**3 * 10 / (s.elapsed_time(e) / 1000) / 1e12)
+        res["gemm_bf16_tflops"] = statistics.median(rates)
+        print(f"[check] bf16 GEMM 8192^3: {res['gemm_bf16_tflops']:.0f} TFLOP/s", flush=True)
+        del x, w
+    res["kernels"] = check_kernels(dev)
+    res["cross_entropy"] = check_cross_entropy(dev)
+    if dev.type == "cuda" and a.sdpa:
+        res["sdpa"] = bench_sdpa(dev, a)
+    return res
+
+
+def check_cross_entropy(dev) -> dict:
+    """Triton cross entropy vs F.cross_entropy (fp64 forward, fp32 backward); lse/loss outputs poisoned."""
+    import torch
+    import torch.nn.functional as F
+
+    from bitnet.model import kernels
+
+    if not (kernels.triton is not None and (dev.type == "cuda" or kernels._INTERPRET)):
+        return {"skipped": True}
+    rows, ok = [], True
+    g = torch.Generator(device=dev).manual_seed(0)
+    for m, v in ((1, 32000), (7, 32000), (4096, 32000), (333, 1000), (64, 100)):
+        for dt in (torch.bfloat16, torch.float32):
+            logits = (torch.randn(m, v, device=dev, generator=g) * 3).to(dt)
+            t = torch.randint(0, v, (m,), device=dev, generator=g)
+            t[::5] = kernels.IGNORE_INDEX
+            lse = torch.full((m,), float("nan"), device=dev)
+            loss_rows = torch.full((m,), float("nan"), device=dev)
+            kernels.launch_cross_entropy_forward(logits, t, lse, loss_rows)
+            ref_rows = F.cross_entropy(logits.double(), t, reduction="none")
+            ref = logits.float().requires_grad_()
+            F.cross_entropy(ref, t).backward()
+            grad = logits.clone()
+            count = (t != kernels.IGNORE_INDEX).sum().clamp(min=1).float()
+            kernels.launch_cross_entropy_backward(grad, t, lse, (1.0 / count).reshape(()))
+            r = {"m": m, "v": v, "dtype": str(dt)[6:], "loss_rel": rel(loss_rows, ref_rows),
+                 "grad_rel": rel(grad, ref.grad), "nan": int(lse.isnan().sum() + loss_rows.isnan().sum() + grad.isnan().sum())}
+            r["ok"] = r["nan"] == 0 and r["loss_rel"] < 1e-5 and r["grad_rel"] < (1e-2 if dt == torch.bfloat16 else 1e-5)
+            ok &= r["ok"]
+            rows.append(r)
+    worst = {k: max(r[k] for r in rows) for k in ("loss_rel", "grad_rel", "nan")}
+    print(f"[check] Triton cross_entropy vs F.cross_entropy, {len(rows)} cases: {'PASS' if ok else 'FAIL'}; "
+          f"worst {json.dumps({k: float(f'{v:.3g}') for k, v in worst.items()})}", flush=True)
+    return {"ok": ok, "worst": worst, "cases": rows}
+
+
+def check_kernels(dev) -> dict:
+    import torch
+
+    from bitnet.model import kernels
+    from bitnet.model.bitlinear import norm_act_quant_reference
+
+    if not (kernels.triton is not None and (dev.type == "cuda" or kernels._INTERPRET)):
+        print("[check] Triton kernels not runnable here: skipped")
+        return {"skipped": True}
+    shapes = [(1, 768), (37, 768), (4096, 768), (2, 1024, 768), (2, 513, 3072), (8192, 3072), (5, 64), (3, 1000)]
+    rows, ok = [], True
+    g = torch.Generator(device=dev).manual_seed(0)
+    for shape in shapes:
+        for xdt, odt in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):
+            n = shape[-1]
+            scale = torch.rand(shape[:-1] + (1,), device=dev, generator=g) * 4 + 0.01
+            x = (torch.randn(shape, device=dev, generator=g) * scale).to(xdt)
+            w = (1 + 0.2 * torch.randn(n, device=dev, generator=g))
+            x2 = x.reshape(-1, n)
+            y = torch.full(x2.shape, float("nan"), device=dev, dtype=odt)
+            rstd = torch.full((x2.shape[0],), float("nan"), device=dev)
+            kernels.launch_forward(x2, w, y, rstd, 1e-5)
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y_ref = norm_act_quant_reference(xr, wr, 1e-5, odt)
+            dy = torch.randn(shape, device=dev, generator=g).to(odt)
+            y_ref.backward(dy)
+            programs, per = kernels.backward_programs(x2.shape[0], kernels._rows_and_warps(n)[1], dev)
+            dx = torch.full(x2.shape, float("nan"), device=dev, dtype=xdt)
+            dwp = torch.full((programs, n), float("nan"), device=dev)
+            kernels.launch_backward(dy.reshape(-1, n), x2, w, rstd, dx, dwp, per)
+            r = {"shape": list(shape), "x": str(xdt)[6:], "out": str(odt)[6:],
+                 "y_rel": rel(y, y_ref.detach().reshape(x2.shape)),
+                 "y_mismatch_frac": (y != y_ref.detach().reshape(x2.shape)).float().mean().item(),
+                 "dx_rel": rel(dx, xr.grad.reshape(x2.shape)), "dw_rel": rel(dwp.sum(0), wr.grad),
+                 "nan": int(y.isnan().sum() + dx.isnan().sum() + rstd.isnan().sum() + dwp.isnan().sum())}
+            tol_y = 2e-2 if odt == torch.bfloat16 else 1e-3
+            tol_dx = 1e-2 if xdt == torch.bfloat16 else 1e-4
+            r["ok"] = r["nan"] == 0 and r["y_rel"] < tol_y and r["dx_rel"] < tol_dx and r["dw_rel"] < 1e-4
+            ok &= r["ok"]
+            rows.append(r)
+    worst = {k: max(r[k] for r in rows) for k in ("y_rel", "dx_rel", "dw_rel", "y_mismatch_frac", "nan")}
+    print(f"[check] Triton rmsnorm_act_quant vs fallback, {len(rows)} cases (NaN-poisoned outputs): "
+          f"{'PASS' if ok else 'FAIL'}; worst {json.dumps({k: float(f'{v:.3g}') for k, v in worst.items()})}", flush=True)
+    return {"ok": ok, "worst": worst, "cases": rows}
+
+
+def bench_sdpa(dev, a) -> dict:
+    """Forward + backward of one layer's attention (B, 12 q heads, 6 kv heads, T, 64) per backend."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, T = a.batch, a.seq_len
+    q = torch.randn(B, 12, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, 6, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, 6, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(B, 12, T, 64, device=dev, dtype=torch.bfloat16)
+    res = {}
+    for name, backend, gqa in (("flash_gqa", SDPBackend.FLASH_ATTENTION, True),
+                               ("flash_expand", SDPBackend.FLASH_ATTENTION, False),
+                               ("cudnn_gqa", SDPBackend.CUDNN_ATTENTION, True),
+                               ("cudnn_expand", SDPBackend.CUDNN_ATTENTION, False),
+                               ("efficient_expand", SDPBackend.EFFICIENT_ATTENTION, False)):
+        def run():
+            kk, vv = (k, v) if gqa else (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            o.backward(go)
+        try:
+            for _ in range(3):
+                run()
+            ts = []
+            for _ in range(5):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                run()
+                e.record()
+                torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e))
+            res[name] = statistics.median(ts)
+        except Exception as e:  # a backend that does not take these inputs
+            res[name] = f"unsupported: {str(e).splitlines()[0][:80]}"
+    print(f"[check] SDPA fwd+bwd ms per layer: {res}", flush=True)
+    return res
+
+
+def run_trainer(a, t0) -> dict:
+    """The real trainer on token data; its first step is timed through a wrapper of train_step."""
+    import torch
+
+    import bitnet.train.loop as loop
+    from bitnet.cli import train_main
+
+    first = {}
+    inner = loop.train_step
+
+    def timed_train_step(*args, **kw):
+        out = inner(*args, **kw)
+        if not first:
+            sync(torch.device(a.device))
+            first["t"] = time.time()
+        return out
+    loop.train_step = timed_train_step
+    runs = Path(a.workdir) / "runs"
+    argv = ["--preset", a.preset, "--data", a.data, "--num-steps", str(a.trainer_steps), "--runs-dir", str(runs),
+            "--run-id", "bench", "--overwrite", "--quiet", "--device", a.device]
+    if a.smoke:
+        argv += ["--batch-size", str(a.batch), "--seq-len", str(a.seq_len)]
+    t_start = time.time()
+    rc = train_main(argv)
+    wall = time.time() - t_start
+    rows = []
+    for line in (runs / "bench" / "metrics" / "scalars.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line
+            pass
+    tok = [r["tok_s"] for r in rows]
+    res = {"rc": rc, "rows": len(rows), "tok_s_rows": tok, "tok_s_median": statistics.median(tok),
+           "tok_s_median_after_first": statistics.median(tok[1:]) if len(tok) > 1 else None,
+           "step_ms_median": statistics.median(r["step_ms"] for r in rows),
+           "tok_s_from_step_ms": a.batch * a.seq_len / (statistics.median(r["step_ms"] for r in rows) / 1000),
+           "mem_gib_max": max(r.get("mem_gib", 0) for r in rows), "final_loss": rows[-1]["loss"],
+           "ttfs_s": first.get("t", float("nan")) - t0, "wall_s": time.time() - t0, "train_main_s": wall,
+           "data": a.data, "steps": a.trainer_steps}
+    print(f"[bitnet-train] rc {rc}: median tok/s {res['tok_s_median']:,.0f} over {len(rows)} rows {tok}; "
+          f"ttfs {res['ttfs_s']:.1f}s; wall {res['wall_s']:.0f}s", flush=True)
+    return res
+
+
+def child(a) -> None:
+    t0 = a.t0
+    if a.child == "check":
+        res = run_check(a)
+    elif a.child == "bitnet-train":
+        res = run_trainer(a, t0)
+    else:
+        res = run_variant(a.child, a, t0)
+    Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+# ---------------------------------------------------------------------------- the orchestrator
+
+def fmt_table(results: dict, peak_meas: float | None) -> str:
+    head = f"{'variant':<18} {'ms/step':>8} {'tok/s':>10} {'MFU@989':>8} {'MFU@meas':>9} {'peak GiB':>9} {'TTFS s':>7}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        if name == "check":
+            continue
+        if "error" in r:
+            lines.append(f"{name:<18} {'failed: ' + r['error'][:60]}")
+            continue
+        if name == "bitnet-train":
+            tok_s, ms, mem = r["tok_s_median"], r["step_ms_median"], r["mem_gib_max"]
+        else:
+            tok_s, ms, mem = r["tok_s"], r["ms_per_step"], r.get("peak_gib", float("nan"))
+        fpt = r.get("flops_per_token") or results.get("fast", {}).get("flops_per_token", 647_626_752)
+        mfu = fpt * tok_s / 1e12
+        meas = f"{100 * mfu / peak_meas:8.1f}%" if peak_meas else f"{'-':>9}"
+        lines.append(f"{name:<18} {ms:8.2f} {tok_s:10,.0f} {100 * mfu / DATASHEET_TFLOPS:7.1f}% {meas} "
+                     f"{mem:9.2f} {r['ttfs_s']:7.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=DEFAULT, help=f"comma list of check, bitnet-train and {', '.join(VARIANTS)}")
+    p.add_argument("--data", default="embedded", help="--data of the correctness run and the trainer row")
+    p.add_argument("--trainer-steps", type=int, default=500, help="steps of the bitnet-train row (0: skip it)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--preset", default="95m")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5, help="steps before timing, the first included")
+    p.add_argument("--corr-steps", type=int, default=50)
+    p.add_argument("--no-correctness", dest="correctness", action="store_false")
+    p.add_argument("--profile", default="fast,bf16-compiled", help="variants to profile (kernel time by category)")
+    p.add_argument("--sdpa", action="store_true", help="also time the SDPA backends at the model's shapes")
+    p.add_argument("--budget-s", type=float, default=570, help="skip rows that would start after this")
+    p.add_argument("--out", default="", help="JSON file for every number")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, small batch: checks the plumbing")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--json", default="", help=argparse.SUPPRESS)
+    p.add_argument("--t0", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default="", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.smoke and not a.child:
+        a.device, a.preset, a.batch, a.seq_len, a.steps, a.repeats, a.warmup = "cpu", "tiny", 4, 64, 2, 1, 2
+        a.trainer_steps, a.corr_steps = min(a.trainer_steps, 20), min(a.corr_steps, 3)
+    if a.child:
+        return child(a)
+
+    import torch
+
+    start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="bench_"))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "batch": a.batch, "seq_len": a.seq_len, "preset": a.preset, "data": a.data}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    print(f"[bench] {json.dumps(meta)}", flush=True)
+    results = {}
+    names = [n for n in a.variants.split(",") if n and not (n == "bitnet-train" and a.trainer_steps == 0)]
+    for name in names:
+        left = a.budget_s - (time.time() - start)
+        if left < 30:
+            results[name] = {"error": "skipped: out of time budget"}
+            continue
+        out = work / f"{name}.json"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(work / name / "inductor"),
+               "TRITON_CACHE_DIR": str(work / name / "triton"), "BITNET_CACHE": str(work / "bitnet_cache")}
+        cmd = [sys.executable, __file__, "--child", name, "--json", str(out), "--t0", str(time.time()),
+               "--workdir", str(work)] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                                          if k in ("data", "trainer_steps", "batch", "seq_len", "preset", "steps",
+                                                   "repeats", "warmup", "corr_steps", "profile", "device")]
+        cmd += [] if a.correctness else ["--no-correctness"]
+        cmd += ["--sdpa"] if a.sdpa else []
+        cmd += ["--smoke"] if a.smoke else []
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=left, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+            if proc.returncode:
+                err = proc.stderr.strip().splitlines()
+                print(f"[{name}] FAILED rc {proc.returncode}:\n" + "\n".join(err[-15:]), flush=True)
+                results[name] = {"error": (err[-1] if err else f"rc {proc.returncode}")}
+            else:
+                results[name] = json.loads(out.read_text())
+        except subprocess.TimeoutExpired:
+            results[name] = {"error": "timed out"}
+    peak_meas = results.get("check", {}).get("gemm_bf16_tflops")
+    report = {**meta, "datasheet_tflops": DATASHEET_TFLOPS, "measured_gemm_tflops": peak_meas,
+              "mfu_formula": "flops_per_token(seq_len) * tok/s / peak; flops_per_token = 6 * matmul params (incl. "
+                             "tied head) + 12 * n_layers * dim * seq_len", "results": results,
+              "total_s": time.time() - start}
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    corr = results.get("fast", {}).get("correctness")
+    if corr:
+        print(f"correctness (fast vs eager reference, real tokens): logits rel {corr['logits_rel_err']:.2e}, "
+              f"grads rel {corr['grads_rel_err_global']:.2e}; {corr['steps']} steps: final loss ref "
+              f"{corr['loss_ref_final']:.4f} fast {corr['loss_fast_final']:.4f}, max |diff| {corr['loss_max_abs_diff']:.4f}")
+    for key in ("kernels", "cross_entropy"):
+        kern = results.get("check", {}).get(key, {})
+        if "ok" in kern:
+            print(f"{key} kernel check: {'PASS' if kern['ok'] else 'FAIL'} {kern['worst']}")
+    print(f"\n{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | "
+          f"batch {a.batch} x {a.seq_len} | measured bf16 GEMM {peak_meas or float('nan'):.0f} TFLOP/s")
+    print(fmt_table(results, peak_meas))
+
+
+if __name__ == "__main__":
+    main()

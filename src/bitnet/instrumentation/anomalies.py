@@ -1,0 +1,184 @@
+"""Anomaly detection and debug dumps: non-finite loss or gradients, loss and grad-norm spikes,
+ternary collapse. Each event writes anomalies/step_XXXXXX_<event>/ and then acts on the policy.
+
+No host sync per step: each step's loss, grad norm and per-parameter grad norms stay on the device
+(with a reference to the step's CPU batch) until the next log step, where the loop has just synced
+anyway; there they are read in one transfer and checked step by step. So a dump names the exact
+step and holds its batch, but a warning or a stop comes up to one log interval late. The 'skip'
+policy cannot wait: train_step checks finiteness before optimizer.step itself (one sync a step).
+
+Policies: warn (dump, print, go on), skip (as warn, and a non-finite step's update is not applied),
+stop (as warn, then `stop_requested`: the loop saves a checkpoint and exits).
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from bitnet.instrumentation.base import Hook
+from bitnet.instrumentation.jsonl import _clean
+
+MIN_HISTORY = 20
+"""Finite values needed in the window before spikes are judged."""
+COLLAPSE_ZERO_FRAC = 0.9
+"""A BitLinear layer with more zeros than this among its ternary weights has collapsed."""
+MAX_DUMPS = 20
+"""Dump directories per run at most (a diverged run would otherwise dump at every check)."""
+MAX_PENDING = 1000
+"""Steps buffered before a check is forced even without a log step (bounds the batches kept)."""
+RECENT_ROWS = 20
+"""Log rows kept for a dump's recent_scalars.json."""
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(obj), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def zscore(value: float, history) -> tuple[float, float, float] | None:
+    """(z, mean, std) of value against the history, or None while the history is too short.
+    The std is floored at 0.1% of |mean| so a nearly constant history cannot make z explode."""
+    if len(history) < MIN_HISTORY:
+        return None
+    mean = statistics.fmean(history)
+    std = max(statistics.pstdev(history, mean), 1e-3 * abs(mean), 1e-12)
+    return (value - mean) / std, mean, std
+
+
+class AnomalyHook(Hook):
+    def __init__(self, run_dir: Path, model, policy: str = "warn", window: int = 100, zscore_threshold: float = 6.0,
+                 log=None):
+        if policy not in ("warn", "skip", "stop"):
+            raise ValueError(f"anomaly policy must be warn, skip or stop, got {policy!r}")
+        self.dir = Path(run_dir) / "anomalies"
+        self.policy, self.threshold = policy, zscore_threshold
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self.pending = []  # per-step records since the last check (device tensors + CPU batch)
+        self.last_record = None
+        self.losses, self.grad_norms = deque(maxlen=window), deque(maxlen=window)  # finite values only
+        self.per_step = deque(maxlen=window)  # (step, loss, grad_norm, lr), all steps
+        self.rows = deque(maxlen=RECENT_ROWS)
+        self.check_due = False
+        self.in_nonfinite_run = False
+        self.collapsed = set()
+        self.events = []  # (step, event) of every event seen
+        self.dumps = 0
+
+    # ---- per step: buffer on device, check at log steps
+
+    def on_log(self, state, row):
+        self.rows.append(row)
+        self.check_due = True
+
+    def on_step_end(self, state, out):
+        self.last_record = {"step": state.step, "loss": out.loss, "grad_norm": out.grad_norm, "lr": out.lr,
+                            "wd": out.wd, "param_grad_norms": out.param_grad_norms, "skipped": out.skipped,
+                            "micro_batches": out.micro_batches}
+        self.pending.append(self.last_record)
+        if self.check_due or len(self.pending) >= MAX_PENDING:
+            self.check(state)
+
+    def on_train_end(self, state):
+        if self.pending:
+            self.check(state)
+
+    def check(self, state) -> None:
+        self.check_due = False
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        values = torch.stack([torch.stack([r["loss"] for r in pending]).float(),
+                              torch.stack([r["grad_norm"] for r in pending]).float()], dim=1)  # (steps, 2)
+        for rec, (loss, grad_norm) in zip(pending, values.tolist()):  # host sync: at log steps only
+            rec["loss"], rec["grad_norm"] = loss, grad_norm
+            self.per_step.append((rec["step"], loss, grad_norm, rec["lr"]))  # a dump shows the steps after, too
+        for rec in pending:
+            loss, grad_norm = rec["loss"], rec["grad_norm"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if not self.in_nonfinite_run:  # dump the first step of a run of non-finite steps
+                    event = "nonfinite_loss" if not math.isfinite(loss) else "nonfinite_grad"
+                    what = "update skipped" if rec["skipped"] else "update applied"
+                    self.report(state, rec, event, f"non-finite {'loss' if event == 'nonfinite_loss' else 'gradient'}"
+                                f" (loss {loss}, grad norm {grad_norm}; {what})")
+                self.in_nonfinite_run = True
+                continue
+            self.in_nonfinite_run = False
+            for name, value, history in (("loss", loss, self.losses), ("grad_norm", grad_norm, self.grad_norms)):
+                z = zscore(value, history)
+                if z is not None and z[0] > self.threshold:
+                    event = "loss_spike" if name == "loss" else "grad_spike"
+                    self.report(state, rec, event, f"{name} {value:.4g} is {z[0]:.1f} std above the mean "
+                                f"{z[1]:.4g} of the last {len(history)} steps",
+                                {"zscore": z[0], "window_mean": z[1], "window_std": z[2], "threshold": self.threshold})
+                history.append(value)
+
+    def check_ternary(self, state, layers: dict[str, dict]) -> None:
+        """Called with each quant row's per-layer stats: a layer newly past 90% zeros is an event."""
+        new = sorted(n for n, row in layers.items() if row["zero"] > COLLAPSE_ZERO_FRAC and n not in self.collapsed)
+        if not new:
+            return
+        self.collapsed.update(new)
+        rec = self.last_record if self.last_record and self.last_record["step"] == state.step else {"step": state.step}
+        detail = ", ".join(f"{n} {layers[n]['zero']:.1%}" for n in new)
+        self.report(state, rec, "ternary_collapse", f"ternary collapse (> {COLLAPSE_ZERO_FRAC:.0%} zeros): {detail}",
+                    {"layers": {n: layers[n] for n in new}})
+
+    # ---- one event: dump, warn, act on the policy
+
+    def report(self, state, rec: dict, event: str, message: str, extra: dict | None = None) -> None:
+        step = rec["step"]
+        self.events.append((step, event))
+        action = {"warn": "continuing", "skip": "continuing", "stop": "stopping the run"}[self.policy]
+        where = "(dump limit reached, not dumped)"
+        if self.dumps < MAX_DUMPS:
+            where = str(self.dump(state, rec, event, message, action, extra or {}))
+            self.dumps += 1
+        self.log(f"anomaly at step {step}: {event}: {message}; {action} -> {where}")
+        if self.policy == "stop" and not self.stop_requested:
+            self.stop_requested = True
+            self.stop_reason = f"anomaly policy stop: {event} at step {step}"
+
+    def dump(self, state, rec: dict, event: str, message: str, action: str, extra: dict) -> Path:
+        """Write the dump into a hidden temp dir and rename it, so readers never see half a dump."""
+        name = f"step_{rec['step']:06d}_{event}"
+        final = self.dir / name
+        n = 1
+        while final.exists():
+            n += 1
+            final = self.dir / f"{name}{n}"
+        tmp = self.dir / f".{final.name}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        files = []
+        if rec.get("micro_batches") is not None:
+            batches = [(x.clone(), y.clone()) for x, y in rec["micro_batches"]]
+            torch.save({"micro_batches": batches, "step": rec["step"]}, tmp / "batch.pt")
+            files.append("batch.pt")
+        if rec.get("param_grad_norms") is not None:
+            norms = rec["param_grad_norms"].float().tolist()
+            names = (self.param_names if len(self.param_names) == len(norms)
+                     else [f"param_{i}" for i in range(len(norms))])
+            _write_json(tmp / "grad_norms.json", dict(zip(names, norms)))
+            files.append("grad_norms.json")
+        _write_json(tmp / "recent_scalars.json", {
+            "per_step": [{"step": s, "loss": lo, "grad_norm": g, "lr": lr} for s, lo, g, lr in self.per_step],
+            "log_rows": list(self.rows)})
+        files.append("recent_scalars.json")
+        loss, grad_norm = rec.get("loss"), rec.get("grad_norm")
+        _write_json(tmp / "info.json", {
+            "step": rec["step"], "event": event, "message": message, "policy": self.policy, "action": action,
+            "update_skipped": bool(rec.get("skipped", False)),
+            "loss": loss if isinstance(loss, float) else None,
+            "grad_norm": grad_norm if isinstance(grad_norm, float) else None,
+            "lr": rec.get("lr"), "wd": rec.get("wd"), "detected_at_step": state.step, "tokens": state.tokens,
+            "files": files + ["info.json"], "time": time.time(), **extra})
+        os.rename(tmp, final)
+        return final

@@ -1,0 +1,281 @@
+"""Triton kernels for the BitNet training step (CUDA), each beside a PyTorch fallback of the same function.
+
+`rmsnorm_act_quant`: RMSNorm followed by BitNet's per-token absmax 8-bit fake quantization, one
+read of each row and one write of its quantized form (forward); the backward is the RMSNorm
+backward in one pass (the STE makes the quantizer the identity), with the norm gain's gradient
+reduced from per-program partial sums. Registered as the custom ops `bitnet::rmsnorm_act_quant`
+and `bitnet::rmsnorm_backward`, so torch.compile and autograd see them as single nodes.
+Fallback: `bitlinear.norm_act_quant_reference`.
+
+`cross_entropy`: next-token cross entropy over bf16 logits, one read of the logits forward (an
+online log-sum-exp per row) and one read + one write backward, the gradient written over the
+logits in place: no second logits-sized buffer (2 GiB at 32 x 1024 x 32000 in bf16), which is
+the step's memory peak. Fallback: `F.cross_entropy` on fp32 logits (train/step.py's loss_fn).
+tests/model/test_kernels.py checks both kernels against their fallbacks.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bitnet.model.bitlinear import EPS, norm_act_quant_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the fallback serves every call
+    triton = None
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: tests use it.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """True when the Triton kernels can run on CUDA tensors here."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm(x) * weight, fake-quantized per token to 8 bits with STE, returned in out_dtype.
+
+    The Triton kernels on CUDA (or under Triton's interpreter); otherwise the PyTorch fallback.
+    """
+    if triton is None or not (x.is_cuda or _INTERPRET):
+        return norm_act_quant_reference(x, weight, eps, out_dtype)
+    y, _ = torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps, out_dtype)
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_act_quant_fwd_kernel(X, W, Y, RSTD, M, N, stride_x, stride_y, eps, quant_eps,
+                                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # ROWS rows per program, each whole in registers: two row reductions (sum of squares, then
+        # absmax of the normed row) and one store; the math is the fallback's, in fp32.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        mask = row_ok[:, None] & (cols < N)[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + eps))
+        y = x * rstd[:, None] * w[None, :]
+        y = y.to(X.dtype.element_ty).to(tl.float32)  # the norm's output in x's dtype, as RMSNorm returns it
+        s = tl.div_rn(127.0, tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps))
+        # Round half to even, as torch.round: adding and subtracting 1.5 * 2^23 leaves the nearest
+        # integer in fp32 for |v| < 2^22 (here |v| <= 127).
+        v = y * s[:, None]
+        q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)
+        q = tl.div_rn(q, s[:, None])
+        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_dx,
+                            rows_per_program, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # dx = rstd * (w*dy - xhat * mean(xhat * w*dy)); dw = sum over rows of dy * xhat, kept per
+        # program in registers and written once as one row of DW_PARTIAL.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        start = pid * rows_per_program
+        for r0 in range(0, rows_per_program, ROWS):
+            rows = start + r0 + tl.arange(0, ROWS)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            rows64 = rows.to(tl.int64)
+            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            xhat = x * rstd[:, None]
+            wdy = dy * w[None, :]
+            c = tl.sum(xhat * wdy, axis=1) / N
+            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+            tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)
+        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
+
+
+def _rows_and_warps(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, rows per program, warps): about 4096 elements a program (768 -> 4 rows, 3072 -> 1)."""
+    block = triton.next_power_of_2(n)
+    rows = max(1, 4096 // block)
+    warps = 8 if block * rows >= 4096 else 4
+    return block, rows, warps
+
+
+def launch_forward(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
+    """Fill y (M, N) and rstd (M,) from x2 (M, N); tests pass poisoned y and rstd to see every write."""
+    M, N = x2.shape
+    block, rows, warps = _rows_and_warps(N)
+    _rmsnorm_act_quant_fwd_kernel[(triton.cdiv(M, rows),)](
+        x2, weight, y, rstd, M, N, x2.stride(0), y.stride(0), eps, EPS,
+        ROWS=rows, BLOCK_N=block, num_warps=warps)
+
+
+def backward_programs(m: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) for the backward: about 2 programs per SM, whole row blocks each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    per = triton.cdiv(triton.cdiv(m, 2 * sms), rows) * rows
+    return triton.cdiv(m, per), per
+
+
+def launch_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                    dx: torch.Tensor, dw_partial: torch.Tensor, rows_per_program: int) -> None:
+    """Fill dx (M, N) and dw_partial (programs, N); the caller sums dw_partial over programs."""
+    M, N = x2.shape
+    block, rows, warps = _rows_and_warps(N)
+    assert rows_per_program % rows == 0 and dw_partial.shape[0] * rows_per_program >= M
+    _rmsnorm_bwd_kernel[(dw_partial.shape[0],)](
+        dy2, x2, weight, rstd, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
+        rows_per_program, ROWS=rows, BLOCK_N=block, num_warps=warps)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(M, N) view with unit column stride (copies only if the last dim is strided)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+if triton is not None:
+
+    @torch.library.custom_op("bitnet::rmsnorm_act_quant", mutates_args=())
+    def _rmsnorm_act_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = _rows(x)
+        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        launch_forward(x2, weight, y, rstd, eps)
+        return y.view(x.shape), rstd
+
+    @_rmsnorm_act_quant_op.register_fake
+    def _(x, weight, eps, out_dtype):
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+    @torch.library.custom_op("bitnet::rmsnorm_backward", mutates_args=())
+    def _rmsnorm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2, dy2 = _rows(x), _rows(dy)
+        dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        programs, per = backward_programs(x2.shape[0], _rows_and_warps(x2.shape[1])[1], x.device)
+        dw_partial = torch.empty(programs, x2.shape[1], dtype=torch.float32, device=x.device)
+        launch_backward(dy2, x2, weight, rstd, dx, dw_partial, per)
+        return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+    @_rmsnorm_backward_op.register_fake
+    def _(dy, x, weight, rstd):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, _, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.bitnet.rmsnorm_backward(dy, x, weight, rstd)
+        return dx, dw, None, None
+
+    _rmsnorm_act_quant_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- cross entropy
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: such targets add nothing to the loss or the count
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_fwd_kernel(LOGITS, TARGETS, LSE, LOSS, V, stride, ignore_index, BLOCK: tl.constexpr):
+        # One row per program: an online log-sum-exp over the vocabulary in BLOCK-wide strips (each
+        # lane keeps its own running max and sum, merged at the end), then loss = lse - logit[target].
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * stride
+        m = tl.full([BLOCK], -1e30, tl.float32)  # finite: masked lanes never make inf - inf
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=-1e30).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            acc = acc * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        mx = tl.max(m, axis=0)
+        lse = mx + tl.log(tl.sum(acc * tl.exp(m - mx), axis=0))
+        t = tl.load(TARGETS + row)
+        valid = t != ignore_index
+        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
+        tl.store(LSE + row, lse)
+        tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
+
+    @triton.jit
+    def _cross_entropy_bwd_kernel(LOGITS, TARGETS, LSE, SCALE, V, stride, ignore_index, BLOCK: tl.constexpr):
+        # d loss / d logit = (softmax - onehot(target)) * scale, written over the logits row.
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * stride
+        lse = tl.load(LSE + row)
+        t = tl.load(TARGETS + row)
+        scale = tl.where(t != ignore_index, tl.load(SCALE), 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse)
+            g = tl.where(cols == t, g - 1.0, g) * scale
+            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def _ce_block(v: int) -> int:
+    return min(4096, triton.next_power_of_2(v))
+
+
+def launch_cross_entropy_forward(logits2: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                 loss_rows: torch.Tensor) -> None:
+    """Fill lse (M,) and loss_rows (M,) from logits2 (M, V) and targets (M,); tests poison the outputs."""
+    M, V = logits2.shape
+    _cross_entropy_fwd_kernel[(M,)](logits2, targets, lse, loss_rows, V, logits2.stride(0), IGNORE_INDEX,
+                                    BLOCK=_ce_block(V), num_warps=8)
+
+
+def launch_cross_entropy_backward(logits2: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                  scale: torch.Tensor) -> None:
+    """Overwrite logits2 (M, V) with the gradient of scale * sum of row losses (scale: 0-dim fp32)."""
+    M, V = logits2.shape
+    _cross_entropy_bwd_kernel[(M,)](logits2, targets, lse, scale, V, logits2.stride(0), IGNORE_INDEX,
+                                    BLOCK=_ce_block(V), num_warps=8)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2, targets):
+        M = logits2.shape[0]
+        lse = torch.empty(M, dtype=torch.float32, device=logits2.device)
+        loss_rows = torch.empty(M, dtype=torch.float32, device=logits2.device)
+        launch_cross_entropy_forward(logits2, targets, lse, loss_rows)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()  # stays on the device: no sync
+        ctx.save_for_backward(logits2, targets, lse, count)
+        return loss_rows.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits2, targets, lse, count = ctx.saved_tensors
+        scale = (grad_loss.float() / count).reshape(())
+        launch_cross_entropy_backward(logits2, targets, lse, scale)  # the logits become their gradient
+        return logits2, None
+
+
+@torch.compiler.disable  # eager on purpose: it rewrites a tensor that autograd saved
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of logits (..., V) against targets (...), as F.cross_entropy on fp32.
+
+    On CUDA (or under Triton's interpreter) the Triton kernels, whose backward OVERWRITES `logits`
+    with its gradient: use the logits for this loss only. Elsewhere the PyTorch fallback.
+    """
+    logits2, targets1 = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if triton is None or not (logits.is_cuda or _INTERPRET) or logits2.stride(-1) != 1:
+        return F.cross_entropy(logits2.float(), targets1, ignore_index=IGNORE_INDEX)
+    return _CrossEntropy.apply(logits2, targets1)

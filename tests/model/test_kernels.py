@@ -1,0 +1,210 @@
+"""The fused RMSNorm + activation quantization: fallback == reference (CPU), Triton == fallback (GPU).
+
+The reference is the unfused formulation: the model's `RMSNorm`, then BitLinear's input quantization
+`ste(y, activation_quant(y))`. GPU tests (and the Triton-interpreter test, run with TRITON_INTERPRET=1)
+poison the outputs with NaN before the kernels run, so an element left unwritten shows.
+"""
+
+import os
+
+import pytest
+import torch
+
+from bitnet.model import PRESETS, Transformer, kernels
+from bitnet.model.bitlinear import BitLinear, activation_quant, norm_act_quant, norm_act_quant_reference, ste
+from bitnet.model.llama import RMSNorm
+
+EPS = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def unfused(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    norm = RMSNorm(x.shape[-1], EPS)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    norm.weight.requires_grad_(w.requires_grad)
+    y = norm(x)
+    return ste(y, activation_quant(y)).to(out_dtype), norm.weight
+
+
+def inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(shape[:-1] + (1,), generator=g) * 4 + 0.01  # per-token scales, as real activations
+    x = (torch.randn(shape, generator=g) * scale).to(dtype)
+    w = 1 + 0.2 * torch.randn(shape[-1], generator=g)
+    return x, w
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 96), (4, 768)])
+def test_cpu_fallback_equals_unfused_reference_fp32(shape):
+    x, w = inputs(shape, torch.float32)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ya = norm_act_quant_reference(xa, wa, EPS, torch.float32)
+    xb = x.clone().requires_grad_()
+    yb, wb = unfused(xb, w.clone().requires_grad_(), torch.float32)
+    assert torch.equal(ya, yb)
+    g = torch.randn(shape)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(wa.grad, wb.grad)
+
+
+def test_cpu_fallback_equals_unfused_reference_bf16_to_one_rounding():
+    x, w = inputs((6, 256), torch.bfloat16)
+    ya = norm_act_quant_reference(x, w, EPS, torch.bfloat16)
+    yb, _ = unfused(x, w, torch.bfloat16)
+    # the STE's x + (x_q - x) rounds once in fp32 here and twice in bf16 there: one bf16 step apart at most
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.skipif(kernels._INTERPRET, reason="under TRITON_INTERPRET=1 CPU tensors go to the kernels")
+def test_cpu_tensors_take_the_fallback():
+    x, w = inputs((3, 64), torch.float32)
+    assert torch.equal(kernels.rmsnorm_act_quant(x, w, EPS, torch.bfloat16),
+                       norm_act_quant_reference(x, w, EPS, torch.bfloat16))
+    assert torch.equal(norm_act_quant(x, w, EPS), norm_act_quant_reference(x, w, EPS, torch.float32))
+
+
+def test_outputs_sit_on_the_int8_grid_of_their_token():
+    x, w = inputs((5, 128), torch.float32)
+    y = norm_act_quant(x, w, EPS)
+    s = 127.0 / y.abs().amax(-1, keepdim=True)
+    k = y * s
+    torch.testing.assert_close(k, k.round(), atol=1e-4, rtol=0)
+    assert (k.round().abs() <= 128).all()
+
+
+def test_fused_model_equals_unfused_formulation():
+    """The model's fused norms give the same logits and grads as RMSNorm + quantizing BitLinears."""
+    torch.manual_seed(0)
+    fused, plain = Transformer(PRESETS["tiny"]), Transformer(PRESETS["tiny"])
+    fused.init_weights(seed=0)
+    plain.load_state_dict(fused.state_dict())
+    for m in plain.modules():
+        if isinstance(m, RMSNorm):
+            m.quantize_output = False
+        elif isinstance(m, BitLinear):
+            m.quantized_input = False
+    assert sum(isinstance(m, RMSNorm) and m.quantize_output for m in fused.modules()) == 4 * PRESETS["tiny"].n_layers
+    x = torch.randint(0, 32000, (2, 16))
+    la, lb = fused(x), plain(x)
+    torch.testing.assert_close(la, lb)
+    la.square().mean().backward()
+    lb.square().mean().backward()
+    for (name, pa), pb in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def run_triton_vs_fallback(device: str, shapes, dtypes) -> None:
+    for shape in shapes:
+        for xdt, odt in dtypes:
+            x, w = inputs(shape, xdt, seed=len(shape) + shape[-1])
+            x, w = x.to(device), w.to(device)
+            n = shape[-1]
+            x2 = x.reshape(-1, n)
+            y = torch.full(x2.shape, float("nan"), dtype=odt, device=device)
+            rstd = torch.full((x2.shape[0],), float("nan"), device=device)
+            kernels.launch_forward(x2, w, y, rstd, EPS)
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y_ref = norm_act_quant_reference(xr, wr, EPS, odt)
+            dy = torch.randn(shape, device=device).to(odt)
+            y_ref.backward(dy)
+            programs, per = kernels.backward_programs(x2.shape[0], kernels._rows_and_warps(n)[1], x.device)
+            dx = torch.full(x2.shape, float("nan"), dtype=xdt, device=device)
+            dw_partial = torch.full((programs, n), float("nan"), device=device)
+            kernels.launch_backward(dy.reshape(-1, n), x2, w, rstd, dx, dw_partial, per)
+            for t in (y, rstd, dx, dw_partial):
+                assert not t.isnan().any(), (shape, xdt, odt)
+            bf16 = torch.bfloat16 in (xdt, odt)
+            assert rel(y, y_ref.detach().reshape(x2.shape)) < (2e-2 if bf16 else 1e-4), (shape, xdt, odt)
+            assert rel(dx, xr.grad.reshape(x2.shape)) < (1e-2 if xdt == torch.bfloat16 else 1e-4), (shape, xdt)
+            assert rel(dw_partial.sum(0), wr.grad) < 1e-4, (shape, xdt)
+
+
+@pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
+def test_triton_kernels_on_the_interpreter():
+    # fp32 only: the interpreter truncates fp32 -> bf16 casts instead of rounding them
+    run_triton_vs_fallback("cpu", [(3, 64), (7, 100), (2, 3, 768)], [(torch.float32, torch.float32)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
+def test_triton_kernels_on_gpu():
+    shapes = [(1, 768), (37, 768), (2, 1024, 768), (2, 513, 3072), (4096, 3072), (5, 64), (3, 1000)]
+    dtypes = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
+    run_triton_vs_fallback("cuda", shapes, dtypes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
+def test_triton_op_under_compile_and_autograd():
+    x, w = inputs((4, 33, 768), torch.float32)
+    x, w = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    f = torch.compile(lambda a, b: kernels.rmsnorm_act_quant(a, b, EPS, torch.bfloat16), fullgraph=True)
+    y = f(x, w)
+    y.float().square().sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y_ref = norm_act_quant_reference(xr, wr, EPS, torch.bfloat16)
+    y_ref.float().square().sum().backward()
+    assert rel(y, y_ref) < 2e-2 and rel(x.grad, xr.grad) < 2e-2 and rel(w.grad, wr.grad) < 2e-2
+
+
+# ---------------------------------------------------------------------------- cross entropy
+
+def test_cross_entropy_fallback_equals_loss_fn():
+    from bitnet.train.step import loss_fn
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 300, generator=g) * 3
+    t = torch.randint(0, 300, (2, 5), generator=g)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    la, lb = kernels.cross_entropy(a, t), loss_fn(b, t)
+    if not kernels._INTERPRET:
+        assert torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def run_cross_entropy_vs_reference(device: str, cases, dtypes) -> None:
+    import torch.nn.functional as F
+
+    for m, v in cases:
+        for dt in dtypes:
+            g = torch.Generator().manual_seed(m + v)
+            logits = (torch.randn(m, v, generator=g) * 3).to(dt).to(device)
+            t = torch.randint(0, v, (m,), generator=g).to(device)
+            t[::3] = kernels.IGNORE_INDEX
+            lse = torch.full((m,), float("nan"), device=device)
+            rows = torch.full((m,), float("nan"), device=device)
+            kernels.launch_cross_entropy_forward(logits, t, lse, rows)
+            assert not rows.isnan().any() and not lse.isnan().any()
+            assert rel(rows, F.cross_entropy(logits.double(), t, reduction="none")) < 1e-5
+            # through autograd: the gradient lands in the logits' own buffer
+            h = logits.clone().requires_grad_()
+            x = h * 1  # a non-leaf, like the head's output
+            loss = kernels.cross_entropy(x, t)
+            ref = logits.float().requires_grad_()
+            ref_loss = F.cross_entropy(ref, t)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+            loss.backward()
+            ref_loss.backward()
+            assert rel(h.grad, ref.grad) < (1e-2 if dt == torch.bfloat16 else 1e-5), (m, v, dt)
+
+
+@pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
+def test_cross_entropy_kernels_on_the_interpreter():
+    run_cross_entropy_vs_reference("cpu", [(5, 1000), (3, 5000), (4, 100)], [torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
+def test_cross_entropy_kernels_on_gpu():
+    run_cross_entropy_vs_reference("cuda", [(1, 32000), (1000, 32000), (333, 1000), (64, 100)],
+                                   [torch.bfloat16, torch.float32])
