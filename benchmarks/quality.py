@@ -77,8 +77,8 @@ def run(args) -> int:
         }
         print(f"{name}: exit {code}, train {results['variants'][name]['final_train_loss']}, "
               f"eval {results['variants'][name]['final_eval_loss']}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))  # after each variant: a cut-off run keeps its results
     print(table(results))
     return 0
 
