@@ -12,9 +12,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$VENV/bin/pip" install -q "torch>=2.5,<2.15"
   else
-    # CPU-only: the pinned CPU wheel (a local wheel cache or PyTorch's CPU index), not PyPI's CUDA build.
-    "$VENV/bin/pip" install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu \
-      || "$VENV/bin/pip" install -q "torch>=2.5,<2.15" --index-url https://download.pytorch.org/whl/cpu
+    # CPU-only: PyTorch's CPU wheel (2.13.0+cpu sorts above PyPI's CUDA 2.13.0), not the multi-GB
+    # CUDA build. --retries 0: where that index is unreachable, pip falls back at once to the others.
+    "$VENV/bin/pip" install -q --retries 0 "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 # Installs the package (editable) and its test tools; torch is already satisfied, so nothing CUDA comes in.

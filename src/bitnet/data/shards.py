@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet.fileio import fsync_dir, sha256_file
+
 MAGIC = b"BNTOKENS"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIIQII24x")
@@ -43,14 +45,6 @@ def header_bytes(num_tokens: int, itemsize: int, vocab_size: int, bos_id: int, e
     return HEADER.pack(MAGIC, VERSION, HEADER_BYTES, itemsize, vocab_size, num_tokens, bos_id, eos_id)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, chunks) -> None:
     """Write byte chunks to `path` via a temp file, fsync and rename: never a half file under `path`."""
     path = Path(path)
@@ -61,7 +55,7 @@ def atomic_write(path: Path, chunks) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_shard(path: Path, tokens: np.ndarray, vocab_size: int, bos_id: int, eos_id: int) -> str:
@@ -105,14 +99,6 @@ def open_shard(path: Path) -> np.ndarray:
     if h["num_tokens"] == 0:
         return np.zeros(0, dtype=h["dtype"])
     return np.memmap(path, dtype=h["dtype"], mode="r", offset=HEADER_BYTES, shape=(h["num_tokens"],))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict | None:

@@ -14,7 +14,6 @@ stop (as warn, then `stop_requested`: the loop saves a checkpoint and exits).
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections import deque
@@ -46,10 +45,12 @@ def _write_json(path: Path, obj) -> None:
 def zscore(value: float, history) -> tuple[float, float, float] | None:
     """(z, mean, std) of value against the history, or None while the history is too short.
     The std is floored at 0.1% of |mean| so a nearly constant history cannot make z explode."""
-    if len(history) < MIN_HISTORY:
+    n = len(history)
+    if n < MIN_HISTORY:
         return None
-    mean = statistics.fmean(history)
-    std = max(statistics.pstdev(history, mean), 1e-3 * abs(mean), 1e-12)
+    mean = sum(history) / n
+    # plain sums: statistics.pstdev is exact but ~50x slower, and this runs twice per step at log steps
+    std = max(math.sqrt(sum((x - mean) ** 2 for x in history) / n), 1e-3 * abs(mean), 1e-12)
     return (value - mean) / std, mean, std
 
 

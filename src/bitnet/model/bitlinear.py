@@ -44,7 +44,13 @@ def activation_quant(x: torch.Tensor) -> torch.Tensor:
 
 
 def ste(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-    """Straight-through estimator: forward returns x_q, backward passes the gradient to x unchanged."""
+    """Straight-through estimator: forward returns x_q, backward passes the gradient to x unchanged.
+
+    Without autograd (eval, sampling, export parity) it returns x_q itself: x + (x_q - x) can differ
+    from x_q by one float rounding, which would make inference differ from the ternary weights.
+    """
+    if not torch.is_grad_enabled():
+        return x_q
     return x + (x_q - x).detach()
 
 

@@ -7,7 +7,6 @@ directory without a valid meta.json is not a checkpoint. Loading uses `weights_o
 a checkpoint is data, never code.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 import bitnet
+from bitnet.fileio import fsync_dir, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -29,22 +29,6 @@ class CheckpointError(Exception):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save(run_dir: Path, step: int, state: dict, milestone: bool = False) -> Path:
@@ -62,20 +46,20 @@ def save(run_dir: Path, step: int, state: dict, milestone: bool = False) -> Path
             f.flush()
             os.fsync(f.fileno())
         meta = {"step": step, "tokens": state.get("tokens"), "milestone": milestone,
-                "sha256": _sha256_file(tmp / "checkpoint.pt"), "bitnet_version": bitnet.__version__,
+                "sha256": sha256_file(tmp / "checkpoint.pt"), "bitnet_version": bitnet.__version__,
                 "torch_version": torch.__version__}
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         # Test hook (tests/faults): hold a complete checkpoint under its temp name for this many
         # seconds, so a test can SIGKILL the trainer between the last write and the rename.
         time.sleep(float(os.environ.get("BITNET_TEST_SLOW_CHECKPOINT_S", "0") or 0))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,7 +89,7 @@ def verify(step_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{step_dir} is incomplete (meta.json unreadable: {type(e).__name__})") from None
     pt = step_dir / "checkpoint.pt"
-    if not pt.is_file() or _sha256_file(pt) != meta.get("sha256"):
+    if not pt.is_file() or sha256_file(pt) != meta.get("sha256"):
         raise CheckpointError(f"{pt} is corrupt or truncated (sha256 differs from meta.json)")
     return meta
 
