@@ -61,3 +61,19 @@ def test_fake_quant_forward_equals_integer_reference():
         assert set(w_int.unique().tolist()) <= {-1, 0, 1}
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
         assert torch.allclose(weight_scale(layer.weight), sw)
+
+
+def test_no_grad_forward_caches_the_ternary_weight_and_refreshes_it_on_update():
+    torch.manual_seed(2)
+    layer = BitLinear(32, 16)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first)  # served from the cache
+        layer.weight.mul_(-1.0)  # an in-place update (like AdamW's) bumps the version counter
+        flipped = layer(x)
+        layer.load_state_dict({"weight": torch.randn(16, 32)})
+        loaded = layer(x)
+    torch.testing.assert_close(flipped, -first)
+    assert torch.equal(loaded, torch.nn.functional.linear(activation_quant(x), weight_quant(layer.weight.detach())))
+    torch.testing.assert_close(loaded, layer(x).detach())  # the autograd path: same values up to STE rounding

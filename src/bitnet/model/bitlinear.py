@@ -110,6 +110,7 @@ class BitLinear(nn.Linear):
                  quantized_input: bool = False):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.quantized_input = quantized_input
+        self._inference_cache = None  # (key, w_q) for forwards without autograd; see _inference_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Quantize in fp32, then hand the matmul operands to autocast's dtype (bf16 holds the
@@ -117,9 +118,24 @@ class BitLinear(nn.Linear):
         dtype = matmul_dtype(x)
         if not self.quantized_input:
             x = ste(x, activation_quant(x))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            w_q = ste(self.weight, weight_quant(self.weight)).to(dtype)
+        else:
+            w_q = self._inference_weight(dtype)
+        return F.linear(x.to(dtype), w_q)
+
+    def _inference_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Quantized weight for no-grad forwards (eval, sampling), recomputed only when the weight changed.
+
+        Decoding runs one forward per token: re-quantizing every weight each time was most of a
+        sample's kernel launches. The key holds the tensor's version counter, which every in-place
+        update (optimizer step, load_state_dict) bumps, so a stale cache cannot be served.
+        """
         w = self.weight
-        w_q = ste(w, weight_quant(w))
-        return F.linear(x.to(dtype), w_q.to(dtype))
+        key = (w._version, w.data_ptr(), w.device, dtype)
+        if self._inference_cache is None or self._inference_cache[0] != key:
+            self._inference_cache = (key, weight_quant(w.detach()).to(dtype))
+        return self._inference_cache[1]
 
     @torch.no_grad()
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
