@@ -77,3 +77,26 @@ def test_no_grad_forward_caches_the_ternary_weight_and_refreshes_it_on_update():
     torch.testing.assert_close(flipped, -first)
     assert torch.equal(loaded, torch.nn.functional.linear(activation_quant(x), weight_quant(layer.weight.detach())))
     torch.testing.assert_close(loaded, layer(x).detach())  # the autograd path: same values up to STE rounding
+
+
+def test_cache_refreshes_after_a_fused_adamw_step_through_train_step():
+    # fused AdamW updates weights without bumping their version counter; train_step signals the update
+    from bitnet.model import PRESETS, Transformer
+    from bitnet.train.step import train_step
+
+    torch.manual_seed(3)
+    model = Transformer(PRESETS["tiny"])
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    x = torch.randint(0, 32000, (2, 9))
+    with torch.no_grad():
+        before = model(x[:, :-1])
+    train_step(model, opt, [(x[:, :-1], x[:, 1:])], __import__("contextlib").nullcontext, 1.0, 1e-2, 0.0,
+               torch.device("cpu"))
+    with torch.no_grad():
+        after = model(x[:, :-1])
+        model_fresh = Transformer(PRESETS["tiny"])
+        model_fresh.load_state_dict(model.state_dict())
+        expected = model_fresh(x[:, :-1])
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected)

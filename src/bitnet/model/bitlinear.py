@@ -97,6 +97,15 @@ def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return norm_act_quant_reference(x, weight, eps, out_dtype)
 
 
+_weights_generation = 0
+
+
+def weights_updated() -> None:
+    """Tell every BitLinear its weights changed (call after optimizer.step; train_step does)."""
+    global _weights_generation
+    _weights_generation += 1
+
+
 class BitLinear(nn.Linear):
     """Drop-in for `nn.Linear` (no bias) whose forward uses ternary weights and int8 activations.
 
@@ -128,11 +137,12 @@ class BitLinear(nn.Linear):
         """Quantized weight for no-grad forwards (eval, sampling), recomputed only when the weight changed.
 
         Decoding runs one forward per token: re-quantizing every weight each time was most of a
-        sample's kernel launches. The key holds the tensor's version counter, which every in-place
-        update (optimizer step, load_state_dict) bumps, so a stale cache cannot be served.
+        sample's kernel launches. The key holds the tensor's version counter (bumped by ordinary
+        in-place updates and load_state_dict) and the global generation that `weights_updated()`
+        bumps: fused AdamW writes the weights without touching the version counter.
         """
         w = self.weight
-        key = (w._version, w.data_ptr(), w.device, dtype)
+        key = (_weights_generation, w._version, w.data_ptr(), w.device, dtype)
         if self._inference_cache is None or self._inference_cache[0] != key:
             self._inference_cache = (key, weight_quant(w.detach()).to(dtype))
         return self._inference_cache[1]

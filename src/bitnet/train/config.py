@@ -96,11 +96,11 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["batch_size", "seq_len", "num_steps", "log_interval", "eval_interval", "checkpoint_interval",
-                "eval_sequences", "sample_max_tokens", "anomaly_window", "anomaly_zscore", "adam_eps"]
+                "eval_sequences", "sample_max_tokens", "anomaly_window", "anomaly_zscore", "adam_eps", "keep_last"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ["warmup_steps", "micro_batch_size", "sample_interval", "quant_interval", "keep_last", "keep_every",
+    for name in ["warmup_steps", "micro_batch_size", "sample_interval", "quant_interval", "keep_every",
                  "grad_clip", "wd_stage1", "wd_stage2", "lr_end"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

@@ -280,7 +280,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                 # one process stops at once; under torchrun every rank stops where the vote said so
                 stopping = voted_stop if world.distributed else stop.signal_name
                 if step % cfg.checkpoint_interval == 0 or step in milestones or stopping:
-                    path = save(milestone=step in milestones or (cfg.keep_every and step % cfg.keep_every == 0),
+                    # a stop checkpoint is what the printed resume command names: never pruned
+                    path = save(milestone=step in milestones or bool(stopping)
+                                or bool(cfg.keep_every and step % cfg.keep_every == 0),
                                 must_succeed=step == cfg.num_steps or bool(stopping))
                     if path is not None:  # None: the write failed and --on-checkpoint-error continue
                         if world.is_main:

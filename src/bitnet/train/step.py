@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitnet.model import Transformer
+from bitnet.model.bitlinear import weights_updated
 
 
 @dataclass
@@ -98,6 +99,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
+        weights_updated()  # invalidates BitLinear's no-grad weight caches (fused AdamW bumps no version)
     optimizer.zero_grad(set_to_none=True)
     return StepOutput(loss=total, grad_norm=grad_norm.detach(), lr=lr, wd=wd, param_grad_norms=param_grad_norms,
                       skipped=skipped, micro_batches=micro_batches)
