@@ -16,7 +16,7 @@ import numpy as np
 from bitnet.data.embedded import embedded_documents
 from bitnet.data.loader import WindowLoader, eval_batches
 from bitnet.data.shards import load_shards
-from bitnet.data.sources import open_source
+from bitnet.data.sources import next_documents, open_source
 from bitnet.data.streaming import DOCS_PER_ENCODE, StreamLoader
 from bitnet.data.tokenizer import TextTokenizer, load_tokenizer
 from bitnet.data.tokens import frame_texts, tokenize_corpus
@@ -49,12 +49,7 @@ def read_eval_documents(source, tok: TextTokenizer, n_tokens: int) -> tuple[np.n
     docs = iter(reader)
     parts, total, count, position = [], 0, 0, None
     while total < n_tokens:
-        texts, positions = [], []
-        for text in docs:
-            texts.append(text)
-            positions.append(reader.position())
-            if len(texts) == EVAL_DOCS_PER_ENCODE:
-                break
+        texts, positions = next_documents(docs, reader, EVAL_DOCS_PER_ENCODE)
         if not texts and count == 0:
             raise ValueError(f"{source.spec}: empty dataset (no documents)")
         if not texts:

@@ -21,7 +21,7 @@ import numpy as np
 
 from bitnet.data.shards import (EVAL_FILE, VERSION, read_header, read_manifest, sha256_file, shard_name,
                                 write_manifest, write_shard)
-from bitnet.data.sources import open_source
+from bitnet.data.sources import next_documents, open_source
 from bitnet.data.tokenizer import load_tokenizer
 from bitnet.data.tokens import frame_texts, token_dtype
 
@@ -52,13 +52,7 @@ def framed_chunks(reader, tok, workers: int):
     docs = iter(reader)
 
     def next_chunk():
-        texts, positions = [], []
-        for text in docs:
-            texts.append(text)
-            positions.append(reader.position())
-            if len(texts) == DOCS_PER_TASK:
-                break
-        return texts, positions
+        return next_documents(docs, reader, DOCS_PER_TASK)
 
     if workers <= 1:
         while True:

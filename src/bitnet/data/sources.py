@@ -36,6 +36,17 @@ def _looks_like_path(spec: str) -> bool:
     return any(c in spec for c in "/\\*?[") or _suffix(Path(spec)) != "" or spec.startswith(".")
 
 
+def next_documents(docs, reader, n: int) -> tuple[list[str], list]:
+    """Up to n more texts from the iterator `docs` over `reader`, each with the reader position after it."""
+    texts, positions = [], []
+    for text in docs:
+        texts.append(text)
+        positions.append(reader.position())
+        if len(texts) == n:
+            break
+    return texts, positions
+
+
 def open_source(spec: str):
     """The document source for a `--data` spec (not `shards:`). Raises a one-line ValueError."""
     if spec == "embedded":
