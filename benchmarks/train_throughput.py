@@ -37,16 +37,20 @@ from functools import partial
 from pathlib import Path
 
 VARIANTS = {
-    # name: (quantization, formulation, compile)
-    "eager-ref": ("bitnet", "ref", "none"),
-    "compile-ref": ("bitnet", "ref", "model"),
-    "fast": ("bitnet", "project", "project"),
-    "bf16-compiled": ("none", "project", "project"),
+    # name: (quantization, formulation, compile, tweaks)
+    "eager-ref": ("bitnet", "ref", "none", {}),
+    "compile-ref": ("bitnet", "ref", "model", {}),
+    "fast": ("bitnet", "project", "project", {}),
+    "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
-    "fast-compiledce": ("bitnet", "project", "compiledce"),  # torch.compile(loss_fn) for the Triton loss
-    "fast-whole": ("bitnet", "project", "whole"),            # one graph for the model instead of per block
-    "fast-unfused": ("bitnet", "ref", "project"),            # the reference formulation on the fast path
-    "bf16-compile-ref": ("none", "ref", "model"),            # bf16 twin, compile(model) + eager loss
+    "fast-compiledce": ("bitnet", "project", "compiledce", {}),  # torch.compile(loss_fn) for the Triton loss
+    "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
+    "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
+    "bf16-compile-ref": ("none", "ref", "model", {}),            # bf16 twin, compile(model) + eager loss
+    "fast-separate": ("bitnet", "project", "project", {"fuse_projections": False}),  # q/k/v, gate/up: a GEMM each
+    "bf16-separate": ("none", "project", "project", {"fuse_projections": False}),
+    "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
+    "fast-whole-cg": ("bitnet", "project", "whole-cudagraphs", {}),  # whole model, mode="reduce-overhead"
 }
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-compiledce"
 DATASHEET_TFLOPS = 989.0
@@ -76,6 +80,7 @@ def use_reference_formulation(model) -> None:
         if isinstance(m, RMSNorm):
             m.quantize_output = False
         elif isinstance(m, BitLinear):
+            m.quantized_input = False  # also keeps the model from fusing q/k/v and gate/up
             m.forward = types.MethodType(reference_bitlinear_forward, m)
 
 
@@ -99,7 +104,19 @@ def compiled(model, how):
         return model, loss_fn
     if how == "model":
         return torch.compile(model), loss_fn
+    if how == "whole-cudagraphs":
+        return torch.compile(model, mode="reduce-overhead"), compile_step(model)[1]
     return compile_step(model, regional=how != "whole", fused_loss=how != "compiledce")
+
+
+def apply_tweaks(tweaks: dict) -> None:
+    """Process-wide switches of one exploration row (each row runs in its own process)."""
+    import torch._inductor.config
+
+    from bitnet.model import llama
+
+    llama.FUSE_PROJECTIONS = tweaks.get("fuse_projections", True)
+    torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
 
 
 def make_step(model, how, device, lr=1e-3, wd=0.1):
@@ -167,9 +184,10 @@ def profile_steps(step, batches, device, n=2) -> dict:
 def run_variant(name, a, t0) -> dict:
     import torch
 
-    quantization, formulation, how = VARIANTS[name]
+    quantization, formulation, how, tweaks = VARIANTS[name]
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
     step_model, step, lf = make_step(model, how, device)
     g = torch.Generator().manual_seed(1)
@@ -191,7 +209,7 @@ def run_variant(name, a, t0) -> dict:
     res = {"ms_per_step": ms, "ms_per_step_repeats": [x * 1000 for x in per_step],
            "tok_s": a.batch * a.seq_len / (ms / 1000), "ttfs_s": ttfs, "last_loss": out.loss.item(),
            "flops_per_token": model.flops_per_token(a.seq_len), "quantization": quantization,
-           "formulation": formulation, "compile": how}
+           "formulation": formulation, "compile": how, "tweaks": tweaks}
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     try:

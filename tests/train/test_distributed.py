@@ -60,6 +60,20 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], steps) -> 
         assert got[step] == pytest.approx(want[step], rel=LOSS_RTOL), (step, got[step], want[step])
 
 
+def assert_same_weights(mine: dict, ref: dict) -> None:
+    """Equal up to float reduction order, as Adam sees it.
+
+    Another reduction order changes gradients in their last bits; where a gradient is itself near
+    that noise level, Adam's normalized update (up to about lr whatever the gradient's size) moves
+    too, so a few elements differ by a fraction of the LR (here up to 3e-4 per step). Hence a
+    relative norm and a max bound, not an elementwise rtol that holds by luck.
+    """
+    for name, tensor in ref.items():
+        diff = (mine[name].double() - tensor.double())
+        assert diff.norm() <= 1e-4 * tensor.double().norm(), (name, diff.norm().item())
+        assert diff.abs().max() <= 1e-4, (name, diff.abs().max().item())
+
+
 def ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / checkpoint.step_dir_name(step)
 
@@ -121,8 +135,7 @@ def test_ddp_two_ranks_match_one_process(one, ddp):
     # its checkpoint is the single-process one (DDP saves the unwrapped model): same weights
     mine, ref = checkpoint.load(ckpt(ddp, STEPS)), checkpoint.load(ckpt(one, STEPS))
     assert mine["model"].keys() == ref["model"].keys()
-    for name, tensor in ref["model"].items():
-        torch.testing.assert_close(mine["model"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(mine["model"], ref["model"])
 
 
 def test_fsdp2_resumes_one_process_checkpoint_on_two_ranks(one, fsdp2_resumed):
@@ -131,13 +144,16 @@ def test_fsdp2_resumes_one_process_checkpoint_on_two_ranks(one, fsdp2_resumed):
     # the gathered checkpoint has the single-process layout and the same weights and moments
     mine, ref = checkpoint.load(ckpt(fsdp2_resumed, STEPS)), checkpoint.load(ckpt(one, STEPS))
     assert mine["model"].keys() == ref["model"].keys()
-    for name, tensor in ref["model"].items():
-        assert not isinstance(mine["model"][name], torch.distributed.tensor.DTensor)
-        torch.testing.assert_close(mine["model"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(isinstance(t, torch.distributed.tensor.DTensor) for t in mine["model"].values())
+    assert_same_weights(mine["model"], ref["model"])
     assert [g["params"] for g in mine["optimizer"]["param_groups"]] == \
            [g["params"] for g in ref["optimizer"]["param_groups"]]
+    # Adam's first moments, to a relative norm: a ternary weight or int8 activation that rounds the
+    # other way after float noise shifts many gradients slightly (5e-4 seen), where a lost rank's share
+    # or a wrong scale would be off by O(1).
     for i, s in ref["optimizer"]["state"].items():
-        torch.testing.assert_close(mine["optimizer"]["state"][i]["exp_avg"], s["exp_avg"], rtol=1e-3, atol=1e-7)
+        diff = (mine["optimizer"]["state"][i]["exp_avg"] - s["exp_avg"]).norm()
+        assert diff <= 5e-3 * s["exp_avg"].norm(), (i, (diff / s["exp_avg"].norm()).item())
     assert mine["train_state"]["data"] == ref["train_state"]["data"]
 
 

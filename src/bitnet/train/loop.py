@@ -135,7 +135,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     model.init_weights(seed=cfg.seed)
     if resume is not None:
         model.load_state_dict(resume["model"])  # the full weights, before FSDP2 shards them
-    wrapped = parallel.wrap_model(model, cfg.parallel, world)  # DDP or FSDP2 under torchrun, else `model` itself
+    if cfg.parallel == "fsdp2":  # shards `model` in place (under torchrun), before the optimizer takes the shards
+        parallel.wrap_model(model, "fsdp2", world)
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")  # after fully_shard: it holds the shards
     state = TrainState()
 
@@ -163,7 +164,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         write_json(run_dir / "meta" / "dataset_fingerprint.json", data.fingerprint)
 
     # compiled blocks + compiled loss (benchmarks/train_throughput.py measures the choice)
-    step_model, step_loss = compile_step(wrapped) if use_compile else (wrapped, loss_fn)
+    step_model, step_loss = compile_step(model) if use_compile else (model, loss_fn)
+    if cfg.parallel == "ddp":  # DDP around the compiled blocks (torchrun), so it runs the one-GPU graphs
+        step_model = parallel.wrap_model(step_model, "ddp", world)
     progress = ConsoleProgress(cfg.num_steps, state.step, enabled=not quiet and world.is_main)
     hooks = [ScalarsLogger(run_dir), progress] if world.is_main else []  # the other ranks write nothing
     if not cfg.no_eval and world.is_main:

@@ -44,6 +44,7 @@ def compile_step(model: nn.Module, regional: bool = True, fused_loss: bool = Tru
     regional: compile each transformer block and the final norm. Dynamo treats module
     parameters as inputs, so one block's compiled code serves every block and the first step comes
     after one block's compile, not the whole model's (issue #5: time to first step <= 60 s).
+    Under DDP the loop wraps the returned module, so DDP runs the same compiled blocks.
     Otherwise the whole model is one graph.
     fused_loss: on CUDA, the Triton cross entropy (model/kernels.py): one read of the bf16 logits
     forward, and a backward that writes the gradient over them, so no second 2 GiB logits-sized
@@ -53,7 +54,7 @@ def compile_step(model: nn.Module, regional: bool = True, fused_loss: bool = Tru
     from bitnet.model import kernels
 
     loss = kernels.cross_entropy if fused_loss and kernels.available() else torch.compile(loss_fn)
-    if not regional or type(model) is not Transformer:  # DDP / FSDP-wrapped models: compile them whole
+    if not regional or type(model) is not Transformer:  # FSDP2-sharded (or wrapped) models: compile them whole
         return torch.compile(model), loss
     # A shallow copy that shares every parameter, buffer and submodule with `model` but calls
     # compiled blocks: the plain model stays uncompiled for the hooks that run other shapes.
