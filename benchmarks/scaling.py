@@ -9,7 +9,9 @@ seed, a scalars.jsonl row every step. From each run:
 - tok/s: the median of the per-step rows after --skip steps (compile and warm-up), global tokens;
 - efficiency: tok/s / (N x the plain one-GPU tok/s at the same global batch);
 - max |loss - plain loss| over the first --compare-steps steps (same global batch: the same tokens
-  in the same order, so only float reduction order differs);
+  in the same order, so only float reduction order differs); the `again` row, the plain run
+  repeated, gives the noise floor: GPU runs are not bitwise reproducible (atomics, split-K) and
+  a ternary weight or int8 activation that rounds the other way makes the difference grow;
 - peak memory (GiB, rank 0) and time to the first logged step.
 Issue 7 reads the `ddp x1` row against `plain` (the DDP path at world size 1), issue 10 the rest.
 NVLink multicast stays off: every child gets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -79,6 +81,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=10, help="leading steps left out of the tok/s median")
     p.add_argument("--compare-steps", type=int, default=50)
     p.add_argument("--row-timeout-s", type=float, default=300)
+    p.add_argument("--no-repeat-plain", dest="repeat_plain", action="store_false",
+                   help="skip the second plain run at the first batch (the noise floor of the loss comparison)")
     p.add_argument("--out", default="")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny preset, 2 ranks, a few steps")
     a = p.parse_args()
@@ -86,8 +90,11 @@ def main() -> None:
         a.preset, a.micro, a.seq_len, a.steps, a.skip, a.compare_steps, a.batches = "tiny", 2, 32, 6, 2, 6, "4"
     work = Path(tempfile.mkdtemp(prefix="scaling_"))
     results = {}
-    for batch in (int(b) for b in a.batches.split(",")):
+    batches = [int(b) for b in a.batches.split(",")]
+    for batch in batches:
         results[f"plain x1 b{batch}"] = run_row("plain", 1, "plain", batch, a, work)
+        if a.repeat_plain and batch == batches[0]:  # the same run again: GPU kernels are not bitwise deterministic run to run
+            results[f"again x1 b{batch}"] = {**run_row("again", 1, "plain", batch, a, work), "baseline_repeat": True}
         for n in (int(g) for g in a.gpus.split(",")):
             for mode in a.modes.split(","):
                 results[f"{mode} x{n} b{batch}"] = run_row(f"{mode}_x{n}", n, mode, batch, a, work)

@@ -47,8 +47,8 @@ VARIANTS = {
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {}),            # bf16 twin, compile(model) + eager loss
-    "fast-separate": ("bitnet", "project", "project", {"fuse_projections": False}),  # q/k/v, gate/up: a GEMM each
-    "bf16-separate": ("none", "project", "project", {"fuse_projections": False}),
+    "fast-separate": ("bitnet", "project", "project", {"fused_projections": ()}),  # a GEMM per projection
+    "fast-fuse-all": ("bitnet", "project", "project", {"fused_projections": ("qkv", "gate_up")}),
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-whole-cg": ("bitnet", "project", "whole-cudagraphs", {}),  # whole model, mode="reduce-overhead"
 }
@@ -115,7 +115,7 @@ def apply_tweaks(tweaks: dict) -> None:
 
     from bitnet.model import llama
 
-    llama.FUSE_PROJECTIONS = tweaks.get("fuse_projections", True)
+    llama.FUSED_PROJECTIONS = frozenset(tweaks.get("fused_projections", llama.FUSED_PROJECTIONS))
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
 
 

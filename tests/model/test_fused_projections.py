@@ -25,9 +25,9 @@ def test_fused_model_matches_per_module_forward_and_grads(quantization, monkeypa
     model = Transformer(ModelConfig(**TINY, quantization=quantization))
     model.init_weights(seed=0)
     idx = torch.randint(0, 101, (3, 16))
-    monkeypatch.setattr(llama, "FUSE_PROJECTIONS", False)
+    monkeypatch.setattr(llama, "FUSED_PROJECTIONS", frozenset())
     ref_logits, ref_grads = _loss_and_grads(model, idx)
-    monkeypatch.setattr(llama, "FUSE_PROJECTIONS", True)
+    monkeypatch.setattr(llama, "FUSED_PROJECTIONS", frozenset({"qkv", "gate_up"}))
     calls = []
     monkeypatch.setattr(llama, "fused_projections", lambda x, ls: calls.append(len(ls)) or fused_projections(x, ls))
     logits, grads = _loss_and_grads(model, idx)
@@ -36,6 +36,14 @@ def test_fused_model_matches_per_module_forward_and_grads(quantization, monkeypa
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_default_fuses_qkv_only(monkeypatch):
+    model = Transformer(ModelConfig(**TINY))
+    calls = []
+    monkeypatch.setattr(llama, "fused_projections", lambda x, ls: calls.append(len(ls)) or fused_projections(x, ls))
+    model(torch.randint(0, 101, (1, 8))).sum().backward()
+    assert calls == [3] * TINY["n_layers"]
 
 
 def test_each_bitlinear_keeps_its_own_scale():
@@ -53,6 +61,7 @@ def test_each_bitlinear_keeps_its_own_scale():
 def test_no_grad_and_hooked_projections_call_each_module(monkeypatch):
     model = Transformer(ModelConfig(**TINY))
     seen = []
+    monkeypatch.setattr(llama, "FUSED_PROJECTIONS", frozenset({"qkv", "gate_up"}))
     model.layers[0].self_attn.k_proj.register_forward_pre_hook(lambda m, args: seen.append("k"))
     model.layers[1].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append("up"))
     idx = torch.randint(0, 101, (1, 8))

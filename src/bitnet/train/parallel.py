@@ -134,7 +134,9 @@ def wrap_model(model: nn.Module, mode: str, world: World) -> nn.Module:
                           if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
                           else {"broadcast_buffers": False})
         device_ids = [world.device.index] if world.device.type == "cuda" else None
-        return ddp(model, device_ids=device_ids, **no_buffer_sync)
+        # gradient_as_bucket_view: .grad are views into the all-reduce buckets, so no copy of every
+        # gradient into the buckets and back (the cost of DDP at world size 1, issue 7).
+        return ddp(model, device_ids=device_ids, gradient_as_bucket_view=True, **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
