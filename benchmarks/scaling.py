@@ -5,14 +5,14 @@
 
 Every row is one `bitnet-train` run in its own process(es): `python -m bitnet.train` for the plain
 row, `torchrun --standalone --nproc_per_node=N -m bitnet.train` for the others, the same flags and
-seed, a scalars.jsonl row every step. From each run:
-- tok/s: the median of the per-step rows after --skip steps (compile and warm-up), global tokens;
+seed, a scalars.jsonl row every --log-interval steps. From each run:
+- tok/s: the median of the rows after the first --skip rows (compile and warm-up), global tokens;
 - efficiency: tok/s / (N x the plain one-GPU tok/s at the same global batch);
-- max |loss - plain loss| over the first --compare-steps steps (same global batch: the same tokens
+- max |loss - plain loss| at the logged steps among the first --compare-steps (same global batch: the same tokens
   in the same order, so only float reduction order differs); the `again` row, the plain run
   repeated, gives the noise floor: GPU runs are not bitwise reproducible (atomics, split-K) and
   a ternary weight or int8 activation that rounds the other way makes the difference grow;
-- peak memory (GiB, rank 0) and time to the first logged step.
+- peak memory (GiB, rank 0).
 Issue 7 reads the `ddp x1` row against `plain` (the DDP path at world size 1), issue 10 the rest.
 NVLink multicast stays off: every child gets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 (bitnet.train.parallel.safe_env, which never overrides a value already set).
@@ -39,7 +39,8 @@ def run_row(name: str, gpus: int, mode: str, batch: int, a, work: Path) -> dict:
     """One trainer run; returns its per-step rows' summary."""
     run_id = f"{name}_b{batch}"
     train_args = ["--preset", a.preset, "--data", a.data, "--num-steps", str(a.steps), "--batch-size", str(batch),
-                  "--micro-batch-size", str(a.micro), "--seq-len", str(a.seq_len), "--log-interval", "1",
+                  "--micro-batch-size", str(min(a.micro, batch // gpus)), "--seq-len", str(a.seq_len),
+                  "--log-interval", str(a.log_interval),
                   "--runs-dir", str(work), "--run-id", run_id, "--overwrite", "--quiet", "--seed", "42",
                   "--no-eval", "--sample-interval", "0", "--checkpoint-interval", str(10 * a.steps)]
     if a.smoke:
@@ -54,7 +55,8 @@ def run_row(name: str, gpus: int, mode: str, batch: int, a, work: Path) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.row_timeout_s)
     wall = time.time() - t0
     if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = [line for line in lines if line.startswith("[rank") or "Error" in line][-4:] or lines[-6:]
         print(f"[{run_id}] FAILED rc {proc.returncode}:\n  " + "\n  ".join(tail), flush=True)
         return {"error": tail[-1] if tail else f"rc {proc.returncode}", "wall_s": wall}
     rows = [r for r in read_jsonl(work / run_id / "metrics" / "scalars.jsonl") if "loss" in r]
@@ -78,8 +80,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--preset", default="95m")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--skip", type=int, default=10, help="leading steps left out of the tok/s median")
-    p.add_argument("--compare-steps", type=int, default=50)
+    p.add_argument("--log-interval", type=int, default=1,
+                   help="steps per scalars row (1: every step's loss; larger hides the host sync of each row)")
+    p.add_argument("--skip", type=int, default=10, help="leading rows left out of the tok/s median")
+    p.add_argument("--compare-steps", type=int, default=50, help="steps whose losses are compared")
     p.add_argument("--row-timeout-s", type=float, default=300)
     p.add_argument("--no-repeat-plain", dest="repeat_plain", action="store_false",
                    help="skip the second plain run at the first batch (the noise floor of the loss comparison)")
@@ -108,9 +112,9 @@ def main() -> None:
         base = results[f"plain x1 b{r['batch']}"]
         if "error" not in base:
             r["efficiency"] = r["tok_s"] / (r["gpus"] * base["tok_s"])
-            k = min(a.compare_steps, len(r["losses"]), len(base["losses"]))
+            k = min(a.compare_steps // a.log_interval, len(r["losses"]), len(base["losses"]))
             r["max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(r["losses"][:k], base["losses"][:k]))
-            r["compared_steps"] = k
+            r["compared_steps"] = [a.log_interval * (i + 1) for i in range(k)]
         eff = f"{100 * r['efficiency']:5.1f}%" if "efficiency" in r else f"{'-':>6}"
         diff = f"{r['max_abs_loss_diff']:11.2e}" if "max_abs_loss_diff" in r else f"{'-':>11}"
         lines.append(f"{key:<16} {r['gpus']:>4} {r['batch']:>6} {r['tok_s']:>11,.0f} {r['step_ms']:8.1f} {eff} "

@@ -47,8 +47,6 @@ VARIANTS = {
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {}),            # bf16 twin, compile(model) + eager loss
-    "fast-separate": ("bitnet", "project", "project", {"fused_projections": ()}),  # a GEMM per projection
-    "fast-fuse-all": ("bitnet", "project", "project", {"fused_projections": ("qkv", "gate_up")}),
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-whole-cg": ("bitnet", "project", "whole-cudagraphs", {}),  # whole model, mode="reduce-overhead"
 }
@@ -80,7 +78,6 @@ def use_reference_formulation(model) -> None:
         if isinstance(m, RMSNorm):
             m.quantize_output = False
         elif isinstance(m, BitLinear):
-            m.quantized_input = False  # also keeps the model from fusing q/k/v and gate/up
             m.forward = types.MethodType(reference_bitlinear_forward, m)
 
 
@@ -113,9 +110,6 @@ def apply_tweaks(tweaks: dict) -> None:
     """Process-wide switches of one exploration row (each row runs in its own process)."""
     import torch._inductor.config
 
-    from bitnet.model import llama
-
-    llama.FUSED_PROJECTIONS = frozenset(tweaks.get("fused_projections", llama.FUSED_PROJECTIONS))
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
 
 

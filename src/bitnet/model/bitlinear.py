@@ -127,13 +127,11 @@ class BitLinear(nn.Linear):
         dtype = matmul_dtype(x)
         if not self.quantized_input:
             x = ste(x, activation_quant(x))
-        return F.linear(x.to(dtype), self.matmul_weight(dtype))
-
-    def matmul_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The ternary weight W_q the forward multiplies by, in `dtype` (STE to the latent weight under autograd)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return ste(self.weight, weight_quant(self.weight)).to(dtype)
-        return self._inference_weight(dtype)
+            w_q = ste(self.weight, weight_quant(self.weight)).to(dtype)
+        else:
+            w_q = self._inference_weight(dtype)
+        return F.linear(x.to(dtype), w_q)
 
     def _inference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Quantized weight for no-grad forwards (eval, sampling), recomputed only when the weight changed.
@@ -158,23 +156,6 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", quantized_input=True" if self.quantized_input else "")
-
-
-def fused_projections(x: torch.Tensor, linears: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
-    """linear_1(x), linear_2(x), ... as one matmul with the weights stacked, split back.
-
-    For projections that read the same input (q/k/v, gate/up): one GEMM of N = sum(out_features)
-    runs closer to peak than several narrow ones, and the backward computes the input's gradient in
-    one GEMM instead of one per projection plus their sum. The parameters stay separate (checkpoint
-    and export names unchanged); for BitLinears each weight keeps its own absmean scale.
-    Every linear must be a bias-free nn.Linear or a BitLinear taking quantized input.
-    """
-    for lin in linears:
-        if lin.bias is not None or (isinstance(lin, BitLinear) and not lin.quantized_input):
-            raise ValueError(f"fused_projections needs bias-free linears on quantized input, got {lin}")
-    dtype = matmul_dtype(x)
-    weights = [lin.matmul_weight(dtype) if isinstance(lin, BitLinear) else lin.weight.to(dtype) for lin in linears]
-    return F.linear(x.to(dtype), torch.cat(weights)).split([lin.out_features for lin in linears], dim=-1)
 
 
 def make_linear(in_features: int, out_features: int, quantization: str, quantized_input: bool = False) -> nn.Linear:

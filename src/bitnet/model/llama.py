@@ -19,23 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import BitLinear, fused_projections, make_linear, norm_act_quant
+from bitnet.model.bitlinear import make_linear, norm_act_quant
 from bitnet.model.config import ModelConfig
-
-# Projection groups that run as one matmul under autograd (`fused_projections`). On the H100 95m
-# step (benchmarks/NOTES.md) fusing q/k/v saves GEMM time, while fusing gate/up cost more than it
-# saved: inductor then splits the SwiGLU + sub-norm backward in two kernels to fill the stacked
-# gradient. Forwards without autograd (eval, sampling, the export twins) call each projection
-# module, as does any projection with a forward hook (quant stats) or one that quantizes its own
-# input, so hooks and replaced modules see every call.
-FUSED_PROJECTIONS: frozenset[str] = frozenset({"qkv"})
-
-
-def fuse(group: str, *linears: nn.Module) -> bool:
-    """Whether the projections of `group` ('qkv' or 'gate_up') run as one matmul in this forward."""
-    return group in FUSED_PROJECTIONS and torch.is_grad_enabled() and all(
-        type(m) in (BitLinear, nn.Linear) and getattr(m, "quantized_input", True)
-        and not (m._forward_hooks or m._forward_pre_hooks) for m in linears)
 
 
 class RMSNorm(nn.Module):
@@ -106,13 +91,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        if fuse("qkv", self.q_proj, self.k_proj, self.v_proj):
-            q, k, v = fused_projections(x, [self.q_proj, self.k_proj, self.v_proj])
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -142,11 +123,7 @@ class MLP(nn.Module):
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q, quantized_input=True)
 
     def forward(self, x):
-        if fuse("gate_up", self.gate_proj, self.up_proj):
-            gate, up = fused_projections(x, [self.gate_proj, self.up_proj])
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.ffn_sub_norm(F.silu(gate) * up))
+        return self.down_proj(self.ffn_sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):
