@@ -42,9 +42,10 @@ def _dumps(run_dir) -> list[str]:
 
 def test_nan_warn_dumps_exact_step_and_continues(tmp_path, train_run, monkeypatch):
     inject_nan_loss(monkeypatch, {2})
-    result = train_run(tmp_path, "warn", num_steps=6, log_interval=3, no_eval=True, sample_interval=0,
+    # 12 steps: the milestone checkpoints (5, 6, 12), which check pending steps too, come after step 3
+    result = train_run(tmp_path, "warn", num_steps=12, log_interval=3, no_eval=True, sample_interval=0,
                        quant_interval=0, anomaly_policy="warn")
-    assert result.step == 6 and not result.stopped_early
+    assert result.step == 12 and not result.stopped_early
     assert _dumps(result.run_dir) == ["step_000002_nonfinite_loss"]  # only the first of the NaN steps
     dump = result.run_dir / "anomalies" / "step_000002_nonfinite_loss"
     info = json.loads((dump / "info.json").read_text())
@@ -144,3 +145,54 @@ def test_ternary_collapse_through_quant_stats(tmp_path):
     info = json.loads((tmp_path / "anomalies/step_000000_ternary_collapse/info.json").read_text())
     assert list(info["layers"]) == ["layers.1.mlp.up_proj"] and info["layers"]["layers.1.mlp.up_proj"]["zero"] > 0.9
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics/quant.jsonl")] == [0, 10]
+
+
+def _feed(hook, state, steps, spike_at=None):
+    for step in steps:
+        state.step = step
+        loss = 5.0 if step == spike_at else 2.0 + 0.01 * math.sin(step)
+        if step % 5 == 0:
+            hook.on_log(state, {"step": step, "loss": loss})
+        hook.on_step_end(state, _fake_step(step, loss, 1.0 + 0.01 * math.cos(step)))
+
+
+def test_detector_memory_survives_a_restart(tmp_path):
+    """A spike right after a resume is caught only if the window came back from the checkpoint."""
+    state = SimpleNamespace(step=0, tokens=0)
+    before = AnomalyHook(tmp_path / "a", nn.Linear(2, 2), "warn", window=50, log=lambda m: None)
+    _feed(before, state, range(1, 33))  # steps 31, 32 are pending at the "checkpoint" (no log step yet)
+    saved = torch.load(_roundtrip(tmp_path, before.state_dict(state)), weights_only=True)
+    assert len(saved["losses"]) == 32 and not before.pending  # pending steps were checked first
+
+    resumed = AnomalyHook(tmp_path / "b", nn.Linear(2, 2), "warn", window=50, log=lambda m: None)
+    resumed.load_state_dict(saved)
+    fresh = AnomalyHook(tmp_path / "c", nn.Linear(2, 2), "warn", window=50, log=lambda m: None)
+    for hook in (resumed, fresh):
+        _feed(hook, state, range(33, 41), spike_at=35)
+        hook.on_train_end(state)
+    assert resumed.events == [(35, "loss_spike")]
+    assert fresh.events == []  # 2 steps of history: below MIN_HISTORY, nothing is judged
+    assert len(resumed.losses) == 40
+
+
+def _roundtrip(tmp_path, obj):
+    path = tmp_path / "state.pt"
+    torch.save(obj, path)
+    return path
+
+
+def test_resumed_run_carries_the_detector_windows(tmp_path, train_run):
+    """Through the trainer: the step-8 windows of 4 + 4 resumed steps equal those of 8 straight ones.
+
+    Log steps 3, 6, 8: the step-4 checkpoint falls between them, so its pending step is checked first.
+    """
+    args = dict(num_steps=8, checkpoint_interval=4, log_interval=3, no_eval=True, sample_interval=0)
+    straight = train_run(tmp_path, "straight", **args).run_dir
+    at4 = checkpoint(straight, 4)["train_state"]["anomaly"]
+    assert len(at4["losses"]) == 4 and len(at4["per_step"]) == 4
+    resumed = train_run(tmp_path, "resumed", resume_from=straight / "checkpoints/step_000004", **args).run_dir
+    want = checkpoint(straight, 8)["train_state"]["anomaly"]
+    got = checkpoint(resumed, 8)["train_state"]["anomaly"]
+    assert len(want["losses"]) == 8
+    assert got["losses"] == want["losses"] and got["grad_norms"] == want["grad_norms"]
+    assert [r[0] for r in got["per_step"]] == list(range(1, 9))

@@ -3,8 +3,10 @@ ternary collapse. Each event writes anomalies/step_XXXXXX_<event>/ and then acts
 
 No host sync per step: each step's loss, grad norm and per-parameter grad norms stay on the device
 (with a reference to the step's CPU batch) until the next log step, where the loop has just synced
-anyway; there they are read in one transfer and checked step by step. So a dump names the exact
-step and holds its batch, but a warning or a stop comes up to one log interval late. The 'skip'
+anyway (and at checkpoints); there they are read in one transfer and checked step by step. So a
+dump names the exact step and holds its batch, but a warning or a stop comes up to one log interval
+late. The spike windows and events are saved in checkpoints (`state_dict`), so a resumed run judges
+its first steps against the steps before the restart. The 'skip'
 policy cannot wait: train_step checks finiteness before optimizer.step itself (one sync a step).
 
 Policies: warn (dump, print, go on), skip (as warn, and a non-finite step's update is not applied),
@@ -73,6 +75,32 @@ class AnomalyHook(Hook):
         self.collapsed = set()
         self.events = []  # (step, event) of every event seen
         self.dumps = 0
+
+    # ---- checkpointed memory: a resumed run judges spikes against the steps before the restart
+
+    def state_dict(self, state) -> dict:
+        """The detector's memory for a checkpoint (plain lists, loadable with weights_only=True).
+
+        Steps not yet checked (a checkpoint between log steps) are checked first, so the windows
+        hold every step up to the checkpoint, as in a run that never stopped.
+        """
+        if self.pending:
+            self.check(state)
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms),
+                "per_step": [list(r) for r in self.per_step], "rows": [_clean(r) for r in self.rows],
+                "in_nonfinite_run": self.in_nonfinite_run, "collapsed": sorted(self.collapsed),
+                "events": [list(e) for e in self.events], "dumps": self.dumps}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore `state_dict()`'s memory; windows keep their current length (--anomaly-window may change)."""
+        self.losses = deque(d["losses"], maxlen=self.losses.maxlen)
+        self.grad_norms = deque(d["grad_norms"], maxlen=self.grad_norms.maxlen)
+        self.per_step = deque((tuple(r) for r in d["per_step"]), maxlen=self.per_step.maxlen)
+        self.rows = deque(d["rows"], maxlen=self.rows.maxlen)
+        self.in_nonfinite_run = bool(d["in_nonfinite_run"])
+        self.collapsed = set(d["collapsed"])
+        self.events = [tuple(e) for e in d["events"]]
+        self.dumps = int(d["dumps"])
 
     # ---- per step: buffer on device, check at log steps
 

@@ -177,9 +177,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     # They write the run directory, so only rank 0 has them; under FSDP2 rank 0 holds only a shard
     # of the model, so the two that run it stay off (docs/distributed.md).
     whole_model = not parallel.is_sharded(model)
+    anomalies = None
     if world.is_main:
         anomalies = AnomalyHook(run_dir, model, cfg.anomaly_policy, cfg.anomaly_window, cfg.anomaly_zscore,
                                 log=progress.write)
+        if state.anomaly:  # resumed: the spike windows continue where the checkpoint left them
+            anomalies.load_state_dict(state.anomaly)
         hooks.append(anomalies)
         if cfg.quant_interval and whole_model:  # activation stats on the first 4 eval sequences
             hooks.append(QuantStatsHook(run_dir, model, data.eval[0][0][:4], cfg.quant_interval, cfg.num_steps,
@@ -198,6 +201,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         The final and the stop checkpoints must succeed under either policy.
         """
         state.data = data.train.state_dict()
+        if anomalies is not None:  # rank 0's detector memory: spikes after a resume are judged as without one
+            state.anomaly = anomalies.state_dict(state)
         model_sd, optim_sd = parallel.full_state_dicts(model, optimizer)
         if not world.is_main:
             return run_dir / "checkpoints" / checkpoint.step_dir_name(state.step)

@@ -17,14 +17,18 @@ class TrainState:
     """Lowest eval loss so far."""
     data: dict = field(default_factory=dict)
     """The loader's position (WindowLoader.state_dict())."""
+    anomaly: dict = field(default_factory=dict)
+    """The anomaly detector's windows and events (AnomalyHook.state_dict()); empty if it did not run."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "best_eval_loss": self.best_eval_loss, "data": self.data}
+        return {"step": self.step, "tokens": self.tokens, "best_eval_loss": self.best_eval_loss, "data": self.data,
+                "anomaly": self.anomaly}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens = int(d["step"]), int(d["tokens"])
         self.best_eval_loss = float(d.get("best_eval_loss", float("inf")))
         self.data = dict(d.get("data", {}))
+        self.anomaly = dict(d.get("anomaly", {}))  # absent in checkpoints from before it was saved
 
 
 def rng_state() -> dict:
