@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from bitnet.fileio import os_error_message
 from bitnet.model.config import PRESETS, ModelConfig
 from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names
 
@@ -204,7 +205,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,3 +20,8 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a failed file operation, e.g. 'No space left on device: runs/x/scalars.jsonl'."""
+    return f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from bitnet.data.tokenizer import VENDORED
+from bitnet.fileio import os_error_message
 from bitnet.export.files import ExportError, check_writable, dir_size_bytes
 from bitnet.export.hf import HF_WEIGHTS, export_hf
 from bitnet.export.packed import CONFIG_FILE, export_ternary, load_packed, read_config
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(summary)
