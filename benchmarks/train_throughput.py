@@ -49,6 +49,7 @@ VARIANTS = {
     "bf16-compile-ref": ("none", "ref", "model", {}),            # bf16 twin, compile(model) + eager loss
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-whole-cg": ("bitnet", "project", "whole-cudagraphs", {}),  # whole model, mode="reduce-overhead"
+    "fast-torchswiglu": ("bitnet", "project", "project", {"swiglu_impl": "torch"}),  # inductor's SwiGLU+norm+quant
 }
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-compiledce"
 DATASHEET_TFLOPS = 989.0
@@ -110,7 +111,10 @@ def apply_tweaks(tweaks: dict) -> None:
     """Process-wide switches of one exploration row (each row runs in its own process)."""
     import torch._inductor.config
 
+    from bitnet.model import bitlinear
+
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
+    bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
 
 
 def make_step(model, how, device, lr=1e-3, wd=0.1):
@@ -162,7 +166,7 @@ def profile_steps(step, batches, device, n=2) -> dict:
             cats["attention"] += ms
         elif any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
             cats["gemm"] += ms
-        elif low.startswith(("_rmsnorm", "_cross_entropy")):
+        elif low.startswith(("_rmsnorm", "_cross_entropy", "_swiglu")):
             cats["project triton"] += ms
         elif low.startswith("triton"):
             cats["inductor"] += ms

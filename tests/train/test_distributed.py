@@ -121,6 +121,17 @@ def test_world_of_one_starts_no_process_group(one):
     assert sorted(losses(one)) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_torchrun_world_of_one_is_the_plain_run(one, runs, mode):
+    """nproc_per_node=1: the process group is up but DDP / FSDP2 have nothing to do, so the model stays
+    unwrapped (issue 7: the DDP wrapper cost 3.6% at world size 1) and the run is the plain one, bitwise."""
+    proc = torchrun(args(runs, f"{mode}1", parallel=mode), cwd=runs.parent, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, ref = read_rows(runs / f"{mode}1" / "metrics" / "scalars.jsonl"), read_rows(one / "metrics" / "scalars.jsonl")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rows] == [(r["step"], r["loss"], r["grad_norm"]) for r in ref]
+    assert json.loads((runs / f"{mode}1" / "meta" / "provenance.json").read_text())["world_size"] == 1
+
+
 def test_ddp_two_ranks_match_one_process(one, ddp):
     assert_same_losses(losses(ddp), losses(one), range(1, STEPS + 1))
     rows, ref = read_rows(ddp / "metrics" / "scalars.jsonl"), read_rows(one / "metrics" / "scalars.jsonl")
@@ -241,8 +252,12 @@ def test_world_without_torchrun_is_plain(monkeypatch):
     world = parallel.init(torch.device("cpu"), timeout_s=1)
     assert world == parallel.World(device=torch.device("cpu"))
     model = torch.nn.Linear(2, 2)
-    assert parallel.wrap_model(model, "ddp", world) is model
-    assert parallel.wrap_model(model, "fsdp2", world) is model
+    # without torchrun, and under torchrun with one process (nothing to all-reduce or shard)
+    for w in (world, parallel.World(distributed=True, owns_group=True)):
+        assert parallel.wrap_model(model, "ddp", w) is model
+        assert parallel.wrap_model(model, "fsdp2", w) is model
+    with pytest.raises(ValueError, match="--parallel must be ddp or fsdp2"):
+        parallel.wrap_model(model, "zero3", world)
     t = torch.ones(3)
     assert parallel.all_reduce_sum(t, world) is t and parallel.broadcast_from_main("x", world) == "x"
 

@@ -76,6 +76,12 @@ def norm_act_quant_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return (y + (y_q - y).detach()).to(out_dtype)
 
 
+def swiglu_norm_act_quant_reference(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+                                    out_dtype: torch.dtype) -> torch.Tensor:
+    """`norm_act_quant_reference` of the SwiGLU product silu(gate) * up: the FFN's sub-norm input."""
+    return norm_act_quant_reference(F.silu(gate) * up, weight, eps, out_dtype)
+
+
 # "auto": the Triton kernel (model/kernels.py) for CUDA tensors in eager mode; the PyTorch
 # formulation on the CPU and inside torch.compile, where inductor fuses it with its neighbours
 # (silu * up, the residual add), which measured faster than the standalone kernel on an H100
@@ -95,6 +101,24 @@ def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         if kernels.available():
             return kernels.rmsnorm_act_quant(x, weight, eps, out_dtype)
     return norm_act_quant_reference(x, weight, eps, out_dtype)
+
+
+# "auto": the Triton kernels (model/kernels.py) for CUDA tensors, in eager mode and inside torch.compile:
+# the gate/up GEMMs before them and the down GEMM after leave inductor nothing to fuse them with, and
+# their forward runs in half of inductor's time: the 95m step is 1.0 ms faster on an H100
+# (benchmarks/NOTES.md, run 4). "torch": the PyTorch formulation always.
+SWIGLU_NORM_QUANT_IMPL = "auto"
+
+
+def swiglu_norm_act_quant(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits (STE), in the next matmul's dtype."""
+    out_dtype = matmul_dtype(gate)
+    if gate.is_cuda and SWIGLU_NORM_QUANT_IMPL == "auto":
+        from bitnet.model import kernels
+
+        if kernels.available():
+            return kernels.swiglu_norm_act_quant(gate, up, weight, eps, out_dtype)
+    return swiglu_norm_act_quant_reference(gate, up, weight, eps, out_dtype)
 
 
 _weights_generation = 0

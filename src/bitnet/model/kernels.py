@@ -7,11 +7,20 @@ reduced from per-program partial sums. Registered as the custom ops `bitnet::rms
 and `bitnet::rmsnorm_backward`, so torch.compile and autograd see them as single nodes.
 Fallback: `bitlinear.norm_act_quant_reference`.
 
+`swiglu_norm_act_quant`: the FFN's middle, silu(gate) * up, then the sub-norm and the 8-bit fake
+quantization (what `ffn_sub_norm` computes on the SwiGLU product), in one read of gate and up and one
+write of the quantized row; the product is never stored, the backward recomputes it from gate and up
+and writes both gradients in one pass. Its neighbours are GEMMs on both sides, so unlike the plain
+norm kernel it takes no fusion away from inductor. Per 95m layer on an H100: forward 0.21 ms against
+inductor's 0.39 (2.9 TB/s), backward 0.59 against 0.55; -1.0 ms per step (benchmarks/NOTES.md, run 4).
+Registered as `bitnet::swiglu_norm_act_quant` and `bitnet::swiglu_norm_backward`.
+Fallback: `bitlinear.swiglu_norm_act_quant_reference`.
+
 `cross_entropy`: next-token cross entropy over bf16 logits, one read of the logits forward (an
 online log-sum-exp per row) and one read + one write backward, the gradient written over the
 logits in place: no second logits-sized buffer (2 GiB at 32 x 1024 x 32000 in bf16), which is
 the step's memory peak. Fallback: `F.cross_entropy` on fp32 logits (train/step.py's loss_fn).
-tests/model/test_kernels.py checks both kernels against their fallbacks.
+tests/model/test_kernels.py checks every kernel against its fallback.
 """
 
 import os
@@ -19,7 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import EPS, norm_act_quant_reference
+from bitnet.model.bitlinear import EPS, norm_act_quant_reference, swiglu_norm_act_quant_reference
 
 try:
     import triton
@@ -118,10 +127,10 @@ def launch_forward(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
         ROWS=rows, BLOCK_N=block, num_warps=warps)
 
 
-def backward_programs(m: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program) for the backward: about 2 programs per SM, whole row blocks each."""
+def backward_programs(m: int, rows: int, device: torch.device, per_sm: int = 2) -> tuple[int, int]:
+    """(programs, rows per program) for the backward: about per_sm programs per SM, whole row blocks each."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    per = triton.cdiv(triton.cdiv(m, 2 * sms), rows) * rows
+    per = triton.cdiv(triton.cdiv(m, per_sm * sms), rows) * rows
     return triton.cdiv(m, per), per
 
 
@@ -182,6 +191,174 @@ if triton is not None:
         return dx, dw, None, None
 
     _rmsnorm_act_quant_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- SwiGLU + sub-norm + quantize
+
+
+def swiglu_norm_act_quant(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits with STE, in out_dtype.
+
+    The Triton kernels on CUDA (or under Triton's interpreter); otherwise the PyTorch fallback.
+    """
+    if triton is None or not (gate.is_cuda or _INTERPRET):
+        return swiglu_norm_act_quant_reference(gate, up, weight, eps, out_dtype)
+    y, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate, up, weight, eps, out_dtype)
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_product(g, u, DTYPE: tl.constexpr):
+        # silu(g) * u with eager's roundings: silu's result and the product each in the inputs' dtype.
+        # The sigmoid from exp2 and the fast reciprocal: a handful of instructions per element, which
+        # keeps this memory-bound kernel from waiting on its arithmetic.
+        sig = 1.0 / (1.0 + tl.exp2(g * -1.4426950408889634))
+        a = (g * sig).to(DTYPE).to(tl.float32)
+        return sig, a, (a * u).to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _swiglu_norm_quant_fwd_kernel(G, U, W, Y, RSTD, M, N, stride_g, stride_u, stride_y, eps, quant_eps,
+                                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # As _rmsnorm_act_quant_fwd_kernel, on h = silu(g) * u formed in registers and never stored.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        mask = row_ok[:, None] & (cols < N)[None, :]
+        rows64 = rows.to(tl.int64)
+        g = tl.load(G + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + rows64[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        _, _, h = _swiglu_product(g, u, G.dtype.element_ty)  # masked lanes: silu(0) * 0 = 0
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))
+        y = (h * rstd[:, None] * w[None, :]).to(G.dtype.element_ty).to(tl.float32)
+        s = tl.div_rn(127.0, tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps))
+        v = y * s[:, None]
+        q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)  # round half to even
+        # q / s as q * (max|y| / 127): a multiply per element instead of a division (at most an ulp of
+        # fp32 apart, which the bf16 output does not see)
+        step = tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps) / 127.0
+        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (q * step[:, None]).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _swiglu_norm_bwd_kernel(DY, G, U, W, RSTD, DG, DU, DW_PARTIAL, M, N, stride_dy, stride_g, stride_u,
+                                stride_dg, stride_du, rows_per_program, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # The RMSNorm backward of _rmsnorm_bwd_kernel on the recomputed h, then the SwiGLU backward:
+        # du = dh * silu(g), dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))).
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        start = pid * rows_per_program
+        for r0 in range(0, rows_per_program, ROWS):
+            rows = start + r0 + tl.arange(0, ROWS)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            rows64 = rows.to(tl.int64)
+            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(G + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U + rows64[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            sig, a, h = _swiglu_product(g, u, G.dtype.element_ty)
+            hhat = h * rstd[:, None]
+            wdy = dy * w[None, :]
+            c = tl.sum(hhat * wdy, axis=1) / N
+            dh = (wdy - hhat * c[:, None]) * rstd[:, None]
+            tl.store(DU + rows64[:, None] * stride_du + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=mask)
+            dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+            tl.store(DG + rows64[:, None] * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * hhat, axis=0)
+        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
+
+
+# Launch settings of the SwiGLU kernels: rows per program and warps, and for the backward, programs per
+# SM (each loops over its share of rows, keeping the norm gain's gradient in registers). Chosen by
+# benchmarks/kernel_speed.py --sweep and the 95m step on an H100 (benchmarks/NOTES.md, run 4).
+SWIGLU_LAUNCH = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16}
+
+
+def swiglu_backward_programs(m: int, device: torch.device, launch: dict | None = None) -> tuple[int, int]:
+    """(programs, rows per program) of the SwiGLU backward under `launch` (default SWIGLU_LAUNCH)."""
+    launch = SWIGLU_LAUNCH if launch is None else launch
+    return backward_programs(m, launch["bwd_rows"], device, launch["bwd_programs_per_sm"])
+
+
+def launch_swiglu_forward(g2: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                          rstd: torch.Tensor, eps: float, launch: dict | None = None) -> None:
+    """Fill y (M, N) and rstd (M,) from gate and up (M, N); tests pass poisoned y and rstd."""
+    launch = SWIGLU_LAUNCH if launch is None else launch
+    M, N = g2.shape
+    rows = launch["fwd_rows"]
+    _swiglu_norm_quant_fwd_kernel[(triton.cdiv(M, rows),)](
+        g2, u2, weight, y, rstd, M, N, g2.stride(0), u2.stride(0), y.stride(0), eps, EPS,
+        ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=launch["fwd_warps"])
+
+
+def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor,
+                           rstd: torch.Tensor, dg: torch.Tensor, du: torch.Tensor, dw_partial: torch.Tensor,
+                           rows_per_program: int, launch: dict | None = None) -> None:
+    """Fill dg, du (M, N) and dw_partial (programs, N); the caller sums dw_partial over programs.
+
+    programs and rows_per_program come from `swiglu_backward_programs` with the same `launch`.
+    """
+    launch = SWIGLU_LAUNCH if launch is None else launch
+    M, N = g2.shape
+    rows = launch["bwd_rows"]
+    assert rows_per_program % rows == 0 and dw_partial.shape[0] * rows_per_program >= M
+    _swiglu_norm_bwd_kernel[(dw_partial.shape[0],)](
+        dy2, g2, u2, weight, rstd, dg, du, dw_partial, M, N, dy2.stride(0), g2.stride(0), u2.stride(0),
+        dg.stride(0), du.stride(0), rows_per_program, ROWS=rows, BLOCK_N=triton.next_power_of_2(N),
+        num_warps=launch["bwd_warps"])
+
+
+if triton is not None:
+
+    @torch.library.custom_op("bitnet::swiglu_norm_act_quant", mutates_args=())
+    def _swiglu_norm_act_quant_op(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+                                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if gate.shape != up.shape or gate.dtype != up.dtype:
+            raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}")
+        g2, u2 = _rows(gate), _rows(up)
+        y = torch.empty(g2.shape, dtype=out_dtype, device=gate.device)
+        rstd = torch.empty(g2.shape[0], dtype=torch.float32, device=gate.device)
+        launch_swiglu_forward(g2, u2, weight, y, rstd, eps)
+        return y.view(gate.shape), rstd
+
+    @_swiglu_norm_act_quant_op.register_fake
+    def _(gate, up, weight, eps, out_dtype):
+        return (gate.new_empty(gate.shape, dtype=out_dtype),
+                gate.new_empty(gate.numel() // gate.shape[-1], dtype=torch.float32))
+
+    @torch.library.custom_op("bitnet::swiglu_norm_backward", mutates_args=())
+    def _swiglu_norm_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
+        dg = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+        du = torch.empty(g2.shape, dtype=up.dtype, device=up.device)
+        programs, per = swiglu_backward_programs(g2.shape[0], gate.device)
+        dw_partial = torch.empty(programs, g2.shape[1], dtype=torch.float32, device=gate.device)
+        launch_swiglu_backward(dy2, g2, u2, weight, rstd, dg, du, dw_partial, per)
+        return dg.view(gate.shape), du.view(up.shape), dw_partial.sum(0).to(weight.dtype)
+
+    @_swiglu_norm_backward_op.register_fake
+    def _(dy, gate, up, weight, rstd):
+        return torch.empty_like(gate), torch.empty_like(up), torch.empty_like(weight)
+
+    def _swiglu_setup_context(ctx, inputs, output):
+        gate, up, weight, _, _ = inputs
+        ctx.save_for_backward(gate, up, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _swiglu_backward(ctx, dy, _drstd):
+        gate, up, weight, rstd = ctx.saved_tensors
+        dg, du, dw = torch.ops.bitnet.swiglu_norm_backward(dy, gate, up, weight, rstd)
+        return dg, du, dw, None, None
+
+    _swiglu_norm_act_quant_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
 
 # ---------------------------------------------------------------------------- cross entropy

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import make_linear, norm_act_quant
+from bitnet.model.bitlinear import make_linear, norm_act_quant, swiglu_norm_act_quant
 from bitnet.model.config import ModelConfig
 
 
@@ -123,7 +123,11 @@ class MLP(nn.Module):
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q, quantized_input=True)
 
     def forward(self, x):
-        return self.down_proj(self.ffn_sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.ffn_sub_norm.quantize_output:  # the SwiGLU product, normed and quantized in one pass
+            norm = self.ffn_sub_norm
+            return self.down_proj(swiglu_norm_act_quant(gate, up, norm.weight, norm.eps))
+        return self.down_proj(self.ffn_sub_norm(F.silu(gate) * up))
 
 
 class Block(nn.Module):

@@ -121,10 +121,14 @@ def wrap_model(model: nn.Module, mode: str, world: World) -> nn.Module:
     `no_sync()` for the others). FSDP2 shards each block and the root (embedding, final norm) with
     fp32 parameters, so its numerics match DDP's; it reduce-scatters every micro-batch, since
     skipping that would keep full unsharded gradients, which is what FSDP is there to avoid.
+    A world of one (`torchrun --nproc_per_node=1`) has nothing to all-reduce or shard, so the model
+    stays unwrapped there and runs exactly as a plain run: DDP's wrapper alone cost 3.6% of a 95m step
+    at world size 1 on an H100 (reducer hooks, single-rank all-reduces), FSDP2 7.2% (issue 7).
+    Checkpoints do not notice: they always hold the one-process state (`full_state_dicts`).
     """
     if mode not in ("ddp", "fsdp2"):
         raise ValueError(f"--parallel must be ddp or fsdp2, got {mode!r}")
-    if not world.distributed:
+    if not world.distributed or world.world_size == 1:
         return model
     if mode == "ddp":
         # Our only buffers are RoPE tables, equal on every rank: no broadcast in each forward.

@@ -1,0 +1,98 @@
+"""GPU: the project's Triton kernels against inductor's code for the same function, at the 95m shapes.
+
+    PYTHONPATH=src python benchmarks/kernel_speed.py --out kernels.json            # on a CUDA machine
+    PYTHONPATH=src python benchmarks/kernel_speed.py --sweep                      # also other launch settings
+
+Times forward and forward + backward of `swiglu_norm_act_quant` (silu(gate) * up -> sub-norm -> int8
+fake quantization, 32 x 1024 tokens x 3072) against torch.compile of its PyTorch fallback, in bf16 as
+in training. Bandwidth = the bytes the function must move at least (read gate, up; write the output;
+backward also read dy and write both gradients) / time; the H100's HBM3 moves about 3.35 TB/s at most.
+Prints a table last (ratios against inductor); writes JSON (--out).
+"""
+
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench
+
+from bitnet.model import kernels
+from bitnet.model.bitlinear import EPS, swiglu_norm_act_quant_reference
+
+
+def timed(fn, grads=None) -> float:
+    """Median ms of fn(), gradients reset between calls."""
+    def run():
+        if grads:
+            for t in grads:
+                t.grad = None
+        fn()
+    return do_bench(run, warmup=25, rep=200)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=32 * 1024)
+    p.add_argument("--width", type=int, default=3072)
+    p.add_argument("--sweep", action="store_true", help="also time other launch settings (kernels.SWIGLU_LAUNCH)")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if not kernels.available():
+        raise SystemExit("kernel_speed.py needs CUDA and triton")
+    torch.manual_seed(0)
+    shape = (a.tokens, a.width)
+    gate = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    up = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(a.width, device="cuda")).requires_grad_()
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    elem = gate.numel() * gate.element_size()
+    fwd_bytes, bwd_bytes = 3 * elem, 3 * elem + 5 * elem  # forward + backward (dy, gate, up in; dg, du out)
+
+    def triton_fn(g, u, ww):
+        return kernels.swiglu_norm_act_quant(g, u, ww, EPS, torch.bfloat16)
+
+    inductor_fn = torch.compile(lambda g, u, ww: swiglu_norm_act_quant_reference(g, u, ww, EPS, torch.bfloat16))
+    rows = []
+
+    def measure(name, fn, launch=None):
+        with torch.no_grad():
+            f = timed(lambda: fn(gate, up, w))
+        fb = timed(lambda: fn(gate, up, w).backward(dy), grads=(gate, up, w))
+        rows.append({"impl": name, "launch": dict(kernels.SWIGLU_LAUNCH if launch is None else launch),
+                     "fwd_ms": round(f, 4), "fwd_bwd_ms": round(fb, 4),
+                     "fwd_TBps": round(fwd_bytes / f / 1e9, 2), "fwd_bwd_TBps": round(bwd_bytes / fb / 1e9, 2)})
+
+    measure("inductor (torch.compile of the fallback)", inductor_fn, launch={})
+    measure("triton (shipped settings)", triton_fn)
+    if a.sweep:
+        shipped = dict(kernels.SWIGLU_LAUNCH)
+        for name, change in [  # alternatives tried on the H100 (benchmarks/NOTES.md, run 4)
+            ("fwd 1 row 4 warps", {"fwd_warps": 4}),
+            ("fwd 1 row 16 warps", {"fwd_warps": 16}),
+            ("fwd 2 rows 8 warps", {"fwd_rows": 2}),
+            ("bwd 1 row 8 warps, 2 programs/SM", {"bwd_rows": 1, "bwd_programs_per_sm": 2}),
+            ("bwd 1 row 4 warps, 8 programs/SM", {"bwd_rows": 1, "bwd_warps": 4, "bwd_programs_per_sm": 8}),
+            ("bwd 1 row 16 warps, 16 programs/SM", {"bwd_rows": 1, "bwd_warps": 16}),
+            ("bwd 2 rows 16 warps, 16 programs/SM", {"bwd_warps": 16}),
+            ("bwd 2 rows 8 warps, 4 programs/SM", {"bwd_programs_per_sm": 4}),
+        ]:
+            kernels.SWIGLU_LAUNCH.update(shipped | change)
+            measure(f"triton, {name}", triton_fn)
+        kernels.SWIGLU_LAUNCH.update(shipped)
+    base = rows[0]
+    for r in rows:
+        r["fwd_speedup"] = round(base["fwd_ms"] / r["fwd_ms"], 3)
+        r["fwd_bwd_speedup"] = round(base["fwd_bwd_ms"] / r["fwd_bwd_ms"], 3)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": list(shape), "rows": rows}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\nswiglu_norm_act_quant, {shape[0]} x {shape[1]} bf16, {result['device']}, torch {torch.__version__}")
+    print(f"{'impl':48s} {'fwd ms':>8s} {'TB/s':>6s} {'x':>6s} {'fwd+bwd ms':>11s} {'TB/s':>6s} {'x':>6s}")
+    for r in rows:
+        print(f"{r['impl']:48s} {r['fwd_ms']:8.3f} {r['fwd_TBps']:6.2f} {r['fwd_speedup']:6.2f} "
+              f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_TBps']:6.2f} {r['fwd_bwd_speedup']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
