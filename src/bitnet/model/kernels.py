@@ -234,12 +234,12 @@ if triton is not None:
         _, _, h = _swiglu_product(g, u, G.dtype.element_ty)  # masked lanes: silu(0) * 0 = 0
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))
         y = (h * rstd[:, None] * w[None, :]).to(G.dtype.element_ty).to(tl.float32)
-        s = tl.div_rn(127.0, tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps))
-        v = y * s[:, None]
+        amax = tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps)
+        v = y * tl.div_rn(127.0, amax)[:, None]
         q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)  # round half to even
         # q / s as q * (max|y| / 127): a multiply per element instead of a division (at most an ulp of
         # fp32 apart, which the bf16 output does not see)
-        step = tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps) / 127.0
+        step = amax / 127.0
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (q * step[:, None]).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
