@@ -9,7 +9,8 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
                  weight, Training-Tips style, fp32 quantization math), no compile, fp32 loss
   compile-ref    the same under torch.compile(model), loss in eager fp32 (the trainer before issue #5)
   fast           the project's path, as the trainer runs it: bitnet.train.step.compile_step (compiled
-                 blocks with the RMSNorm + int8 quantization fused, Triton cross entropy) + train_step
+                 blocks with the RMSNorm + int8 quantization fused, the FFN's SwiGLU + sub-norm + int8
+                 quantization as one Triton kernel, Triton cross entropy) + train_step
   bf16-compiled  ModelConfig(quantization='none') on the same path: the same shapes without BitNet
   fast-*         exploration rows, one change each against `fast` (see VARIANTS)
   bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
