@@ -59,16 +59,25 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dty
 if triton is not None:
 
     @triton.jit
+    def _row_block(first, M, col_ok, ROWS: tl.constexpr):
+        # Rows first .. first + ROWS - 1: their indices (int64 for the addresses) and masks.
+        rows = first + tl.arange(0, ROWS)
+        row_ok = rows < M
+        return rows, row_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)
+
+    @triton.jit
+    def _load_rows(PTR, rows64, stride, cols, mask):
+        # A (ROWS, BLOCK_N) tile of a row-major matrix in fp32, zeros where masked.
+        return tl.load(PTR + rows64[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _rmsnorm_act_quant_fwd_kernel(X, W, Y, RSTD, M, N, stride_x, stride_y, eps, quant_eps,
                                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         # ROWS rows per program, each whole in registers: two row reductions (sum of squares, then
         # absmax of the normed row) and one store; the math is the fallback's, in fp32.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, row_ok, mask, rows64 = _row_block(tl.program_id(0) * ROWS, M, cols < N, ROWS)
+        x = _load_rows(X, rows64, stride_x, cols, mask)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + eps))
         y = x * rstd[:, None] * w[None, :]
@@ -94,12 +103,9 @@ if triton is not None:
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         start = pid * rows_per_program
         for r0 in range(0, rows_per_program, ROWS):
-            rows = start + r0 + tl.arange(0, ROWS)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            rows64 = rows.to(tl.int64)
-            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rows, row_ok, mask, rows64 = _row_block(start + r0, M, col_ok, ROWS)
+            dy = _load_rows(DY, rows64, stride_dy, cols, mask)
+            x = _load_rows(X, rows64, stride_x, cols, mask)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             xhat = x * rstd[:, None]
             wdy = dy * w[None, :]
@@ -223,13 +229,10 @@ if triton is not None:
     def _swiglu_norm_quant_fwd_kernel(G, U, W, Y, RSTD, M, N, stride_g, stride_u, stride_y, eps, quant_eps,
                                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         # As _rmsnorm_act_quant_fwd_kernel, on h = silu(g) * u formed in registers and never stored.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        rows64 = rows.to(tl.int64)
-        g = tl.load(G + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows64[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, row_ok, mask, rows64 = _row_block(tl.program_id(0) * ROWS, M, cols < N, ROWS)
+        g = _load_rows(G, rows64, stride_g, cols, mask)
+        u = _load_rows(U, rows64, stride_u, cols, mask)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         _, _, h = _swiglu_product(g, u, G.dtype.element_ty)  # masked lanes: silu(0) * 0 = 0
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))
@@ -255,13 +258,10 @@ if triton is not None:
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         start = pid * rows_per_program
         for r0 in range(0, rows_per_program, ROWS):
-            rows = start + r0 + tl.arange(0, ROWS)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            rows64 = rows.to(tl.int64)
-            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(G + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(U + rows64[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rows, row_ok, mask, rows64 = _row_block(start + r0, M, col_ok, ROWS)
+            dy = _load_rows(DY, rows64, stride_dy, cols, mask)
+            g = _load_rows(G, rows64, stride_g, cols, mask)
+            u = _load_rows(U, rows64, stride_u, cols, mask)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             sig, a, h = _swiglu_product(g, u, G.dtype.element_ty)
             hhat = h * rstd[:, None]
