@@ -10,7 +10,8 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
   compile-ref    the same under torch.compile(model), loss in eager fp32 (the trainer before issue #5)
   fast           the project's path, as the trainer runs it: bitnet.train.step.compile_step (compiled
                  blocks with the RMSNorm + int8 quantization fused, the FFN's SwiGLU + sub-norm + int8
-                 quantization as one Triton kernel, Triton cross entropy) + train_step
+                 quantization as one Triton kernel, Triton cross entropy), the whole step captured as
+                 one CUDA graph and replayed (bitnet.train.graphed; its first two steps run uncaptured)
   bf16-compiled  ModelConfig(quantization='none') on the same path: the same shapes without BitNet
   fast-*         exploration rows, one change each against `fast` (see VARIANTS)
   bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
@@ -49,7 +50,7 @@ VARIANTS = {
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {}),            # bf16 twin, compile(model) + eager loss
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
-    "fast-whole-cg": ("bitnet", "project", "whole-cudagraphs", {}),  # whole model, mode="reduce-overhead"
+    "fast-nograph": ("bitnet", "project", "project", {"cuda_graphs": False}),  # the step launched op by op
     "fast-torchswiglu": ("bitnet", "project", "project", {"swiglu_impl": "torch"}),  # inductor's SwiGLU+norm+quant
 }
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-compiledce"
@@ -103,8 +104,6 @@ def compiled(model, how):
         return model, loss_fn
     if how == "model":
         return torch.compile(model), loss_fn
-    if how == "whole-cudagraphs":
-        return torch.compile(model, mode="reduce-overhead"), compile_step(model)[1]
     return compile_step(model, regional=how != "whole", fused_loss=how != "compiledce")
 
 
@@ -118,11 +117,20 @@ def apply_tweaks(tweaks: dict) -> None:
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
 
 
-def make_step(model, how, device, lr=1e-3, wd=0.1):
-    """(step_model, step(batch) -> StepOutput, loss fn) on the project's optimizer and train_step."""
+def uses_graphs(how: str, tweaks: dict, device) -> bool:
+    """The trainer's path (compiled blocks) replays its step as a CUDA graph, as bitnet-train does."""
+    return how == "project" and tweaks.get("cuda_graphs", True) and device.type == "cuda"
+
+
+def make_step(model, how, device, graphs=False, lr=1e-3, wd=0.1):
+    """(step_model, step(batch) -> StepOutput, loss fn) on the project's optimizer and train_step.
+
+    graphs: the step through GraphedTrainStep (captured at its third call, replayed after), as the trainer.
+    """
     import torch
 
     from bitnet.train.config import TrainConfig
+    from bitnet.train.graphed import GraphedTrainStep
     from bitnet.train.optim import build_optimizer, set_schedule
     from bitnet.train.step import train_step
 
@@ -132,6 +140,10 @@ def make_step(model, how, device, lr=1e-3, wd=0.1):
     step_model, lf = compiled(model, how)
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         partial(torch.autocast, "cpu", enabled=False)
+
+    if graphs:
+        stepper = GraphedTrainStep(step_model, opt, autocast, cfg.grad_clip, device, lf)
+        return step_model, lambda batch: stepper([batch], lr=lr, wd=wd), lf
 
     def step(batch):
         return train_step(step_model, opt, [batch], autocast, cfg.grad_clip, lr, wd, device, loss_fn=lf)
@@ -188,7 +200,8 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
-    step_model, step, lf = make_step(model, how, device)
+    graphs = uses_graphs(how, tweaks, device)
+    step_model, step, lf = make_step(model, how, device, graphs)
     g = torch.Generator().manual_seed(1)
     batches = [tuple(torch.randint(0, model.cfg.vocab_size, (2, a.batch, a.seq_len), generator=g)) for _ in range(4)]
     out = step(batches[0])
@@ -208,7 +221,7 @@ def run_variant(name, a, t0) -> dict:
     res = {"ms_per_step": ms, "ms_per_step_repeats": [x * 1000 for x in per_step],
            "tok_s": a.batch * a.seq_len / (ms / 1000), "ttfs_s": ttfs, "last_loss": out.loss.item(),
            "flops_per_token": model.flops_per_token(a.seq_len), "quantization": quantization,
-           "formulation": formulation, "compile": how, "tweaks": tweaks}
+           "formulation": formulation, "compile": how, "cuda_graphs": graphs, "tweaks": tweaks}
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     try:
@@ -223,7 +236,7 @@ def run_variant(name, a, t0) -> dict:
         for r in res["profile"]["top"][:12]:
             print(f"    {r['ms']:7.3f} ms  x{r['calls']:<4d} {r['kernel'][:90]}")
     if name == "fast" and a.correctness:
-        res["correctness"] = correctness(model, step_model, lf, a, device)
+        res["correctness"] = correctness(model, step_model, lf, a, device, graphs)
     return res
 
 
@@ -231,11 +244,15 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def correctness(fast_model, fast_step_model, fast_loss, a, device) -> dict:
-    """The fast path against the eager reference formulation: logits, grads, 50 steps on real tokens."""
+def correctness(fast_model, fast_step_model, fast_loss, a, device, graphs) -> dict:
+    """The fast path against the eager reference formulation: logits, grads, 50 steps on real tokens.
+
+    graphs: the fast path's 50 steps replay a CUDA graph, as the trainer's do.
+    """
     import torch
 
     from bitnet.data import build_data, load_tokenizer
+    from bitnet.train.graphed import GraphedTrainStep
     from bitnet.train.config import TrainConfig
     from bitnet.train.optim import build_optimizer, set_schedule
     from bitnet.train.schedule import lr_at, wd_at
@@ -246,6 +263,7 @@ def correctness(fast_model, fast_step_model, fast_loss, a, device) -> dict:
     batches = [data.train.next_batch(a.batch) for _ in range(a.corr_steps)]
     ref = build("bitnet", "ref", a.preset, device)
     fast_model.init_weights(seed=0)
+    fast_model.zero_grad(set_to_none=True)  # a captured step leaves its gradients in p.grad
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     x, y = (t.to(device) for t in batches[0])
     logits, losses, grads = {}, {}, {}
@@ -278,11 +296,14 @@ def correctness(fast_model, fast_step_model, fast_loss, a, device) -> dict:
     for name, m, call, lf in (("ref", ref, ref, loss_fn), ("fast", fast_model, fast_step_model, fast_loss)):
         m.init_weights(seed=0)
         opt = build_optimizer(m, cfg, fused=device.type == "cuda")
+        stepper = partial(train_step, call, opt, autocast=autocast, grad_clip=cfg.grad_clip, device=device, loss_fn=lf)
+        if name == "fast" and graphs:
+            stepper = GraphedTrainStep(call, opt, autocast, cfg.grad_clip, device, lf)
         step_losses = []
         for i, b in enumerate(batches, start=1):
             lr, wd = lr_at(i, cfg, 5000), wd_at(i, cfg, 5000)
             set_schedule(opt, lr, wd)
-            step_losses.append(train_step(call, opt, [b], autocast, cfg.grad_clip, lr, wd, device, loss_fn=lf).loss)
+            step_losses.append(stepper([b], lr=lr, wd=wd).loss)
         curves[name] = torch.stack(step_losses).tolist()
         del opt
     d = [abs(p - q) for p, q in zip(curves["ref"], curves["fast"])]
@@ -452,6 +473,7 @@ def run_trainer(a, t0) -> dict:
     """The real trainer on token data; its first step is timed through a wrapper of train_step."""
     import torch
 
+    import bitnet.train.graphed as graphed
     import bitnet.train.loop as loop
     from bitnet.cli import train_main
 
@@ -464,7 +486,7 @@ def run_trainer(a, t0) -> dict:
             sync(torch.device(a.device))
             first["t"] = time.time()
         return out
-    loop.train_step = timed_train_step
+    loop.train_step = graphed.train_step = timed_train_step  # the graphed step's first steps run uncaptured
     runs = Path(a.workdir) / "runs"
     argv = ["--preset", a.preset, "--data", a.data, "--num-steps", str(a.trainer_steps), "--runs-dir", str(runs),
             "--run-id", "bench", "--overwrite", "--quiet", "--device", a.device]

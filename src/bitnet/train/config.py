@@ -24,6 +24,8 @@ class TrainConfig:
     seed: int = _f(42, "seed of model init, data order and every RNG")
     device: str = _f("auto", "auto (cuda if available), cuda, cuda:N, cpu")
     compile: str = _f("auto", "torch.compile the model: auto (on for CUDA), on, off")
+    cuda_graphs: str = _f("auto", "capture the whole step as one CUDA graph and replay it: auto (on for one CUDA "
+                                  "process unless --anomaly-policy skip), on, off")
     # ---- distributed (under torchrun; docs/distributed.md)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
                               "sharded weights, gradients and optimizer state)")
@@ -117,8 +119,9 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
         raise ValueError(f"--on-checkpoint-error must be stop or continue, got {cfg.on_checkpoint_error!r}")
     if cfg.anomaly_policy not in ("warn", "skip", "stop"):
         raise ValueError(f"--anomaly-policy must be warn, skip or stop, got {cfg.anomaly_policy!r}")
-    if cfg.compile not in ("auto", "on", "off"):
-        raise ValueError(f"--compile must be auto, on or off, got {cfg.compile!r}")
+    for name in ("compile", "cuda_graphs"):
+        if getattr(cfg, name) not in ("auto", "on", "off"):
+            raise ValueError(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(cfg, name)!r}")
     if cfg.parallel not in ("ddp", "fsdp2"):
         raise ValueError(f"--parallel must be ddp or fsdp2, got {cfg.parallel!r}")
     if not cfg.dist_timeout_s > 0:

@@ -30,6 +30,7 @@ from bitnet.instrumentation.tensorboard import TensorBoardHook, require_tensorbo
 from bitnet.model import ModelConfig, Transformer
 from bitnet.train import checkpoint, parallel
 from bitnet.train.config import TrainConfig, resolve_derived
+from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
 from bitnet.train.optim import build_optimizer, set_schedule
 from bitnet.train.run_dir import create_run_dir, default_run_id, write_json
 from bitnet.train.schedule import lr_at, wd_at
@@ -112,6 +113,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     derived = resolve_derived(cfg, world_size=world.world_size, max_seq_len=model_cfg.max_seq_len)
     device = world.device
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    use_graphs = use_cuda_graphs(cfg.cuda_graphs, device, world.world_size, cfg.anomaly_policy)
     autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext)
     if device.type == "cuda":
@@ -167,6 +169,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     step_model, step_loss = compile_step(model) if use_compile else (model, loss_fn)
     if cfg.parallel == "ddp":  # DDP around the compiled blocks (torchrun), so it runs the one-GPU graphs
         step_model = parallel.wrap_model(step_model, "ddp", world)
+    # one CUDA graph for the whole step, replayed (train/graphed.py), or the step op by op
+    if use_graphs:
+        step_fn = GraphedTrainStep(step_model, optimizer, autocast, cfg.grad_clip, device, step_loss)
+    else:
+        step_fn = partial(train_step, step_model, optimizer, autocast=autocast, grad_clip=cfg.grad_clip, device=device,
+                          skip_nonfinite=cfg.anomaly_policy == "skip", loss_fn=step_loss)
     progress = ConsoleProgress(cfg.num_steps, state.step, enabled=not quiet and world.is_main)
     hooks = [ScalarsLogger(run_dir), progress] if world.is_main else []  # the other ranks write nothing
     if not cfg.no_eval and world.is_main:
@@ -228,6 +236,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     if not quiet and world.is_main:
         ranks = f" x {world.world_size} ranks ({cfg.parallel})" if world.distributed else ""
         progress.write(f"run {run_dir} | {n_params:,} parameters | {device} | compile={use_compile} | "
+                       f"cuda graphs={use_graphs} | "
                        f"batch {cfg.batch_size} x {cfg.seq_len} = {derived['tokens_per_step']:,} tokens/step "
                        f"(micro {micro} x accum {accum}{ranks}) | steps {state.step + 1}..{cfg.num_steps}")
 
@@ -247,8 +256,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                 lr, wd = lr_at(step, cfg, boundary), wd_at(step, cfg, boundary)
                 set_schedule(optimizer, lr, wd)
                 micro_batches = [data.train.next_batch(micro * world.world_size) for _ in range(accum)]
-                out = train_step(step_model, optimizer, micro_batches, autocast, cfg.grad_clip, lr, wd, device,
-                                 skip_nonfinite=cfg.anomaly_policy == "skip", loss_fn=step_loss)
+                out = step_fn(micro_batches, lr=lr, wd=wd)
                 out = parallel.full_tensors(out, world)  # FSDP2 returns its grad norms as DTensors
                 state.step, state.tokens = step, state.tokens + derived["tokens_per_step"]
                 loss_sum += out.loss

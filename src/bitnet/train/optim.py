@@ -21,6 +21,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.op
 def set_schedule(opt: torch.optim.Optimizer, lr: float, wd: float) -> None:
     """Apply this step's LR to every group and its weight decay to the decayed group."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):  # a captured step (train/graphed.py) reads it on the GPU
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
         if group["name"] == "decay":
             group["weight_decay"] = wd
+
+
+def portable_state_dict(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() as any run loads it: the LR a number and `capturable` off.
+
+    A CUDA-graphed step (train/graphed.py) keeps the LR in a GPU tensor and AdamW capturable; a checkpoint
+    holding those would make a CPU resume fail. The graphed step turns both back on when it captures.
+    """
+    sd = opt.state_dict()
+    sd["param_groups"] = [{**g, "lr": float(g["lr"]), "capturable": False} for g in sd["param_groups"]]
+    return sd

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from bitnet.instrumentation.base import Hook
 from bitnet.instrumentation.evaluation import evaluate
+from bitnet.train.optim import portable_state_dict
 
 # The project never turns NVLink multicast (NVLS / symmetric-memory multicast) on: any environment
 # it builds keeps these, and a value the user set is never overridden (issue 7).
@@ -167,7 +168,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     every rank must enter; the other ranks get empty dicts.
     """
     if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
+        return model.state_dict(), portable_state_dict(optimizer)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 

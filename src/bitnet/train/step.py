@@ -65,6 +65,34 @@ def compile_step(model: nn.Module, regional: bool = True, fused_loss: bool = Tru
     return compiled, loss
 
 
+def pinned(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The CPU batch page-locked when it goes to a GPU, so its copy does not wait for the GPU's queue."""
+    return batch.pin_memory() if device.type == "cuda" else batch
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, loss_fn: Callable,
+                     n: int) -> torch.Tensor:
+    """One micro-batch: its loss / n, backpropagated into p.grad; returns the loss detached."""
+    with autocast():
+        loss = loss_fn(model(x), y) / n
+    loss.backward()
+    return loss.detach()
+
+
+def clip_gradients(model: nn.Module, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-parameter grad norms, global grad norm) before clipping; scales the grads to grad_clip.
+
+    Computed as clip_grad_norm_ does (same kernels, same results), without a host sync; the
+    per-parameter norms go into anomaly dumps for free.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    param_grad_norms = torch.stack(torch._foreach_norm(grads))
+    grad_norm = torch.linalg.vector_norm(param_grad_norms)
+    if grad_clip > 0:
+        torch._foreach_mul_(grads, torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))
+    return param_grad_norms, grad_norm
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, autocast,
                grad_clip: float, lr: float, wd: float, device: torch.device,
                skip_nonfinite: bool = False, loss_fn: Callable = loss_fn) -> StepOutput:
@@ -77,24 +105,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     n = len(micro_batches)
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
-        if device.type == "cuda":  # page-locked first, so the copy does not wait for the GPU's queue
-            x, y = x.pin_memory(), y.pin_memory()
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+        x = pinned(x, device).to(device, non_blocking=True)
+        y = pinned(y, device).to(device, non_blocking=True)
         # Under DDP, all-reduce gradients only on the last micro-batch.
         sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast():
-                loss = loss_fn(model(x), y) / n
-            loss.backward()
-        total += loss.detach()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    # Per-parameter norms, the global norm and the clip, computed as clip_grad_norm_ does
-    # (same kernels, same results); the per-parameter norms go into anomaly dumps for free.
-    param_grad_norms = torch.stack(torch._foreach_norm(grads))
-    grad_norm = torch.linalg.vector_norm(param_grad_norms)
-    if grad_clip > 0:
-        torch._foreach_mul_(grads, torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))
+            total += forward_backward(model, x, y, autocast, loss_fn, n)
+    param_grad_norms, grad_norm = clip_gradients(model, grad_clip)
     # Host sync, only under --anomaly-policy skip. A NaN/Inf loss always makes NaN/Inf gradients, and
     # the grad norm (unlike the loss) is the same on every rank, so all ranks skip the same steps.
     skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))
