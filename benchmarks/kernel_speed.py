@@ -2,11 +2,14 @@
 
     PYTHONPATH=src python benchmarks/kernel_speed.py --out kernels.json            # on a CUDA machine
     PYTHONPATH=src python benchmarks/kernel_speed.py --sweep                      # also other launch settings
+    PYTHONPATH=src python benchmarks/kernel_speed.py --bwd-sweep                  # the backward kernel alone
 
 Times forward and forward + backward of `swiglu_norm_act_quant` (silu(gate) * up -> sub-norm -> int8
 fake quantization, 32 x 1024 tokens x 3072) against torch.compile of its PyTorch fallback, in bf16 as
 in training. Bandwidth = the bytes the function must move at least (read gate, up; write the output;
 backward also read dy and write both gradients) / time; the H100's HBM3 moves about 3.35 TB/s at most.
+--bwd-sweep times the backward kernel alone (preallocated outputs, no autograd, L2 flushed between
+calls) over a grid of launch settings, each checked against the shipped settings' outputs.
 Prints a table last (ratios against inductor); writes JSON (--out).
 """
 
@@ -35,6 +38,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32 * 1024)
     p.add_argument("--width", type=int, default=3072)
     p.add_argument("--sweep", action="store_true", help="also time other launch settings (kernels.SWIGLU_LAUNCH)")
+    p.add_argument("--bwd-sweep", action="store_true", help="time the backward kernel alone over launch settings")
     p.add_argument("--out", default="")
     a = p.parse_args()
     if not kernels.available():
@@ -79,11 +83,13 @@ def main() -> None:
             kernels.SWIGLU_LAUNCH.update(shipped | change)
             measure(f"triton, {name}", triton_fn)
         kernels.SWIGLU_LAUNCH.update(shipped)
+    result_bwd = backward_sweep(gate, up, w, dy) if a.bwd_sweep else []
     base = rows[0]
     for r in rows:
         r["fwd_speedup"] = round(base["fwd_ms"] / r["fwd_ms"], 3)
         r["fwd_bwd_speedup"] = round(base["fwd_bwd_ms"] / r["fwd_bwd_ms"], 3)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": list(shape), "rows": rows}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": list(shape), "rows": rows,
+              "backward_sweep": result_bwd}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -92,6 +98,51 @@ def main() -> None:
     for r in rows:
         print(f"{r['impl']:48s} {r['fwd_ms']:8.3f} {r['fwd_TBps']:6.2f} {r['fwd_speedup']:6.2f} "
               f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_TBps']:6.2f} {r['fwd_bwd_speedup']:6.2f}")
+    if result_bwd:
+        print(f"\nbackward kernel alone, {shape[0]} x {shape[1]} bf16 (5 x {elem / 1e6:.0f} MB moved), fastest first")
+        print(f"{'rows':>4s} {'warps':>5s} {'per SM':>6s} {'prefetch':>8s} {'stages':>6s} {'ms':>7s} {'TB/s':>6s} "
+              f"{'x shipped':>9s} {'max|diff|':>9s}")
+        for r in sorted(result_bwd, key=lambda r: r["ms"]):
+            L = r["launch"]
+            print(f"{L['bwd_rows']:4d} {L['bwd_warps']:5d} {L['bwd_programs_per_sm']:6d} {str(L['bwd_prefetch']):>8s} "
+                  f"{L['bwd_stages']:6d} {r['ms']:7.3f} {r['TBps']:6.2f} {r['vs_shipped']:9.2f} {r['max_abs_diff']:9.2e}")
+
+
+def backward_sweep(gate, up, w, dy) -> list[dict]:
+    """The backward kernel alone over a grid of launch settings; outputs compared with the shipped ones."""
+    import itertools
+
+    g2, u2, dy2 = gate.detach(), up.detach(), dy
+    M, N = g2.shape
+    y = torch.empty_like(g2)
+    rstd = torch.empty(M, device=g2.device)
+    kernels.launch_swiglu_forward(g2, u2, w.detach(), y, rstd, EPS)
+    shipped = dict(kernels.SWIGLU_LAUNCH)
+
+    def run(launch):
+        programs, per = kernels.swiglu_backward_programs(M, g2.device, launch)
+        dg, du = torch.empty_like(g2), torch.empty_like(u2)
+        dw_partial = torch.empty(programs, N, device=g2.device)
+        call = lambda: kernels.launch_swiglu_backward(dy2, g2, u2, w.detach(), rstd, dg, du, dw_partial, per, launch)  # noqa: E731
+        call()
+        return do_bench(call, warmup=25, rep=200), (dg, du, dw_partial.sum(0))
+
+    base_ms, base_out = run(shipped)
+    rows = []
+    for rows_, warps, per_sm, prefetch, stages in itertools.product((1, 2), (4, 8, 16), (2, 4, 16), (False, True), (1, 2)):
+        if prefetch and stages > 1:
+            continue
+        launch = shipped | {"bwd_rows": rows_, "bwd_warps": warps, "bwd_programs_per_sm": per_sm,
+                            "bwd_prefetch": prefetch, "bwd_stages": stages}
+        try:
+            ms, out = run(launch)
+        except Exception as e:  # e.g. out of shared memory or registers for this combination
+            print(f"[bwd-sweep] {launch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, base_out))
+        rows.append({"launch": launch, "ms": round(ms, 4), "TBps": round(5 * g2.numel() * 2 / ms / 1e9, 2),
+                     "vs_shipped": round(base_ms / ms, 3), "max_abs_diff": diff})
+    return rows
 
 
 if __name__ == "__main__":

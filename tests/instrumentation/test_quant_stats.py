@@ -63,3 +63,17 @@ def test_full_precision_twin_writes_nothing(tmp_path):
     hook.on_train_start(type("S", (), {"step": 0, "tokens": 0})())
     hook.close()
     assert not (tmp_path / "metrics").exists()
+
+
+def test_periodic_hooks_say_when_they_work(tmp_path):
+    """works_at: the loop lets the GPU drain before exactly these steps, so step_ms keeps the steps' time."""
+    from bitnet.instrumentation.base import Hook
+    from bitnet.instrumentation.evaluation import EvalHook
+    from bitnet.instrumentation.samples import SampleHook
+
+    want = [5, 10, 12]
+    evaluation = EvalHook(tmp_path, None, [], None, torch.device("cpu"), 5, 12)
+    samples = SampleHook(tmp_path, None, None, [], 5, 12, 8, 0, None)
+    for hook in (evaluation, samples):
+        assert [s for s in range(1, 13) if hook.works_at(s)] == want
+    assert not any(Hook().works_at(s) for s in range(1, 13))

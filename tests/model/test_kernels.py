@@ -219,19 +219,23 @@ def run_swiglu_vs_fallback(device: str, shapes, dtypes, launch=None) -> None:
 
 @pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
-@pytest.mark.parametrize("change", [{}, {"fwd_rows": 2, "bwd_rows": 1, "bwd_programs_per_sm": 1}])
+@pytest.mark.parametrize("change", [{}, {"fwd_rows": 2, "bwd_rows": 1, "bwd_programs_per_sm": 1},
+                                    {"bwd_prefetch": True}, {"bwd_prefetch": True, "bwd_rows": 1, "bwd_programs_per_sm": 1}])
 def test_swiglu_kernels_on_the_interpreter(change):
-    """The shipped launch settings, and two rows per forward program with all rows in one backward program."""
+    """The shipped launch settings; two rows per forward program with all rows in one backward program;
+    the backward prefetching the next row block (across a program's last rows and the matrix's end)."""
     run_swiglu_vs_fallback("cpu", [(3, 64), (7, 100), (2, 3, 3072)], [(torch.float32, torch.float32)],
                            launch=kernels.SWIGLU_LAUNCH | change)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
-def test_swiglu_kernels_on_gpu():
+@pytest.mark.parametrize("change", [{}, {"bwd_prefetch": not kernels.SWIGLU_LAUNCH.get("bwd_prefetch")},
+                                    {"bwd_stages": 2, "bwd_prefetch": False}])
+def test_swiglu_kernels_on_gpu(change):
     shapes = [(1, 3072), (37, 3072), (2, 1024, 3072), (4096, 3072), (5, 64), (3, 1000), (2, 7, 768)]
     dtypes = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)]
-    run_swiglu_vs_fallback("cuda", shapes, dtypes)
+    run_swiglu_vs_fallback("cuda", shapes, dtypes, launch=kernels.SWIGLU_LAUNCH | change)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,14 @@ class Hook:
     def on_step_end(self, state, out) -> None:
         """Called after every optimizer step with the step's detached outputs (no host sync here)."""
 
+    def works_at(self, step: int) -> bool:
+        """Whether on_step_end does real work after this step (a forward, a host sync, files).
+
+        The loop first waits for the GPU to finish the queued steps, so that the hook's time, kept out of
+        step_ms, holds none of theirs (a replayed CUDA graph lets the host run many steps ahead).
+        """
+        return False
+
     def on_log(self, state, row: dict) -> None:
         """Called at log steps with the scalars row (host values, already synced)."""
 
@@ -26,3 +34,8 @@ class Hook:
 
     def close(self) -> None:
         """Always called (in a finally), also after an error."""
+
+
+def due(step: int, interval: int, num_steps: int) -> bool:
+    """Every `interval` steps and at the last step: when the periodic hooks work."""
+    return step % interval == 0 or step == num_steps

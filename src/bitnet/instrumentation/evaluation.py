@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet.instrumentation.base import Hook
+from bitnet.instrumentation.base import Hook, due
 from bitnet.instrumentation.jsonl import JsonlWriter
 
 
@@ -39,8 +39,11 @@ class EvalHook(Hook):
     def on_log(self, state, row):
         self.last_train_loss = row.get("loss_avg", row["loss"])
 
+    def works_at(self, step):
+        return due(step, self.interval, self.num_steps)
+
     def on_step_end(self, state, out):
-        if state.step % self.interval and state.step != self.num_steps:
+        if not self.works_at(state.step):
             return
         eval_loss = evaluate(self.model, self.batches, self.autocast, self.device)
         state.best_eval_loss = min(state.best_eval_loss, eval_loss)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet.instrumentation.base import Hook
+from bitnet.instrumentation.base import Hook, due
 from bitnet.instrumentation.jsonl import JsonlWriter
 from bitnet.model.bitlinear import EPS, BitLinear
 
@@ -127,8 +127,11 @@ class QuantStatsHook(Hook):
         if self.enabled:
             self.record(state)
 
+    def works_at(self, step):
+        return self.enabled and due(step, self.interval, self.num_steps)
+
     def on_step_end(self, state, out):
-        if self.enabled and (state.step % self.interval == 0 or state.step == self.num_steps):
+        if self.works_at(state.step):
             self.record(state)
 
     def close(self):

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from bitnet.generation import MODES, continuation_text, generate_batch, sample_metrics, stable_seed
-from bitnet.instrumentation.base import Hook
+from bitnet.instrumentation.base import Hook, due
 from bitnet.instrumentation.jsonl import JsonlWriter
 
 
@@ -73,8 +73,11 @@ class SampleHook(Hook):
         self.autocast = autocast
         self.writer = JsonlWriter(Path(run_dir) / "samples" / "samples.jsonl")
 
+    def works_at(self, step):
+        return due(step, self.interval, self.num_steps)
+
     def on_step_end(self, state, out):
-        if state.step % self.interval and state.step != self.num_steps:
+        if not self.works_at(state.step):
             return
         now = time.time()
         for row in sample_rows(self.model, self.tok, self.prompts, state.step, self.seed, self.max_new_tokens,

@@ -247,21 +247,45 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
+    def _load_raw(PTR, rows64, stride, cols, mask):
+        # A (ROWS, BLOCK_N) tile as stored (bf16 in training): half the registers of fp32 while in flight.
+        return tl.load(PTR + rows64[:, None] * stride + cols[None, :], mask=mask, other=0.0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
     def _swiglu_norm_bwd_kernel(DY, G, U, W, RSTD, DG, DU, DW_PARTIAL, M, N, stride_dy, stride_g, stride_u,
-                                stride_dg, stride_du, rows_per_program, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                                stride_dg, stride_du, rows_per_program, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                PREFETCH: tl.constexpr, STAGES: tl.constexpr):
         # The RMSNorm backward of _rmsnorm_bwd_kernel on the recomputed h, then the SwiGLU backward:
         # du = dh * silu(g), dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))).
+        # PREFETCH: the next row block's loads are issued before this one's arithmetic, so a program keeps
+        # memory busy while it computes (few programs fit an SM: a whole row lives in registers).
+        # STAGES > 1: Triton's software pipelining of the loop's loads instead.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         start = pid * rows_per_program
-        for r0 in range(0, rows_per_program, ROWS):
-            rows, row_ok, mask, rows64 = _row_block(start + r0, M, col_ok, ROWS)
-            dy = _load_rows(DY, rows64, stride_dy, cols, mask)
-            g = _load_rows(G, rows64, stride_g, cols, mask)
-            u = _load_rows(U, rows64, stride_u, cols, mask)
+        end = tl.minimum(start + rows_per_program, M)  # a prefetch past this program's rows loads nothing
+        if PREFETCH:
+            _, _, mask, rows64 = _row_block(start, end, col_ok, ROWS)
+            dy_next = _load_raw(DY, rows64, stride_dy, cols, mask)
+            g_next = _load_raw(G, rows64, stride_g, cols, mask)
+            u_next = _load_raw(U, rows64, stride_u, cols, mask)
+        for r0 in tl.range(0, rows_per_program, ROWS, num_stages=STAGES):
+            rows, row_ok, mask, rows64 = _row_block(start + r0, end, col_ok, ROWS)
+            if PREFETCH:
+                dy_raw, g_raw, u_raw = dy_next, g_next, u_next
+                _, _, next_mask, next64 = _row_block(start + r0 + ROWS, end, col_ok, ROWS)
+                dy_next = _load_raw(DY, next64, stride_dy, cols, next_mask)
+                g_next = _load_raw(G, next64, stride_g, cols, next_mask)
+                u_next = _load_raw(U, next64, stride_u, cols, next_mask)
+            else:
+                dy_raw = _load_raw(DY, rows64, stride_dy, cols, mask)
+                g_raw = _load_raw(G, rows64, stride_g, cols, mask)
+                u_raw = _load_raw(U, rows64, stride_u, cols, mask)
+            dy, g, u = dy_raw.to(tl.float32), g_raw.to(tl.float32), u_raw.to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             sig, a, h = _swiglu_product(g, u, G.dtype.element_ty)
             hhat = h * rstd[:, None]
@@ -278,7 +302,8 @@ if triton is not None:
 # Launch settings of the SwiGLU kernels: rows per program and warps, and for the backward, programs per
 # SM (each loops over its share of rows, keeping the norm gain's gradient in registers). Chosen by
 # benchmarks/kernel_speed.py --sweep and the 95m step on an H100 (benchmarks/NOTES.md, run 4).
-SWIGLU_LAUNCH = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16}
+SWIGLU_LAUNCH = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
+                 "bwd_prefetch": False, "bwd_stages": 1}
 
 
 def swiglu_backward_programs(m: int, device: torch.device, launch: dict | None = None) -> tuple[int, int]:
@@ -312,7 +337,7 @@ def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor
     _swiglu_norm_bwd_kernel[(dw_partial.shape[0],)](
         dy2, g2, u2, weight, rstd, dg, du, dw_partial, M, N, dy2.stride(0), g2.stride(0), u2.stride(0),
         dg.stride(0), du.stride(0), rows_per_program, ROWS=rows, BLOCK_N=triton.next_power_of_2(N),
-        num_warps=launch["bwd_warps"])
+        PREFETCH=launch.get("bwd_prefetch", False), STAGES=launch.get("bwd_stages", 1), num_warps=launch["bwd_warps"])
 
 
 if triton is not None:

@@ -290,12 +290,15 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                     t_last, excluded_s, steps_since_log = now, 0.0, 0
                     loss_sum.zero_()
 
+                # one process stops at once; under torchrun every rank stops where the vote said so
+                stopping = voted_stop if world.distributed else stop.signal_name
+                checkpoint_due = step % cfg.checkpoint_interval == 0 or step in milestones or stopping
+                if device.type == "cuda" and (checkpoint_due or any(h.works_at(step) for h in hooks)):
+                    torch.cuda.synchronize()  # the queued steps' GPU time belongs in step_ms, not in excluded_s
                 t0 = time.perf_counter()
                 for hook in hooks:
                     hook.on_step_end(state, out)
-                # one process stops at once; under torchrun every rank stops where the vote said so
-                stopping = voted_stop if world.distributed else stop.signal_name
-                if step % cfg.checkpoint_interval == 0 or step in milestones or stopping:
+                if checkpoint_due:
                     # a stop checkpoint is what the printed resume command names: never pruned
                     path = save(milestone=step in milestones or bool(stopping)
                                 or bool(cfg.keep_every and step % cfg.keep_every == 0),

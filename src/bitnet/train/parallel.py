@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bitnet.instrumentation.base import Hook
+from bitnet.instrumentation.base import Hook, due
 from bitnet.instrumentation.evaluation import evaluate
 from bitnet.train.optim import portable_state_dict
 
@@ -249,6 +249,9 @@ class MirrorEval(Hook):
         self.model, self.batches, self.autocast, self.device = model, batches, autocast, device
         self.interval, self.num_steps = interval, num_steps
 
+    def works_at(self, step):
+        return due(step, self.interval, self.num_steps)
+
     def on_step_end(self, state, out):
-        if state.step % self.interval == 0 or state.step == self.num_steps:
+        if self.works_at(state.step):
             evaluate(self.model, self.batches, self.autocast, self.device)
