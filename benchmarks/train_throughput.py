@@ -52,6 +52,9 @@ VARIANTS = {
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-nograph": ("bitnet", "project", "project", {"cuda_graphs": False}),  # the step launched op by op
     "fast-torchswiglu": ("bitnet", "project", "project", {"swiglu_impl": "torch"}),  # inductor's SwiGLU+norm+quant
+    "fast-swiglu-run4": ("bitnet", "project", "project",  # the SwiGLU backward as in run 4: 2 rows, no prefetch
+                         {"swiglu_launch": {"bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
+                                            "bwd_prefetch": False}}),
 }
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-compiledce"
 DATASHEET_TFLOPS = 989.0
@@ -111,10 +114,11 @@ def apply_tweaks(tweaks: dict) -> None:
     """Process-wide switches of one exploration row (each row runs in its own process)."""
     import torch._inductor.config
 
-    from bitnet.model import bitlinear
+    from bitnet.model import bitlinear, kernels
 
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
+    kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))
 
 
 def uses_graphs(how: str, tweaks: dict, device) -> bool:

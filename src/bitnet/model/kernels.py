@@ -300,10 +300,12 @@ if triton is not None:
 
 
 # Launch settings of the SwiGLU kernels: rows per program and warps, and for the backward, programs per
-# SM (each loops over its share of rows, keeping the norm gain's gradient in registers). Chosen by
-# benchmarks/kernel_speed.py --sweep and the 95m step on an H100 (benchmarks/NOTES.md, run 4).
-SWIGLU_LAUNCH = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
-                 "bwd_prefetch": False, "bwd_stages": 1}
+# SM (each loops over its share of rows, keeping the norm gain's gradient in registers), the prefetch of
+# the next row and Triton's load pipelining (stages). Chosen by benchmarks/kernel_speed.py (--sweep,
+# --bwd-sweep) and the 95m step on an H100 (benchmarks/NOTES.md, runs 4 and 5): the backward alone takes
+# 0.41 ms with one prefetched row per iteration over 16 warps, against 0.60 ms without the prefetch.
+SWIGLU_LAUNCH = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 16, "bwd_programs_per_sm": 4,
+                 "bwd_prefetch": True, "bwd_stages": 1}
 
 
 def swiglu_backward_programs(m: int, device: torch.device, launch: dict | None = None) -> tuple[int, int]:
