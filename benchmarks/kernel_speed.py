@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/kernel_speed.py --out kernels.json            # on a CUDA machine
     PYTHONPATH=src python benchmarks/kernel_speed.py --sweep                      # also other launch settings
     PYTHONPATH=src python benchmarks/kernel_speed.py --bwd-sweep                  # the backward kernel alone
+    PYTHONPATH=src python benchmarks/kernel_speed.py --ce-sweep                   # the cross entropy instead
 
 Times forward and forward + backward of `swiglu_norm_act_quant` (silu(gate) * up -> sub-norm -> int8
 fake quantization, 32 x 1024 tokens x 3072) against torch.compile of its PyTorch fallback, in bf16 as
@@ -10,6 +11,9 @@ in training. Bandwidth = the bytes the function must move at least (read gate, u
 backward also read dy and write both gradients) / time; the H100's HBM3 moves about 3.35 TB/s at most.
 --bwd-sweep times the backward kernel alone (preallocated outputs, no autograd, L2 flushed between
 calls) over a grid of launch settings, each checked against the shipped settings' outputs.
+--ce-sweep times the cross entropy kernel instead (bf16 logits 32 x 1024 x 32000: loss rows, then the
+gradient written over the logits) over launch settings, against torch.compile of F.cross_entropy on
+fp32 logits, forward + backward; at least a read and a write of the logits must move.
 Prints a table last (ratios against inductor); writes JSON (--out).
 """
 
@@ -39,10 +43,14 @@ def main() -> None:
     p.add_argument("--width", type=int, default=3072)
     p.add_argument("--sweep", action="store_true", help="also time other launch settings (kernels.SWIGLU_LAUNCH)")
     p.add_argument("--bwd-sweep", action="store_true", help="time the backward kernel alone over launch settings")
+    p.add_argument("--ce-sweep", action="store_true", help="time the cross entropy kernel instead")
+    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", default="")
     a = p.parse_args()
     if not kernels.available():
         raise SystemExit("kernel_speed.py needs CUDA and triton")
+    if a.ce_sweep:
+        return cross_entropy_sweep(a.tokens, a.vocab, a.out)
     torch.manual_seed(0)
     shape = (a.tokens, a.width)
     gate = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -143,6 +151,56 @@ def backward_sweep(gate, up, w, dy) -> list[dict]:
         rows.append({"launch": launch, "ms": round(ms, 4), "TBps": round(5 * g2.numel() * 2 / ms / 1e9, 2),
                      "vs_shipped": round(base_ms / ms, 3), "max_abs_diff": diff})
     return rows
+
+
+def cross_entropy_sweep(tokens: int, vocab: int, out: str) -> None:
+    """The cross entropy kernel over launch settings, beside inductor's forward + backward of F.cross_entropy."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits0 = (torch.randn(tokens, vocab, device="cuda") * 3).to(torch.bfloat16)
+    t = torch.randint(0, vocab, (tokens,), device="cuda")
+    count = torch.tensor(float(tokens), device="cuda")
+    moved = 2 * logits0.numel() * logits0.element_size()  # read once, write once
+    ref_logits = logits0.clone().requires_grad_()
+    compiled_ce = torch.compile(lambda x: F.cross_entropy(x.float(), t))
+    base_ms = timed(lambda: compiled_ce(ref_logits).backward(), grads=(ref_logits,))
+    compiled_ce(ref_logits).backward()
+    want = ref_logits.grad
+    shipped = dict(kernels.CE_LAUNCH)
+    rows = [{"impl": "inductor: compile(F.cross_entropy(fp32)) fwd+bwd", "launch": {}, "ms": round(base_ms, 4)}]
+    loss_rows = torch.empty(tokens, device="cuda")
+    logits = logits0.clone()
+    for block, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
+        kernels.CE_LAUNCH.update(block=block, warps=warps)
+        try:
+            ms = do_bench(lambda: kernels.launch_cross_entropy(logits, t, count, loss_rows), warmup=10, rep=100)
+            logits.copy_(logits0)
+            kernels.launch_cross_entropy(logits, t, count, loss_rows)
+        except Exception as e:  # e.g. too many registers for this combination
+            print(f"[ce-sweep] {kernels.CE_LAUNCH}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        diff = (logits.float() - want).abs().max().item()
+        rows.append({"impl": "triton" + (" (shipped)" if kernels.CE_LAUNCH == shipped else ""),
+                     "launch": dict(kernels.CE_LAUNCH), "ms": round(ms, 4), "max_abs_diff_grad": diff})
+    kernels.CE_LAUNCH.update(shipped)
+    for r in rows:
+        r["TBps"] = round(moved / r["ms"] / 1e9, 2)
+        r["vs_inductor"] = round(base_ms / r["ms"], 3)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [tokens, vocab],
+              "cross_entropy_sweep": rows}
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\ncross entropy, {tokens} x {vocab} bf16 logits ({moved / 1e9:.1f} GB at least), "
+          f"{result['device']}, torch {torch.__version__}, fastest first")
+    print(f"{'impl':52s} {'block':>5s} {'warps':>5s} {'ms':>7s} {'TB/s':>6s} {'x inductor':>10s} {'max|dgrad|':>10s}")
+    for r in sorted(rows, key=lambda r: r["ms"]):
+        L = r["launch"]
+        print(f"{r['impl']:52s} {L.get('block', ''):>5} {L.get('warps', ''):>5} {r['ms']:7.3f} {r['TBps']:6.2f} "
+              f"{r['vs_inductor']:10.2f} {r.get('max_abs_diff_grad', float('nan')):10.2e}")
 
 
 if __name__ == "__main__":

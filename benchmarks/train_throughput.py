@@ -6,12 +6,14 @@
 
 Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random tokens):
   eager-ref      the straightforward BitLinear (RMSNorm, then every BitLinear quantizes its input and
-                 weight, Training-Tips style, fp32 quantization math), no compile, fp32 loss
-  compile-ref    the same under torch.compile(model), loss in eager fp32 (the trainer before issue #5)
+                 weight, Training-Tips style, fp32 quantization math), no compile, F.cross_entropy on
+                 fp32 logits
+  compile-ref    the same under torch.compile(model), the loss compiled with it
   fast           the project's path, as the trainer runs it: bitnet.train.step.compile_step (compiled
                  blocks with the RMSNorm + int8 quantization fused, the FFN's SwiGLU + sub-norm + int8
-                 quantization as one Triton kernel, Triton cross entropy), the whole step captured as
-                 one CUDA graph and replayed (bitnet.train.graphed; its first two steps run uncaptured)
+                 quantization as one Triton kernel, the head + cross entropy with the logits' gradient
+                 made in the forward), the clip handed to fused AdamW, the whole step captured as one
+                 CUDA graph and replayed (bitnet.train.graphed; its first two steps run uncaptured)
   bf16-compiled  ModelConfig(quantization='none') on the same path: the same shapes without BitNet
   fast-*         exploration rows, one change each against `fast` (see VARIANTS)
   bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
@@ -40,15 +42,15 @@ from pathlib import Path
 
 VARIANTS = {
     # name: (quantization, formulation, compile, tweaks)
-    "eager-ref": ("bitnet", "ref", "none", {}),
-    "compile-ref": ("bitnet", "ref", "model", {}),
+    "eager-ref": ("bitnet", "ref", "none", {"loss_impl": "torch"}),
+    "compile-ref": ("bitnet", "ref", "model", {"loss_impl": "torch"}),
     "fast": ("bitnet", "project", "project", {}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
-    "fast-compiledce": ("bitnet", "project", "compiledce", {}),  # torch.compile(loss_fn) for the Triton loss
+    "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
-    "bf16-compile-ref": ("none", "ref", "model", {}),            # bf16 twin, compile(model) + eager loss
+    "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch"}),  # bf16 twin under compile(model)
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-nograph": ("bitnet", "project", "project", {"cuda_graphs": False}),  # the step launched op by op
     "fast-torchswiglu": ("bitnet", "project", "project", {"swiglu_impl": "torch"}),  # inductor's SwiGLU+norm+quant
@@ -56,7 +58,7 @@ VARIANTS = {
                          {"swiglu_launch": {"bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
                                             "bwd_prefetch": False}}),
 }
-DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-compiledce"
+DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 
 
@@ -101,22 +103,41 @@ def build(quantization, formulation, preset, device):
 def compiled(model, how):
     import torch
 
-    from bitnet.train.step import compile_step, loss_fn
+    from bitnet.train.step import compile_step
 
     if how == "none":
-        return model, loss_fn
+        return model
     if how == "model":
-        return torch.compile(model), loss_fn
-    return compile_step(model, regional=how != "whole", fused_loss=how != "compiledce")
+        return torch.compile(model)
+    return compile_step(model, regional=how != "whole")
+
+
+class TorchLoss:
+    """A model whose loss is F.cross_entropy over its fp32 logits: the reference in `correctness`."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, idx, targets=None):
+        import torch.nn.functional as F
+
+        logits = self.model(idx)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def apply_tweaks(tweaks: dict) -> None:
     """Process-wide switches of one exploration row (each row runs in its own process)."""
     import torch._inductor.config
 
-    from bitnet.model import bitlinear, kernels
+    from bitnet.model import bitlinear, kernels, llama
 
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
+    llama.LOSS_IMPL = tweaks.get("loss_impl", "auto")
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
     kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))
 
@@ -127,7 +148,7 @@ def uses_graphs(how: str, tweaks: dict, device) -> bool:
 
 
 def make_step(model, how, device, graphs=False, lr=1e-3, wd=0.1):
-    """(step_model, step(batch) -> StepOutput, loss fn) on the project's optimizer and train_step.
+    """(step_model, step(batch) -> StepOutput) on the project's optimizer and train_step.
 
     graphs: the step through GraphedTrainStep (captured at its third call, replayed after), as the trainer.
     """
@@ -141,17 +162,17 @@ def make_step(model, how, device, graphs=False, lr=1e-3, wd=0.1):
     cfg = TrainConfig()
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
     set_schedule(opt, lr, wd)
-    step_model, lf = compiled(model, how)
+    step_model = compiled(model, how)
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         partial(torch.autocast, "cpu", enabled=False)
 
     if graphs:
-        stepper = GraphedTrainStep(step_model, opt, autocast, cfg.grad_clip, device, lf)
-        return step_model, lambda batch: stepper([batch], lr=lr, wd=wd), lf
+        stepper = GraphedTrainStep(step_model, opt, autocast, cfg.grad_clip, device)
+        return step_model, lambda batch: stepper([batch], lr=lr, wd=wd)
 
     def step(batch):
-        return train_step(step_model, opt, [batch], autocast, cfg.grad_clip, lr, wd, device, loss_fn=lf)
-    return step_model, step, lf
+        return train_step(step_model, opt, [batch], autocast, cfg.grad_clip, lr, wd, device)
+    return step_model, step
 
 
 def sync(device):
@@ -205,7 +226,7 @@ def run_variant(name, a, t0) -> dict:
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
     graphs = uses_graphs(how, tweaks, device)
-    step_model, step, lf = make_step(model, how, device, graphs)
+    step_model, step = make_step(model, how, device, graphs)
     g = torch.Generator().manual_seed(1)
     batches = [tuple(torch.randint(0, model.cfg.vocab_size, (2, a.batch, a.seq_len), generator=g)) for _ in range(4)]
     out = step(batches[0])
@@ -240,7 +261,7 @@ def run_variant(name, a, t0) -> dict:
         for r in res["profile"]["top"][:12]:
             print(f"    {r['ms']:7.3f} ms  x{r['calls']:<4d} {r['kernel'][:90]}")
     if name == "fast" and a.correctness:
-        res["correctness"] = correctness(model, step_model, lf, a, device, graphs)
+        res["correctness"] = correctness(model, step_model, a, device, graphs)
     return res
 
 
@@ -248,7 +269,7 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def correctness(fast_model, fast_step_model, fast_loss, a, device, graphs) -> dict:
+def correctness(fast_model, fast_step_model, a, device, graphs) -> dict:
     """The fast path against the eager reference formulation: logits, grads, 50 steps on real tokens.
 
     graphs: the fast path's 50 steps replay a CUDA graph, as the trainer's do.
@@ -260,27 +281,28 @@ def correctness(fast_model, fast_step_model, fast_loss, a, device, graphs) -> di
     from bitnet.train.config import TrainConfig
     from bitnet.train.optim import build_optimizer, set_schedule
     from bitnet.train.schedule import lr_at, wd_at
-    from bitnet.train.step import loss_fn, train_step
+    from bitnet.train.step import train_step
 
     tok = load_tokenizer("llama2")
     data = build_data(a.data, tok, a.seq_len, 0, 32, a.batch)
     batches = [data.train.next_batch(a.batch) for _ in range(a.corr_steps)]
     ref = build("bitnet", "ref", a.preset, device)
+    ref_call = TorchLoss(ref)
     fast_model.init_weights(seed=0)
     fast_model.zero_grad(set_to_none=True)  # a captured step leaves its gradients in p.grad
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     x, y = (t.to(device) for t in batches[0])
     logits, losses, grads = {}, {}, {}
-    for name, params_of, call, lf in (("ref", ref, ref, loss_fn), ("fast", fast_model, fast_step_model, fast_loss)):
+    for name, params_of, call in (("ref", ref, ref_call), ("fast", fast_model, fast_step_model)):
+        with torch.no_grad(), autocast():
+            logits[name] = call(x).float()
         with autocast():
-            out = call(x)
-            logits[name] = out.detach().float()  # before backward: the fused loss overwrites the logits
-            loss = lf(out, y)
+            loss = call(x, targets=y)
         loss.backward()
         losses[name] = loss.item()
         grads[name] = [p.grad.detach().float().clone() for p in params_of.parameters()]
         params_of.zero_grad(set_to_none=True)
-        del out, loss
+        del loss
     num = sum((g1.double() - g0.double()).pow(2).sum() for g0, g1 in zip(grads["ref"], grads["fast"]))
     den = sum(g0.double().pow(2).sum() for g0 in grads["ref"])
     res = {"logits_rel_err": rel(logits["fast"], logits["ref"]), "loss_ref": losses["ref"], "loss_fast": losses["fast"],
@@ -297,12 +319,12 @@ def correctness(fast_model, fast_step_model, fast_loss, a, device, graphs) -> di
     # the same init, the same real batches, LR warmed up over 10 steps to 1.5e-3
     cfg = TrainConfig(warmup_steps=10, num_steps=10_000)
     curves = {}
-    for name, m, call, lf in (("ref", ref, ref, loss_fn), ("fast", fast_model, fast_step_model, fast_loss)):
+    for name, m, call in (("ref", ref, ref_call), ("fast", fast_model, fast_step_model)):
         m.init_weights(seed=0)
         opt = build_optimizer(m, cfg, fused=device.type == "cuda")
-        stepper = partial(train_step, call, opt, autocast=autocast, grad_clip=cfg.grad_clip, device=device, loss_fn=lf)
+        stepper = partial(train_step, call, opt, autocast=autocast, grad_clip=cfg.grad_clip, device=device)
         if name == "fast" and graphs:
-            stepper = GraphedTrainStep(call, opt, autocast, cfg.grad_clip, device, lf)
+            stepper = GraphedTrainStep(call, opt, autocast, cfg.grad_clip, device)
         step_losses = []
         for i, b in enumerate(batches, start=1):
             lr, wd = lr_at(i, cfg, 5000), wd_at(i, cfg, 5000)
@@ -352,7 +374,8 @@ def run_check(a) -> dict:
 
 
 def check_cross_entropy(dev) -> dict:
-    """Triton cross entropy vs F.cross_entropy (fp64 forward, fp32 backward); lse/loss outputs poisoned."""
+    """Triton cross entropy vs F.cross_entropy: loss rows (fp64 reference, poisoned first) and the
+    gradient it writes over the logits (fp32 reference)."""
     import torch
     import torch.nn.functional as F
 
@@ -367,17 +390,14 @@ def check_cross_entropy(dev) -> dict:
             logits = (torch.randn(m, v, device=dev, generator=g) * 3).to(dt)
             t = torch.randint(0, v, (m,), device=dev, generator=g)
             t[::5] = kernels.IGNORE_INDEX
-            lse = torch.full((m,), float("nan"), device=dev)
-            loss_rows = torch.full((m,), float("nan"), device=dev)
-            kernels.launch_cross_entropy_forward(logits, t, lse, loss_rows)
             ref_rows = F.cross_entropy(logits.double(), t, reduction="none")
             ref = logits.float().requires_grad_()
             F.cross_entropy(ref, t).backward()
-            grad = logits.clone()
+            loss_rows = torch.full((m,), float("nan"), device=dev)
             count = (t != kernels.IGNORE_INDEX).sum().clamp(min=1).float()
-            kernels.launch_cross_entropy_backward(grad, t, lse, (1.0 / count).reshape(()))
+            kernels.launch_cross_entropy(logits, t, count, loss_rows)  # logits -> their gradient
             r = {"m": m, "v": v, "dtype": str(dt)[6:], "loss_rel": rel(loss_rows, ref_rows),
-                 "grad_rel": rel(grad, ref.grad), "nan": int(lse.isnan().sum() + loss_rows.isnan().sum() + grad.isnan().sum())}
+                 "grad_rel": rel(logits, ref.grad), "nan": int(loss_rows.isnan().sum() + logits.isnan().sum())}
             r["ok"] = r["nan"] == 0 and r["loss_rel"] < 1e-5 and r["grad_rel"] < (1e-2 if dt == torch.bfloat16 else 1e-5)
             ok &= r["ok"]
             rows.append(r)

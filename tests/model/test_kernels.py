@@ -256,55 +256,90 @@ def test_swiglu_op_under_compile_and_autograd():
 
 # ---------------------------------------------------------------------------- cross entropy
 
-def test_cross_entropy_fallback_equals_loss_fn():
-    from bitnet.train.step import loss_fn
+def head_inputs(m: int, d: int, v: int, seed: int):
+    """Hidden states (m, d), a head (v, d) and targets (m,) with every third ignored (row 0 counts)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d, generator=g)
+    w = torch.randn(v, d, generator=g) * (3 / d**0.5)  # logits of std ~3: a peaked softmax
+    t = torch.randint(0, v, (m,), generator=g)
+    t[1::3] = kernels.IGNORE_INDEX
+    return x, w, t
 
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 300, generator=g) * 3
-    t = torch.randint(0, 300, (2, 5), generator=g)
-    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    la, lb = kernels.cross_entropy(a, t), loss_fn(b, t)
-    if not kernels._INTERPRET:
-        assert torch.equal(la, lb)
-    la.backward()
-    lb.backward()
-    torch.testing.assert_close(a.grad, b.grad)
+
+def reference_head_loss(x, w, t, dtype):
+    """What the model computed before the fused loss: F.linear in dtype, then F.cross_entropy on fp32."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(F.linear(x.to(dtype), w.to(dtype)).float(), t, ignore_index=kernels.IGNORE_INDEX)
+
+
+def test_head_cross_entropy_fallback_is_the_reference():
+    from bitnet.model.llama import head_cross_entropy
+
+    x, w, t = head_inputs(10, 16, 300, seed=0)
+    xa, wa, xb, wb = (a.clone().requires_grad_() for a in (x, w, x, w))
+    la = head_cross_entropy(xa.view(2, 5, 16), wa, t.view(2, 5))
+    lb = reference_head_loss(xb, wb, t, torch.float32)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    (la * 3).backward()  # the incoming gradient scales both results
+    (lb * 3).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(wa.grad, wb.grad)
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    import torch.nn.functional as F
+
+    from bitnet.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = idx.roll(-1, dims=1)
+    logits = model(idx)
+    torch.testing.assert_close(model(idx, targets=y), F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1)))
 
 
 def run_cross_entropy_vs_reference(device: str, cases, dtypes) -> None:
     import torch.nn.functional as F
 
-    for m, v in cases:
+    for m, d, v in cases:
+        x, w, t = head_inputs(m, d, v, seed=m + v)
+        x, w, t = x.to(device), w.to(device), t.to(device)
         for dt in dtypes:
-            g = torch.Generator().manual_seed(m + v)
-            logits = (torch.randn(m, v, generator=g) * 3).to(dt).to(device)
-            t = torch.randint(0, v, (m,), generator=g).to(device)
-            t[1::3] = kernels.IGNORE_INDEX  # row 0 always counts: a 1-row case must not be all ignored
-            lse = torch.full((m,), float("nan"), device=device)
-            rows = torch.full((m,), float("nan"), device=device)
-            kernels.launch_cross_entropy_forward(logits, t, lse, rows)
-            assert not rows.isnan().any() and not lse.isnan().any()
-            assert rel(rows, F.cross_entropy(logits.double(), t, reduction="none")) < 1e-5
-            # through autograd: the gradient lands in the logits' own buffer
-            h = logits.clone().requires_grad_()
-            x = h * 1  # a non-leaf, like the head's output
-            loss = kernels.cross_entropy(x, t)
+            # the kernel alone: loss rows (poisoned first) and the gradient written over the logits
+            logits = F.linear(x.to(dt), w.to(dt))
             ref = logits.float().requires_grad_()
-            ref_loss = F.cross_entropy(ref, t)
+            ref_rows = F.cross_entropy(ref, t, reduction="none", ignore_index=kernels.IGNORE_INDEX)
+            (ref_rows.sum() / (t != kernels.IGNORE_INDEX).sum()).backward()
+            rows = torch.full((m,), float("nan"), device=device)
+            count = (t != kernels.IGNORE_INDEX).sum().float()
+            kernels.launch_cross_entropy(logits, t, count, rows)
+            assert not rows.isnan().any() and not logits.isnan().any()
+            assert rel(rows, ref_rows) < 1e-5, (m, v, dt)
+            assert rel(logits, ref.grad) < (1e-2 if dt == torch.bfloat16 else 1e-5), (m, v, dt)
+            # through autograd, with an incoming gradient other than 1, against the unfused head + loss
+            xa, wa, xb, wb = (a.clone().requires_grad_() for a in (x, w, x, w))
+            loss = kernels.linear_cross_entropy(xa, wa, t, dt)
+            ref_loss = reference_head_loss(xb, wb, t, dt)
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-            loss.backward()
-            ref_loss.backward()
-            assert rel(h.grad, ref.grad) < (1e-2 if dt == torch.bfloat16 else 1e-5), (m, v, dt)
+            (loss / 3).backward()
+            (ref_loss / 3).backward()
+            tol = 2e-2 if dt == torch.bfloat16 else 1e-5
+            assert xa.grad.dtype == x.dtype and wa.grad.dtype == w.dtype
+            assert rel(xa.grad, xb.grad) < tol and rel(wa.grad, wb.grad) < tol, (m, v, dt)
 
 
 @pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
-def test_cross_entropy_kernels_on_the_interpreter():
-    run_cross_entropy_vs_reference("cpu", [(5, 1000), (3, 5000), (4, 100)], [torch.float32])
+def test_cross_entropy_kernels_on_the_interpreter(monkeypatch):
+    monkeypatch.setitem(kernels.CE_LAUNCH, "block", 256)  # several strips per row at these sizes
+    run_cross_entropy_vs_reference("cpu", [(5, 8, 1000), (3, 16, 700), (4, 8, 100)], [torch.float32])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
 def test_cross_entropy_kernels_on_gpu():
-    run_cross_entropy_vs_reference("cuda", [(1, 32000), (1000, 32000), (333, 1000), (64, 100)],
+    run_cross_entropy_vs_reference("cuda", [(1, 768, 32000), (1000, 768, 32000), (333, 64, 1000), (64, 32, 100)],
                                    [torch.bfloat16, torch.float32])

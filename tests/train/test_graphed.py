@@ -13,7 +13,7 @@ from bitnet.model import ModelConfig, Transformer
 from bitnet.train.config import TrainConfig
 from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
 from bitnet.train.optim import build_optimizer, portable_state_dict, set_schedule
-from bitnet.train.step import loss_fn, train_step
+from bitnet.train.step import train_step
 
 TINY = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
 
@@ -83,7 +83,7 @@ def eager(model, opt):
 
 def graphed(model, opt, warmup=2):
     nullctx = torch.autocast("cpu", enabled=False)
-    return GraphedTrainStep(model, opt, lambda: nullctx, 1.0, torch.device("cpu"), loss_fn, warmup_steps=warmup,
+    return GraphedTrainStep(model, opt, lambda: nullctx, 1.0, torch.device("cpu"), warmup_steps=warmup,
                             graph_factory=ReplayedCall)
 
 
@@ -167,11 +167,11 @@ def test_cuda_graph_steps_equal_train_step_on_gpu():
         model = Transformer(TINY).to(dev)
         model.init_weights(seed=0)
         opt = build_optimizer(model, TrainConfig(), fused=True)
-        step_model, lf = compile_step(model)
+        step_model = compile_step(model)
         if use_graph:
-            stepper = GraphedTrainStep(step_model, opt, autocast, 1.0, dev, lf)
+            stepper = GraphedTrainStep(step_model, opt, autocast, 1.0, dev)
         else:
-            stepper = lambda mb, lr, wd: train_step(step_model, opt, mb, autocast, 1.0, lr, wd, dev, loss_fn=lf)  # noqa: E731
+            stepper = lambda mb, lr, wd: train_step(step_model, opt, mb, autocast, 1.0, lr, wd, dev)  # noqa: E731
         out = run(stepper, opt, 7, wd_change_at=5, n_micro=2)
         results.append((out, [p.detach().clone() for p in model.parameters()]))
         if use_graph:

@@ -16,10 +16,11 @@ inductor's 0.39 (2.9 TB/s), backward 0.59 against 0.55; -1.0 ms per step (benchm
 Registered as `bitnet::swiglu_norm_act_quant` and `bitnet::swiglu_norm_backward`.
 Fallback: `bitlinear.swiglu_norm_act_quant_reference`.
 
-`cross_entropy`: next-token cross entropy over bf16 logits, one read of the logits forward (an
-online log-sum-exp per row) and one read + one write backward, the gradient written over the
-logits in place: no second logits-sized buffer (2 GiB at 32 x 1024 x 32000 in bf16), which is
-the step's memory peak. Fallback: `F.cross_entropy` on fp32 logits (train/step.py's loss_fn).
+`linear_cross_entropy`: the tied head and the next-token cross entropy as one autograd function. Its
+forward runs the head GEMM, then one kernel reads each bf16 logits row for an online log-sum-exp and
+again (from L2) to write the gradient over it: the loss's backward is gone, and with it a read and a
+write of the 2 GiB logits (32 x 1024 x 32000 in bf16); no second logits-sized buffer exists. The
+backward is the head's two GEMMs. Fallback: F.cross_entropy on fp32 logits.
 tests/model/test_kernels.py checks every kernel against its fallback.
 """
 
@@ -395,16 +396,18 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: such targets add nothing to th
 if triton is not None:
 
     @triton.jit
-    def _cross_entropy_fwd_kernel(LOGITS, TARGETS, LSE, LOSS, V, stride, ignore_index, BLOCK: tl.constexpr):
-        # One row per program: an online log-sum-exp over the vocabulary in BLOCK-wide strips (each
-        # lane keeps its own running max and sum, merged at the end), then loss = lse - logit[target].
+    def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, COUNT, V, stride, ignore_index, BLOCK: tl.constexpr):
+        # One row per program. Pass 1: an online log-sum-exp over the vocabulary in BLOCK-wide strips
+        # (each lane keeps its own running max and sum, merged at the end), loss = lse - logit[target].
+        # Pass 2: the gradient of sum(loss) / count, (softmax - onehot(target)) / count, written over the
+        # row; its reads find the row in L2, where pass 1 asked to keep it.
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride
         m = tl.full([BLOCK], -1e30, tl.float32)  # finite: masked lanes never make inf - inf
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < V, other=-1e30).to(tl.float32)
+            x = tl.load(base + cols, mask=cols < V, other=-1e30, eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m, x)
             acc = acc * tl.exp(m - m_new) + tl.exp(x - m_new)
             m = m_new
@@ -413,73 +416,72 @@ if triton is not None:
         t = tl.load(TARGETS + row)
         valid = t != ignore_index
         x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
-        tl.store(LSE + row, lse)
         tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
-
-    @triton.jit
-    def _cross_entropy_bwd_kernel(LOGITS, TARGETS, LSE, SCALE, V, stride, ignore_index, BLOCK: tl.constexpr):
-        # d loss / d logit = (softmax - onehot(target)) * scale, written over the logits row.
-        row = tl.program_id(0).to(tl.int64)
-        base = LOGITS + row * stride
-        lse = tl.load(LSE + row)
-        t = tl.load(TARGETS + row)
-        scale = tl.where(t != ignore_index, tl.load(SCALE), 0.0)
+        scale = tl.where(valid, 1.0 / tl.load(COUNT), 0.0)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(base + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             g = tl.exp(x - lse)
             g = tl.where(cols == t, g - 1.0, g) * scale
             tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _ce_block(v: int) -> int:
-    return min(4096, triton.next_power_of_2(v))
+# Launch settings of the cross entropy kernel (benchmarks/kernel_speed.py --ce-sweep times others).
+CE_LAUNCH = {"block": 4096, "warps": 8}
 
 
-def launch_cross_entropy_forward(logits2: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                                 loss_rows: torch.Tensor) -> None:
-    """Fill lse (M,) and loss_rows (M,) from logits2 (M, V) and targets (M,); tests poison the outputs."""
+def launch_cross_entropy(logits2: torch.Tensor, targets: torch.Tensor, count: torch.Tensor,
+                         loss_rows: torch.Tensor) -> None:
+    """Fill loss_rows (M,) from logits2 (M, V) and targets (M,), then overwrite logits2 with the
+    gradient of loss_rows.sum() / count (count: 0-dim fp32 on the device). Tests poison loss_rows."""
     M, V = logits2.shape
-    _cross_entropy_fwd_kernel[(M,)](logits2, targets, lse, loss_rows, V, logits2.stride(0), IGNORE_INDEX,
-                                    BLOCK=_ce_block(V), num_warps=8)
+    block = min(CE_LAUNCH["block"], triton.next_power_of_2(V))
+    _cross_entropy_kernel[(M,)](logits2, targets, loss_rows, count, V, logits2.stride(0), IGNORE_INDEX,
+                                BLOCK=block, num_warps=CE_LAUNCH["warps"])
 
 
-def launch_cross_entropy_backward(logits2: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                                  scale: torch.Tensor) -> None:
-    """Overwrite logits2 (M, V) with the gradient of scale * sum of row losses (scale: 0-dim fp32)."""
-    M, V = logits2.shape
-    _cross_entropy_bwd_kernel[(M,)](logits2, targets, lse, scale, V, logits2.stride(0), IGNORE_INDEX,
-                                    BLOCK=_ce_block(V), num_warps=8)
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of the logits x @ weight^T; their gradient is made in the forward, over them.
 
+    The backward only multiplies: grad_x = G @ W and grad_W = G^T @ x, each scaled by the incoming
+    gradient (a number known only then), on the small side of each GEMM. The logits are read twice
+    and written once in all, where a loss kernel with a backward of its own reads them three times.
+    """
 
-class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2, targets):
-        M = logits2.shape[0]
-        lse = torch.empty(M, dtype=torch.float32, device=logits2.device)
-        loss_rows = torch.empty(M, dtype=torch.float32, device=logits2.device)
-        launch_cross_entropy_forward(logits2, targets, lse, loss_rows)
+    def forward(ctx, x2, weight, targets, dtype):
+        x_mm, w_mm = x2.to(dtype), weight.to(dtype)
+        logits = x_mm @ w_mm.t()  # (M, V): becomes its own gradient below
         count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()  # stays on the device: no sync
-        ctx.save_for_backward(logits2, targets, lse, count)
+        loss_rows = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+        launch_cross_entropy(logits, targets, count, loss_rows)
+        ctx.save_for_backward(logits, x_mm, w_mm)
+        ctx.dtypes = x2.dtype, weight.dtype
         return loss_rows.sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits2, targets, lse, count = ctx.saved_tensors
-        scale = (grad_loss.float() / count).reshape(())
-        launch_cross_entropy_backward(logits2, targets, lse, scale)  # the logits become their gradient
-        return logits2, None
+        grad_logits, x_mm, w_mm = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_logits @ w_mm).mul_(scale).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_logits.t() @ x_mm).mul_(scale).to(ctx.dtypes[1])
+        return grad_x, grad_w, None, None
 
 
-@torch.compiler.disable  # eager on purpose: it rewrites a tensor that autograd saved
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of logits (..., V) against targets (...), as F.cross_entropy on fp32.
+@torch.compiler.disable  # eager on purpose: its forward writes a gradient into a tensor autograd saved
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Mean next-token cross entropy of the logits x @ weight^T (matmul in dtype) against targets.
 
-    On CUDA (or under Triton's interpreter) the Triton kernels, whose backward OVERWRITES `logits`
-    with its gradient: use the logits for this loss only. Elsewhere the PyTorch fallback.
+    x (..., D), weight (V, D), targets (...) with IGNORE_INDEX for positions that do not count. The
+    Triton kernel on CUDA (or under Triton's interpreter); elsewhere F.cross_entropy on fp32 logits.
     """
-    logits2, targets1 = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    if triton is None or not (logits.is_cuda or _INTERPRET) or logits2.stride(-1) != 1:
-        return F.cross_entropy(logits2.float(), targets1, ignore_index=IGNORE_INDEX)
-    return _CrossEntropy.apply(logits2, targets1)
+    x2, targets1 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    if triton is None or not (x.is_cuda or _INTERPRET):
+        logits = F.linear(x2.to(dtype), weight.to(dtype))
+        return F.cross_entropy(logits.float(), targets1, ignore_index=IGNORE_INDEX)
+    return _LinearCrossEntropy.apply(x2, weight, targets1, dtype)

@@ -9,7 +9,8 @@ How it differs from plain LLaMA:
   before `down_proj`, besides the usual pre-norms and the final norm;
 - input and output embeddings are one tensor (tied);
 - `quantization='none'` builds the identical network with plain linears (the bf16 twin).
-`forward` returns logits; the loss lives in train/step.py.
+`forward(idx)` returns logits; `forward(idx, targets=...)` the mean next-token loss, which on CUDA
+never hands the logits out (`head_cross_entropy`).
 """
 
 import math
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import make_linear, norm_act_quant, swiglu_norm_act_quant
+from bitnet.model.bitlinear import make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
 from bitnet.model.config import ModelConfig
 
 
@@ -144,6 +145,24 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# "auto": on CUDA, the head and the loss as one function whose forward also makes the logits' gradient
+# (kernels.linear_cross_entropy): a read and a write of the 2 GiB logits fewer per 95m step.
+# "torch": F.cross_entropy over fp32 logits, what the reference rows of benchmarks/ run.
+LOSS_IMPL = "auto"
+
+
+def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of the tied head's logits x @ weight^T against targets (-100: not counted)."""
+    dtype = matmul_dtype(x)
+    if x.is_cuda and LOSS_IMPL == "auto":
+        from bitnet.model import kernels  # imported here: Triton is needed (and loaded) on CUDA only
+
+        if kernels.available():
+            return kernels.linear_cross_entropy(x, weight, targets, dtype)
+    logits = F.linear(x.to(dtype), weight.to(dtype))
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
 class Transformer(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab). Names follow HF transformers' BitNet model."""
 
@@ -173,7 +192,9 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std, generator=gen)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); with targets (B, T), the mean cross entropy instead (0-dim, fp32)."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.max_seq_len:
@@ -185,6 +206,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.norm(x)
+        if targets is not None:
+            return head_cross_entropy(x, self.embed_tokens.weight, targets)
         return F.linear(x, self.embed_tokens.weight)  # tied head, (B, T, vocab)
 
     def num_params(self) -> int:

@@ -70,9 +70,9 @@ class GraphedTrainStep:
     """Drop-in for `train_step(model, optimizer, micro_batches, ...)` that captures once and replays."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, autocast, grad_clip: float,
-                 device: torch.device, loss_fn: Callable, warmup_steps: int = 2, graph_factory=CudaGraph):
+                 device: torch.device, warmup_steps: int = 2, graph_factory=CudaGraph):
         self.model, self.optimizer, self.autocast, self.grad_clip = model, optimizer, autocast, grad_clip
-        self.device, self.loss_fn, self.warmup_steps, self.graph_factory = device, loss_fn, warmup_steps, graph_factory
+        self.device, self.warmup_steps, self.graph_factory = device, warmup_steps, graph_factory
         self.graph = None
         self.calls = 0
         self.captures = 0
@@ -83,7 +83,7 @@ class GraphedTrainStep:
         self.calls += 1
         if self.calls <= self.warmup_steps:
             return train_step(self.model, self.optimizer, micro_batches, self.autocast, self.grad_clip, lr, wd,
-                              self.device, loss_fn=self.loss_fn)
+                              self.device)
         key = ([tuple(x.shape) + tuple(y.shape) for x, y in micro_batches],
                [g["weight_decay"] for g in self.optimizer.param_groups])
         if self.graph is None or key != self._key:
@@ -119,7 +119,7 @@ class GraphedTrainStep:
         n = len(self.inputs)
         total = torch.zeros((), device=self.device)
         for x, y in self.inputs:
-            total += forward_backward(self.model, x, y, self.autocast, self.loss_fn, n)
-        param_grad_norms, grad_norm = clip_gradients(self.model, self.grad_clip)
+            total += forward_backward(self.model, x, y, self.autocast, n)
+        param_grad_norms, grad_norm = clip_gradients(self.model, self.grad_clip, self.optimizer)
         self.optimizer.step()
         self.loss, self.grad_norm, self.param_grad_norms = total, grad_norm, param_grad_norms

@@ -35,7 +35,7 @@ from bitnet.train.optim import build_optimizer, set_schedule
 from bitnet.train.run_dir import create_run_dir, default_run_id, write_json
 from bitnet.train.schedule import lr_at, wd_at
 from bitnet.train.state import TrainState, rng_state, seed_everything, set_rng_state
-from bitnet.train.step import compile_step, loss_fn, train_step
+from bitnet.train.step import compile_step, train_step
 
 
 @dataclass
@@ -165,16 +165,16 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         write_json(run_dir / "meta" / "provenance.json", provenance(cfg.seed, device, resumed_from, world.world_size))
         write_json(run_dir / "meta" / "dataset_fingerprint.json", data.fingerprint)
 
-    # compiled blocks + compiled loss (benchmarks/train_throughput.py measures the choice)
-    step_model, step_loss = compile_step(model) if use_compile else (model, loss_fn)
+    # compiled blocks; the head and the loss one Triton-backed function (benchmarks/train_throughput.py)
+    step_model = compile_step(model) if use_compile else model
     if cfg.parallel == "ddp":  # DDP around the compiled blocks (torchrun), so it runs the one-GPU graphs
         step_model = parallel.wrap_model(step_model, "ddp", world)
     # one CUDA graph for the whole step, replayed (train/graphed.py), or the step op by op
     if use_graphs:
-        step_fn = GraphedTrainStep(step_model, optimizer, autocast, cfg.grad_clip, device, step_loss)
+        step_fn = GraphedTrainStep(step_model, optimizer, autocast, cfg.grad_clip, device)
     else:
         step_fn = partial(train_step, step_model, optimizer, autocast=autocast, grad_clip=cfg.grad_clip, device=device,
-                          skip_nonfinite=cfg.anomaly_policy == "skip", loss_fn=step_loss)
+                          skip_nonfinite=cfg.anomaly_policy == "skip")
     progress = ConsoleProgress(cfg.num_steps, state.step, enabled=not quiet and world.is_main)
     hooks = [ScalarsLogger(run_dir), progress] if world.is_main else []  # the other ranks write nothing
     if not cfg.no_eval and world.is_main:
