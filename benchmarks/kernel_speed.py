@@ -12,8 +12,7 @@ backward also read dy and write both gradients) / time; the H100's HBM3 moves ab
 --bwd-sweep times the backward kernel alone (preallocated outputs, no autograd, L2 flushed between
 calls) over a grid of launch settings, each checked against the shipped settings' outputs.
 --ce-sweep times the cross entropy kernel instead (bf16 logits 32 x 1024 x 32000: loss rows, then the
-gradient written over the logits) over launch settings (the row held whole in registers, or read in
-strips twice), against torch.compile of F.cross_entropy on
+gradient written over the logits) over launch settings, against torch.compile of F.cross_entropy on
 fp32 logits, forward + backward; at least a read and a write of the logits must move.
 Prints a table last (ratios against inductor); writes JSON (--out).
 """
@@ -174,11 +173,8 @@ def cross_entropy_sweep(tokens: int, vocab: int, out: str) -> None:
     rows = [{"impl": "inductor: compile(F.cross_entropy(fp32)) fwd+bwd", "launch": {}, "ms": round(base_ms, 4)}]
     loss_rows = torch.empty(tokens, device="cuda")
     logits = logits0.clone()
-    whole = max(shipped["whole_row_max"], 1 << (vocab - 1).bit_length())
-    grid = [{"whole_row_max": whole, "whole_row_warps": w} for w in (8, 16, 32)]  # the row held whole
-    grid += [{"whole_row_max": 0, "block": b, "warps": w} for b, w in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16))]
-    for change in grid:
-        kernels.CE_LAUNCH.update(shipped | change)
+    for block, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
+        kernels.CE_LAUNCH.update(block=block, warps=warps)
         try:
             ms = do_bench(lambda: kernels.launch_cross_entropy(logits, t, count, loss_rows), warmup=10, rep=100)
             logits.copy_(logits0)
@@ -203,9 +199,7 @@ def cross_entropy_sweep(tokens: int, vocab: int, out: str) -> None:
     print(f"{'impl':52s} {'block':>5s} {'warps':>5s} {'ms':>7s} {'TB/s':>6s} {'x inductor':>10s} {'max|dgrad|':>10s}")
     for r in sorted(rows, key=lambda r: r["ms"]):
         L = r["launch"]
-        whole = bool(L) and 1 << (vocab - 1).bit_length() <= L["whole_row_max"]
-        block, warps = ("row", L["whole_row_warps"]) if whole else (L.get("block", ""), L.get("warps", ""))
-        print(f"{r['impl']:52s} {block:>5} {warps:>5} {r['ms']:7.3f} {r['TBps']:6.2f} "
+        print(f"{r['impl']:52s} {L.get('block', ''):>5} {L.get('warps', ''):>5} {r['ms']:7.3f} {r['TBps']:6.2f} "
               f"{r['vs_inductor']:10.2f} {r.get('max_abs_diff_grad', float('nan')):10.2e}")
 
 

@@ -333,17 +333,13 @@ def run_cross_entropy_vs_reference(device: str, cases, dtypes) -> None:
 
 @pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
-@pytest.mark.parametrize("whole_row_max", [1024, 0])  # rows held whole; rows read in strips of 256
-def test_cross_entropy_kernels_on_the_interpreter(monkeypatch, whole_row_max):
-    monkeypatch.setitem(kernels.CE_LAUNCH, "block", 256)
-    monkeypatch.setitem(kernels.CE_LAUNCH, "whole_row_max", whole_row_max)
+def test_cross_entropy_kernels_on_the_interpreter(monkeypatch):
+    monkeypatch.setitem(kernels.CE_LAUNCH, "block", 256)  # several strips per row at these sizes
     run_cross_entropy_vs_reference("cpu", [(5, 8, 1000), (3, 16, 700), (4, 8, 100)], [torch.float32])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
-@pytest.mark.parametrize("whole_row_max", [32768, 0])  # the shipped settings; strips for every row
-def test_cross_entropy_kernels_on_gpu(monkeypatch, whole_row_max):
-    monkeypatch.setitem(kernels.CE_LAUNCH, "whole_row_max", whole_row_max)
+def test_cross_entropy_kernels_on_gpu():
     run_cross_entropy_vs_reference("cuda", [(1, 768, 32000), (1000, 768, 32000), (333, 64, 1000), (64, 32, 100)],
                                    [torch.bfloat16, torch.float32])

@@ -17,8 +17,8 @@ Registered as `bitnet::swiglu_norm_act_quant` and `bitnet::swiglu_norm_backward`
 Fallback: `bitlinear.swiglu_norm_act_quant_reference`.
 
 `linear_cross_entropy`: the tied head and the next-token cross entropy as one autograd function. Its
-forward runs the head GEMM, then one kernel reads each bf16 logits row once (held in registers; rows
-too long for that are read twice, the second time mostly from L2) and writes the gradient over it:
+forward runs the head GEMM, then one kernel reads each bf16 logits row for an online log-sum-exp and
+again (mostly from L2) to write the gradient over it:
 the loss's backward is gone, and with it a read and a write of the 2 GiB logits (32 x 1024 x 32000 in
 bf16); no second logits-sized buffer exists. The backward is the head's two GEMMs. Fallback: F.cross_entropy on fp32 logits.
 tests/model/test_kernels.py checks every kernel against its fallback.
@@ -396,54 +396,41 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: such targets add nothing to th
 if triton is not None:
 
     @triton.jit
-    def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, COUNT, V, stride, ignore_index, BLOCK: tl.constexpr,
-                              WHOLE_ROW: tl.constexpr):
-        # One row per program: loss = lse - logit[target], then the gradient of sum(loss) / count,
-        # (softmax - onehot(target)) / count, written over the row.
+    def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, COUNT, V, stride, ignore_index, BLOCK: tl.constexpr):
+        # One row per program. Pass 1: an online log-sum-exp over the vocabulary in BLOCK-wide strips
+        # (each lane keeps its own running max and sum, merged at the end), loss = lse - logit[target].
+        # Pass 2: the gradient of sum(loss) / count, (softmax - onehot(target)) / count, written over the
+        # row; its reads find most of the row in L2, where pass 1 asked to keep it.
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride
+        m = tl.full([BLOCK], -1e30, tl.float32)  # finite: masked lanes never make inf - inf
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=-1e30, eviction_policy="evict_last").to(tl.float32)
+            m_new = tl.maximum(m, x)
+            acc = acc * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        mx = tl.max(m, axis=0)
+        lse = mx + tl.log(tl.sum(acc * tl.exp(m - mx), axis=0))
         t = tl.load(TARGETS + row)
         valid = t != ignore_index
+        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
+        tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
         scale = tl.where(valid, 1.0 / tl.load(COUNT), 0.0)
-        if WHOLE_ROW:  # BLOCK >= V: the row stays in registers between the two halves, read from HBM once
-            cols = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
             mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=-1e30).to(tl.float32)  # finite: exp gives 0, no NaN
-            mx = tl.max(x, axis=0)
-            e = tl.exp(x - mx)
-            total = tl.sum(e, axis=0)
-            x_t = tl.sum(tl.where(cols == t, x, 0.0), axis=0)
-            tl.store(LOSS + row, tl.where(valid, mx + tl.log(total) - x_t, 0.0))
-            g = e * (1.0 / total)
+            x = tl.load(base + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            g = tl.exp(x - lse)
             g = tl.where(cols == t, g - 1.0, g) * scale
             tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
-        else:
-            # Pass 1: an online log-sum-exp in BLOCK-wide strips (each lane keeps its own running max
-            # and sum, merged at the end). Pass 2 reads the row again, from L2 when it is still there.
-            m = tl.full([BLOCK], -1e30, tl.float32)
-            acc = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                x = tl.load(base + cols, mask=cols < V, other=-1e30, eviction_policy="evict_last").to(tl.float32)
-                m_new = tl.maximum(m, x)
-                acc = acc * tl.exp(m - m_new) + tl.exp(x - m_new)
-                m = m_new
-            mx = tl.max(m, axis=0)
-            lse = mx + tl.log(tl.sum(acc * tl.exp(m - mx), axis=0))
-            x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
-            tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < V
-                x = tl.load(base + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                g = tl.exp(x - lse)
-                g = tl.where(cols == t, g - 1.0, g) * scale
-                tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-# Launch settings of the cross entropy kernel (benchmarks/kernel_speed.py --ce-sweep times others): rows of
-# up to `whole_row_max` columns are held whole in registers; longer ones go in `block`-wide strips.
-CE_LAUNCH = {"block": 4096, "warps": 8, "whole_row_max": 32768, "whole_row_warps": 16}
+# Launch settings of the cross entropy kernel. On an H100 at 32768 x 32000 bf16 the kernel takes 1.68 ms
+# (2.50 TB/s) against 1.75 with 8 warps and 2.12 with the whole row held in registers in one read
+# (benchmarks/kernel_speed.py --ce-sweep; benchmarks/NOTES.md, run 5).
+CE_LAUNCH = {"block": 4096, "warps": 16}
 
 
 def launch_cross_entropy(logits2: torch.Tensor, targets: torch.Tensor, count: torch.Tensor,
@@ -451,11 +438,9 @@ def launch_cross_entropy(logits2: torch.Tensor, targets: torch.Tensor, count: to
     """Fill loss_rows (M,) from logits2 (M, V) and targets (M,), then overwrite logits2 with the
     gradient of loss_rows.sum() / count (count: 0-dim fp32 on the device). Tests poison loss_rows."""
     M, V = logits2.shape
-    whole = triton.next_power_of_2(V) <= CE_LAUNCH["whole_row_max"]
-    block = triton.next_power_of_2(V) if whole else min(CE_LAUNCH["block"], triton.next_power_of_2(V))
+    block = min(CE_LAUNCH["block"], triton.next_power_of_2(V))
     _cross_entropy_kernel[(M,)](logits2, targets, loss_rows, count, V, logits2.stride(0), IGNORE_INDEX,
-                                BLOCK=block, WHOLE_ROW=whole,
-                                num_warps=CE_LAUNCH["whole_row_warps"] if whole else CE_LAUNCH["warps"])
+                                BLOCK=block, num_warps=CE_LAUNCH["warps"])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
