@@ -18,18 +18,18 @@ Fallback: `bitlinear.swiglu_norm_act_quant_reference`.
 
 `linear_cross_entropy`: the tied head and the next-token cross entropy as one autograd function. Its
 forward runs the head GEMM, then one kernel reads each bf16 logits row for an online log-sum-exp and
-again (mostly from L2) to write the gradient over it:
-the loss's backward is gone, and with it a read and a write of the 2 GiB logits (32 x 1024 x 32000 in
-bf16); no second logits-sized buffer exists. The backward is the head's two GEMMs. Fallback: F.cross_entropy on fp32 logits.
+again (mostly from L2) to write the gradient over it: the loss's backward is gone, and with it a read
+and a write of the 2 GiB logits (32 x 1024 x 32000 in bf16); no second logits-sized buffer exists. The
+backward is the head's two GEMMs. Fallback: `llama.head_cross_entropy_reference` (fp32 logits).
 tests/model/test_kernels.py checks every kernel against its fallback.
 """
 
 import os
 
 import torch
-import torch.nn.functional as F
 
 from bitnet.model.bitlinear import EPS, norm_act_quant_reference, swiglu_norm_act_quant_reference
+from bitnet.model.llama import head_cross_entropy_reference
 
 try:
     import triton
@@ -480,10 +480,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """Mean next-token cross entropy of the logits x @ weight^T (matmul in dtype) against targets.
 
     x (..., D), weight (V, D), targets (...) with IGNORE_INDEX for positions that do not count. The
-    Triton kernel on CUDA (or under Triton's interpreter); elsewhere F.cross_entropy on fp32 logits.
+    Triton kernel on CUDA (or under Triton's interpreter); elsewhere `head_cross_entropy_reference`.
     """
-    x2, targets1 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     if triton is None or not (x.is_cuda or _INTERPRET):
-        logits = F.linear(x2.to(dtype), weight.to(dtype))
-        return F.cross_entropy(logits.float(), targets1, ignore_index=IGNORE_INDEX)
-    return _LinearCrossEntropy.apply(x2, weight, targets1, dtype)
+        return head_cross_entropy_reference(x, weight, targets, dtype)
+    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), dtype)

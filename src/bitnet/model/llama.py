@@ -151,6 +151,13 @@ class Block(nn.Module):
 LOSS_IMPL = "auto"
 
 
+def head_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 dtype: torch.dtype) -> torch.Tensor:
+    """F.cross_entropy over the fp32 logits x @ weight^T (the matmul in dtype); -100 targets do not count."""
+    logits = F.linear(x.to(dtype), weight.to(dtype))
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
 def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy of the tied head's logits x @ weight^T against targets (-100: not counted)."""
     dtype = matmul_dtype(x)
@@ -159,8 +166,7 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
         if kernels.available():
             return kernels.linear_cross_entropy(x, weight, targets, dtype)
-    logits = F.linear(x.to(dtype), weight.to(dtype))
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    return head_cross_entropy_reference(x, weight, targets, dtype)
 
 
 class Transformer(nn.Module):
