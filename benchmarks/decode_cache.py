@@ -34,12 +34,12 @@ def main() -> None:
 
     decode()  # warm-up
     cached = best_of(3, decode)
-    original = bitlinear.BitLinear.ternary_operand
-    bitlinear.BitLinear.ternary_operand = lambda self, dtype: bitlinear.quantize_weight(self.weight.detach(), dtype)
+    original = bitlinear.BitLinear._inference_weight
+    bitlinear.BitLinear._inference_weight = lambda self, dtype: bitlinear.weight_quant(self.weight.detach()).to(dtype)
     try:
         recompute = best_of(3, decode)
     finally:
-        bitlinear.BitLinear.ternary_operand = original
+        bitlinear.BitLinear._inference_weight = original
     print(json.dumps({"benchmark": "decode_cache", "torch": torch.__version__, "device": "cpu",
                       "recompute_s": round(recompute, 3), "cached_s": round(cached, 3),
                       "speedup": round(recompute / cached, 2)}))

@@ -24,7 +24,7 @@ import torch
 from triton.testing import do_bench
 
 from bitnet.model import kernels
-from bitnet.model.bitlinear import EPS, RowScaled, swiglu_norm_act_quant_reference
+from bitnet.model.bitlinear import EPS, swiglu_norm_act_quant_reference
 
 
 def timed(fn, grads=None) -> float:
@@ -53,24 +53,17 @@ def main() -> None:
         return cross_entropy_sweep(a.tokens, a.vocab, a.out)
     torch.manual_seed(0)
     shape = (a.tokens, a.width)
-    # gate and up as the integer GEMMs leave them: raw products in the hundreds, small per-row scales
-    gate = (300 * torch.randn(shape, device="cuda")).to(torch.bfloat16).requires_grad_()
-    up = (300 * torch.randn(shape, device="cuda")).to(torch.bfloat16).requires_grad_()
-    scales = [torch.rand(a.tokens, 1, device="cuda") * 0.01 + 1e-4 for _ in range(2)]
+    gate = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    up = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w = (1 + 0.1 * torch.randn(a.width, device="cuda")).requires_grad_()
     dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     elem = gate.numel() * gate.element_size()
     fwd_bytes, bwd_bytes = 3 * elem, 3 * elem + 5 * elem  # forward + backward (dy, gate, up in; dg, du out)
 
     def triton_fn(g, u, ww):
-        return kernels.swiglu_norm_act_quant(RowScaled(g, scales[0]), RowScaled(u, scales[1]), ww, EPS,
-                                             torch.bfloat16).values
+        return kernels.swiglu_norm_act_quant(g, u, ww, EPS, torch.bfloat16)
 
-    def reference(g, u, ww):
-        return swiglu_norm_act_quant_reference(RowScaled(g, scales[0]), RowScaled(u, scales[1]), ww, EPS,
-                                               torch.bfloat16).values
-
-    inductor_fn = torch.compile(reference)
+    inductor_fn = torch.compile(lambda g, u, ww: swiglu_norm_act_quant_reference(g, u, ww, EPS, torch.bfloat16))
     rows = []
 
     def measure(name, fn, launch=None):
@@ -98,7 +91,7 @@ def main() -> None:
             kernels.SWIGLU_LAUNCH.update(shipped | change)
             measure(f"triton, {name}", triton_fn)
         kernels.SWIGLU_LAUNCH.update(shipped)
-    result_bwd = backward_sweep(gate, up, [t.reshape(-1) for t in scales], w, dy) if a.bwd_sweep else []
+    result_bwd = backward_sweep(gate, up, w, dy) if a.bwd_sweep else []
     base = rows[0]
     for r in rows:
         r["fwd_speedup"] = round(base["fwd_ms"] / r["fwd_ms"], 3)
@@ -123,24 +116,22 @@ def main() -> None:
                   f"{L['bwd_stages']:6d} {r['ms']:7.3f} {r['TBps']:6.2f} {r['vs_shipped']:9.2f} {r['max_abs_diff']:9.2e}")
 
 
-def backward_sweep(gate, up, row_scales, w, dy) -> list[dict]:
+def backward_sweep(gate, up, w, dy) -> list[dict]:
     """The backward kernel alone over a grid of launch settings; outputs compared with the shipped ones."""
     import itertools
 
     g2, u2, dy2 = gate.detach(), up.detach(), dy
-    gs, us = row_scales
     M, N = g2.shape
     y = torch.empty_like(g2)
-    y_scale, rstd = torch.empty(M, device=g2.device), torch.empty(M, device=g2.device)
-    kernels.launch_swiglu_forward(g2, u2, gs, us, w.detach(), y, y_scale, rstd, EPS)
+    rstd = torch.empty(M, device=g2.device)
+    kernels.launch_swiglu_forward(g2, u2, w.detach(), y, rstd, EPS)
     shipped = dict(kernels.SWIGLU_LAUNCH)
 
     def run(launch):
         programs, per = kernels.swiglu_backward_programs(M, g2.device, launch)
         dg, du = torch.empty_like(g2), torch.empty_like(u2)
         dw_partial = torch.empty(programs, N, device=g2.device)
-        call = lambda: kernels.launch_swiglu_backward(dy2, g2, u2, gs, us, w.detach(), y_scale, rstd,  # noqa: E731
-                                                      dg, du, dw_partial, per, launch)
+        call = lambda: kernels.launch_swiglu_backward(dy2, g2, u2, w.detach(), rstd, dg, du, dw_partial, per, launch)  # noqa: E731
         call()
         return do_bench(call, warmup=25, rep=200), (dg, du, dw_partial.sum(0))
 

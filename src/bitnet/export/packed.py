@@ -102,7 +102,8 @@ def load_packed(export_dir: str | Path, device: str | torch.device = "cpu") -> T
         if tuple(w_t.shape) != (out_features, in_features):
             raise ExportError(f"{export_dir}: {name} has shape {tuple(w_t.shape)}, "
                               f"expected {(out_features, in_features)}")
-        model.set_submodule(name, TernaryLinear(w_t, scale))
+        quantized_input = getattr(model.get_submodule(name), "quantized_input", False)
+        model.set_submodule(name, TernaryLinear(w_t, scale, quantized_input=quantized_input))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[-1] not in ("ternary", "weight_scale")]
     if missing or unexpected:

@@ -8,8 +8,9 @@ in blocks: with R = ceil(out / 4), byte row r holds weight rows r, R + r, 2R + r
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from bitnet.model.bitlinear import BitLinear, RowScaled, int8_rows, matmul_dtype, ternary_linear
+from bitnet.model.bitlinear import BitLinear, activation_quant
 
 VALUES_PER_BYTE = 4
 
@@ -47,32 +48,36 @@ def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 class TernaryLinear(nn.Module):
     """Inference-only BitLinear: frozen ternary weights with one fp32 scale, int8 per-token activations.
 
-    Computes exactly what `BitLinear` computes in its forward (DESIGN.md section 2): the integer GEMM
-    x_int @ W_t^T scaled per row by 1 / (s_x * s), from the ternary form alone. It has no latent weights,
-    so it cannot be trained. Inputs as BitLinear's: a tensor, or a `RowScaled` its norm quantized.
+    Computes exactly what `BitLinear` computes in its forward (DESIGN.md section 2),
+    y = activation_quant(x) @ (W_t / s)^T, from the ternary form alone; it has no latent weights,
+    so it cannot be trained. `weight` caches the dequantized W_t / s (made once, not saved).
     """
 
-    def __init__(self, ternary: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, ternary: torch.Tensor, scale: torch.Tensor, quantized_input: bool = False):
         super().__init__()
         self.out_features, self.in_features = ternary.shape
+        self.quantized_input = quantized_input  # as BitLinear's: the input comes quantized from its norm
         self.register_buffer("ternary", ternary.to(torch.int8))
         self.register_buffer("weight_scale", scale.detach().float().reshape(()))
+        self.register_buffer("weight", self.ternary.float() / self.weight_scale, persistent=False)
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> "TernaryLinear":
-        return cls(*layer.ternary_weight())
+        return cls(*layer.ternary_weight(), quantized_input=getattr(layer, "quantized_input", False))
 
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 tensor in {-1, 0, 1}, fp32 scale s) with W_q = W_t / s, as `BitLinear.ternary_weight`."""
         return self.ternary, self.weight_scale
 
-    def forward(self, x: torch.Tensor | RowScaled, keep_scale: bool = False) -> torch.Tensor | RowScaled:
-        x = int8_rows(x)
-        dtype = matmul_dtype(x.values)
-        return ternary_linear(x, self.ternary.to(dtype), 1.0 / self.weight_scale, keep_scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if not self.quantized_input:
+            x = activation_quant(x)
+        return F.linear(x.to(dtype), self.weight.to(dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, ternary"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, ternary"
+                + (", quantized_input=True" if self.quantized_input else ""))
 
 
 def ternary_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

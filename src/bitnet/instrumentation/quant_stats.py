@@ -18,7 +18,7 @@ import torch
 
 from bitnet.instrumentation.base import Hook, due
 from bitnet.instrumentation.jsonl import JsonlWriter
-from bitnet.model.bitlinear import EPS, BitLinear, RowScaled, to_tensor
+from bitnet.model.bitlinear import EPS, BitLinear
 
 WEIGHT_KEYS = ("neg", "zero", "pos", "gamma", "near_boundary")
 ACT_KEYS = ("act_absmax_mean", "act_absmax_max", "act_outlier_ratio")
@@ -60,8 +60,7 @@ def activation_stats(model, layers: list[tuple[str, BitLinear]], x: torch.Tensor
 
     def capture(name):
         def pre_hook(module, args):
-            a = args[0]
-            a = (to_tensor(a) if isinstance(a, RowScaled) else a).detach().float()  # x_q from int8 levels
+            a = args[0].detach().float()
             absmax = a.abs().amax(-1).clamp(min=EPS)  # (B, T): per-token absmax, as activation_quant uses
             rms = a.pow(2).mean(-1).sqrt().clamp(min=EPS)
             captured[name] = torch.stack([absmax.mean(), absmax.max(), (absmax / rms).mean()])

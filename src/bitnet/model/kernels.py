@@ -1,17 +1,16 @@
 """Triton kernels for the BitNet training step (CUDA), each beside a PyTorch fallback of the same function.
 
-`rmsnorm_act_quant`: RMSNorm followed by BitNet's per-token absmax 8-bit quantization, one read of
-each row and one write of its int8 levels (in the matmul dtype) and its scale (forward); the backward
-is the RMSNorm backward in one pass (the STE makes the quantizer the identity up to the scale s), with
-the norm gain's gradient reduced from per-program partial sums. Registered as the custom ops `bitnet::rmsnorm_act_quant`
+`rmsnorm_act_quant`: RMSNorm followed by BitNet's per-token absmax 8-bit fake quantization, one
+read of each row and one write of its quantized form (forward); the backward is the RMSNorm
+backward in one pass (the STE makes the quantizer the identity), with the norm gain's gradient
+reduced from per-program partial sums. Registered as the custom ops `bitnet::rmsnorm_act_quant`
 and `bitnet::rmsnorm_backward`, so torch.compile and autograd see them as single nodes.
 Fallback: `bitlinear.norm_act_quant_reference`.
 
-`swiglu_norm_act_quant`: the FFN's middle, silu(gate) * up, then the sub-norm and the 8-bit
-quantization (what `ffn_sub_norm` computes on the SwiGLU product), in one read of gate and up as their
-integer GEMMs left them (each row scaled on load) and one write of the quantized row; the product is
-never stored, the backward recomputes it from gate and up and writes both gradients in one pass, scaled
-for the GEMMs' backward. Its neighbours are GEMMs on both sides, so unlike the plain
+`swiglu_norm_act_quant`: the FFN's middle, silu(gate) * up, then the sub-norm and the 8-bit fake
+quantization (what `ffn_sub_norm` computes on the SwiGLU product), in one read of gate and up and one
+write of the quantized row; the product is never stored, the backward recomputes it from gate and up
+and writes both gradients in one pass. Its neighbours are GEMMs on both sides, so unlike the plain
 norm kernel it takes no fusion away from inductor. Per 95m layer on an H100: forward 0.21 ms against
 inductor's 0.39 (2.9 TB/s), backward 0.59 against 0.55; -1.0 ms per step (benchmarks/NOTES.md, run 4).
 Registered as `bitnet::swiglu_norm_act_quant` and `bitnet::swiglu_norm_backward`.
@@ -29,7 +28,7 @@ import os
 
 import torch
 
-from bitnet.model.bitlinear import EPS, RowScaled, norm_act_quant_reference, swiglu_norm_act_quant_reference
+from bitnet.model.bitlinear import EPS, norm_act_quant_reference, swiglu_norm_act_quant_reference
 from bitnet.model.llama import head_cross_entropy_reference
 
 try:
@@ -47,15 +46,15 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> RowScaled:
-    """RMSNorm(x) * weight, quantized per token to 8 bits with STE: int8 levels in out_dtype, scales.
+def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm(x) * weight, fake-quantized per token to 8 bits with STE, returned in out_dtype.
 
     The Triton kernels on CUDA (or under Triton's interpreter); otherwise the PyTorch fallback.
     """
     if triton is None or not (x.is_cuda or _INTERPRET):
         return norm_act_quant_reference(x, weight, eps, out_dtype)
-    y, scale, _ = torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps, out_dtype)
-    return RowScaled(y, scale.view(*x.shape[:-1], 1))
+    y, _ = torch.ops.bitnet.rmsnorm_act_quant(x, weight, eps, out_dtype)
+    return y
 
 
 if triton is not None:
@@ -73,10 +72,10 @@ if triton is not None:
         return tl.load(PTR + rows64[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _rmsnorm_act_quant_fwd_kernel(X, W, Y, SCALE, RSTD, M, N, stride_x, stride_y, eps, quant_eps,
+    def _rmsnorm_act_quant_fwd_kernel(X, W, Y, RSTD, M, N, stride_x, stride_y, eps, quant_eps,
                                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         # ROWS rows per program, each whole in registers: two row reductions (sum of squares, then
-        # absmax of the normed row) and one store of int8 levels; the math is the fallback's, in fp32.
+        # absmax of the normed row) and one store; the math is the fallback's, in fp32.
         cols = tl.arange(0, BLOCK_N)
         rows, row_ok, mask, rows64 = _row_block(tl.program_id(0) * ROWS, M, cols < N, ROWS)
         x = _load_rows(X, rows64, stride_x, cols, mask)
@@ -84,19 +83,18 @@ if triton is not None:
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / N + eps))
         y = x * rstd[:, None] * w[None, :]
         y = y.to(X.dtype.element_ty).to(tl.float32)  # the norm's output in x's dtype, as RMSNorm returns it
-        amax = tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps)
+        s = tl.div_rn(127.0, tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps))
         # Round half to even, as torch.round: adding and subtracting 1.5 * 2^23 leaves the nearest
         # integer in fp32 for |v| < 2^22 (here |v| <= 127).
-        v = y * tl.div_rn(127.0, amax)[:, None]
+        v = y * s[:, None]
         q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)
+        q = tl.div_rn(q, s[:, None])
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
-        tl.store(SCALE + rows, tl.div_rn(amax, 127.0), mask=row_ok)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def _rmsnorm_bwd_kernel(DY, X, W, SCALE, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_dx,
+    def _rmsnorm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, stride_dy, stride_x, stride_dx,
                             rows_per_program, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        # DY is the gradient of the int8 levels; the STE passes dy = DY / scale to the norm's output.
         # dx = rstd * (w*dy - xhat * mean(xhat * w*dy)); dw = sum over rows of dy * xhat, kept per
         # program in registers and written once as one row of DW_PARTIAL.
         pid = tl.program_id(0)
@@ -107,10 +105,9 @@ if triton is not None:
         start = pid * rows_per_program
         for r0 in range(0, rows_per_program, ROWS):
             rows, row_ok, mask, rows64 = _row_block(start + r0, M, col_ok, ROWS)
+            dy = _load_rows(DY, rows64, stride_dy, cols, mask)
             x = _load_rows(X, rows64, stride_x, cols, mask)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            s = tl.div_rn(1.0, tl.load(SCALE + rows, mask=row_ok, other=1.0))
-            dy = _load_rows(DY, rows64, stride_dy, cols, mask) * s[:, None]
             xhat = x * rstd[:, None]
             wdy = dy * w[None, :]
             c = tl.sum(xhat * wdy, axis=1) / N
@@ -128,13 +125,12 @@ def _rows_and_warps(n: int) -> tuple[int, int, int]:
     return block, rows, warps
 
 
-def launch_forward(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rstd: torch.Tensor,
-                   eps: float) -> None:
-    """Fill y (M, N), scale and rstd (M,) from x2 (M, N); tests pass them poisoned to see every write."""
+def launch_forward(x2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
+    """Fill y (M, N) and rstd (M,) from x2 (M, N); tests pass poisoned y and rstd to see every write."""
     M, N = x2.shape
     block, rows, warps = _rows_and_warps(N)
     _rmsnorm_act_quant_fwd_kernel[(triton.cdiv(M, rows),)](
-        x2, weight, y, scale, rstd, M, N, x2.stride(0), y.stride(0), eps, EPS,
+        x2, weight, y, rstd, M, N, x2.stride(0), y.stride(0), eps, EPS,
         ROWS=rows, BLOCK_N=block, num_warps=warps)
 
 
@@ -145,15 +141,14 @@ def backward_programs(m: int, rows: int, device: torch.device, per_sm: int = 2) 
     return triton.cdiv(m, per), per
 
 
-def launch_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    rstd: torch.Tensor, dx: torch.Tensor, dw_partial: torch.Tensor, rows_per_program: int) -> None:
-    """Fill dx (M, N) and dw_partial (programs, N) from dy2, the int8 levels' gradient; the caller sums
-    dw_partial over programs."""
+def launch_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                    dx: torch.Tensor, dw_partial: torch.Tensor, rows_per_program: int) -> None:
+    """Fill dx (M, N) and dw_partial (programs, N); the caller sums dw_partial over programs."""
     M, N = x2.shape
     block, rows, warps = _rows_and_warps(N)
     assert rows_per_program % rows == 0 and dw_partial.shape[0] * rows_per_program >= M
     _rmsnorm_bwd_kernel[(dw_partial.shape[0],)](
-        dy2, x2, weight, scale, rstd, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
+        dy2, x2, weight, rstd, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
         rows_per_program, ROWS=rows, BLOCK_N=block, num_warps=warps)
 
 
@@ -167,42 +162,39 @@ if triton is not None:
 
     @torch.library.custom_op("bitnet::rmsnorm_act_quant", mutates_args=())
     def _rmsnorm_act_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x2 = _rows(x)
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-        scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        launch_forward(x2, weight, y, scale, rstd, eps)
-        return y.view(x.shape), scale, rstd
+        launch_forward(x2, weight, y, rstd, eps)
+        return y.view(x.shape), rstd
 
     @_rmsnorm_act_quant_op.register_fake
     def _(x, weight, eps, out_dtype):
-        m = x.numel() // x.shape[-1]
-        return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(m, dtype=torch.float32),
-                x.new_empty(m, dtype=torch.float32))
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
 
     @torch.library.custom_op("bitnet::rmsnorm_backward", mutates_args=())
-    def _rmsnorm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+    def _rmsnorm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x2, dy2 = _rows(x), _rows(dy)
         dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         programs, per = backward_programs(x2.shape[0], _rows_and_warps(x2.shape[1])[1], x.device)
         dw_partial = torch.empty(programs, x2.shape[1], dtype=torch.float32, device=x.device)
-        launch_backward(dy2, x2, weight, scale, rstd, dx, dw_partial, per)
+        launch_backward(dy2, x2, weight, rstd, dx, dw_partial, per)
         return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
     @_rmsnorm_backward_op.register_fake
-    def _(dy, x, weight, scale, rstd):
+    def _(dy, x, weight, rstd):
         return torch.empty_like(x), torch.empty_like(weight)
 
     def _setup_context(ctx, inputs, output):
         x, weight, _, _ = inputs
-        ctx.save_for_backward(x, weight, output[1], output[2])
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
 
-    def _backward(ctx, dy, _dscale, _drstd):
-        x, weight, scale, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.bitnet.rmsnorm_backward(dy, x, weight, scale, rstd)
+    def _backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.bitnet.rmsnorm_backward(dy, x, weight, rstd)
         return dx, dw, None, None
 
     _rmsnorm_act_quant_op.register_autograd(_backward, setup_context=_setup_context)
@@ -211,25 +203,16 @@ if triton is not None:
 # ---------------------------------------------------------------------------- SwiGLU + sub-norm + quantize
 
 
-def _row_scales(t: RowScaled) -> torch.Tensor:
-    """t's scales as the (M,) fp32 vector the kernels index by row."""
-    if t.scale.numel() != t.values.numel() // t.values.shape[-1]:
-        raise ValueError(f"need one scale per row: values {tuple(t.values.shape)}, scale {tuple(t.scale.shape)}")
-    return t.scale.reshape(-1).float().contiguous()
-
-
-def swiglu_norm_act_quant(gate: RowScaled, up: RowScaled, weight: torch.Tensor, eps: float,
-                          out_dtype: torch.dtype) -> RowScaled:
-    """RMSNorm(silu(gate) * up) * weight, quantized per token to 8 bits with STE: int8 levels in out_dtype
-    and their scales. gate and up come unscaled from their GEMMs (`BitLinear(..., keep_scale=True)`).
+def swiglu_norm_act_quant(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits with STE, in out_dtype.
 
     The Triton kernels on CUDA (or under Triton's interpreter); otherwise the PyTorch fallback.
     """
-    if triton is None or not (gate.values.is_cuda or _INTERPRET):
+    if triton is None or not (gate.is_cuda or _INTERPRET):
         return swiglu_norm_act_quant_reference(gate, up, weight, eps, out_dtype)
-    y, scale, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate.values, up.values, _row_scales(gate), _row_scales(up),
-                                                         weight, eps, out_dtype)
-    return RowScaled(y, scale.view(*y.shape[:-1], 1))
+    y, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate, up, weight, eps, out_dtype)
+    return y
 
 
 if triton is not None:
@@ -244,21 +227,13 @@ if triton is not None:
         return sig, a, (a * u).to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _scaled(raw, scale, DTYPE: tl.constexpr):
-        # A GEMM's raw rows times their scales, rounded to DTYPE as the fallback's `to_tensor` rounds them.
-        return (raw.to(tl.float32) * scale[:, None]).to(DTYPE).to(tl.float32)
-
-    @triton.jit
-    def _swiglu_norm_quant_fwd_kernel(G, U, GS, US, W, Y, SCALE, RSTD, M, N, stride_g, stride_u, stride_y, eps,
-                                      quant_eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        # As _rmsnorm_act_quant_fwd_kernel, on h = silu(g) * u formed in registers and never stored; g and
-        # u are the GEMMs' raw rows times their per-row scales GS and US.
+    def _swiglu_norm_quant_fwd_kernel(G, U, W, Y, RSTD, M, N, stride_g, stride_u, stride_y, eps, quant_eps,
+                                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # As _rmsnorm_act_quant_fwd_kernel, on h = silu(g) * u formed in registers and never stored.
         cols = tl.arange(0, BLOCK_N)
         rows, row_ok, mask, rows64 = _row_block(tl.program_id(0) * ROWS, M, cols < N, ROWS)
-        gs = tl.load(GS + rows, mask=row_ok, other=0.0)
-        us = tl.load(US + rows, mask=row_ok, other=0.0)
-        g = _scaled(_load_rows(G, rows64, stride_g, cols, mask), gs, G.dtype.element_ty)
-        u = _scaled(_load_rows(U, rows64, stride_u, cols, mask), us, G.dtype.element_ty)
+        g = _load_rows(G, rows64, stride_g, cols, mask)
+        u = _load_rows(U, rows64, stride_u, cols, mask)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
         _, _, h = _swiglu_product(g, u, G.dtype.element_ty)  # masked lanes: silu(0) * 0 = 0
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))
@@ -266,8 +241,10 @@ if triton is not None:
         amax = tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps)
         v = y * tl.div_rn(127.0, amax)[:, None]
         q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)  # round half to even
-        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
-        tl.store(SCALE + rows, tl.div_rn(amax, 127.0), mask=row_ok)
+        # q / s as q * (max|y| / 127): a multiply per element instead of a division (at most an ulp of
+        # fp32 apart, which the bf16 output does not see)
+        step = amax / 127.0
+        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (q * step[:, None]).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
@@ -277,12 +254,11 @@ if triton is not None:
                        eviction_policy="evict_first")
 
     @triton.jit
-    def _swiglu_norm_bwd_kernel(DY, G, U, GS, US, W, SCALE, RSTD, DG, DU, DW_PARTIAL, M, N, stride_dy, stride_g,
-                                stride_u, stride_dg, stride_du, rows_per_program, ROWS: tl.constexpr,
-                                BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
-        # The RMSNorm backward of _rmsnorm_bwd_kernel on the recomputed h (DY / SCALE: the STE), then the
-        # SwiGLU backward du = dh * silu(g), dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))), each
-        # times its row's scale: the gradients of the raw GEMM outputs.
+    def _swiglu_norm_bwd_kernel(DY, G, U, W, RSTD, DG, DU, DW_PARTIAL, M, N, stride_dy, stride_g, stride_u,
+                                stride_dg, stride_du, rows_per_program, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+        # The RMSNorm backward of _rmsnorm_bwd_kernel on the recomputed h, then the SwiGLU backward:
+        # du = dh * silu(g), dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))).
         # PREFETCH: the next row block's loads are issued before this one's arithmetic, so a program keeps
         # memory busy while it computes (few programs fit an SM: a whole row lives in registers).
         # STAGES > 1: Triton's software pipelining of the loop's loads instead.
@@ -310,19 +286,15 @@ if triton is not None:
                 dy_raw = _load_raw(DY, rows64, stride_dy, cols, mask)
                 g_raw = _load_raw(G, rows64, stride_g, cols, mask)
                 u_raw = _load_raw(U, rows64, stride_u, cols, mask)
-            gs = tl.load(GS + rows, mask=row_ok, other=0.0)
-            us = tl.load(US + rows, mask=row_ok, other=0.0)
-            g, u = _scaled(g_raw, gs, G.dtype.element_ty), _scaled(u_raw, us, G.dtype.element_ty)
-            dy = dy_raw.to(tl.float32) * tl.div_rn(1.0, tl.load(SCALE + rows, mask=row_ok, other=1.0))[:, None]
+            dy, g, u = dy_raw.to(tl.float32), g_raw.to(tl.float32), u_raw.to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             sig, a, h = _swiglu_product(g, u, G.dtype.element_ty)
             hhat = h * rstd[:, None]
             wdy = dy * w[None, :]
             c = tl.sum(hhat * wdy, axis=1) / N
             dh = (wdy - hhat * c[:, None]) * rstd[:, None]
-            du = dh * a * us[:, None]
-            tl.store(DU + rows64[:, None] * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
-            dg = dh * u * sig * (1.0 + g * (1.0 - sig)) * gs[:, None]
+            tl.store(DU + rows64[:, None] * stride_du + cols[None, :], (dh * a).to(DU.dtype.element_ty), mask=mask)
+            dg = dh * u * sig * (1.0 + g * (1.0 - sig))
             tl.store(DG + rows64[:, None] * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
             dw += tl.sum(dy * hhat, axis=0)
         tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
@@ -343,25 +315,21 @@ def swiglu_backward_programs(m: int, device: torch.device, launch: dict | None =
     return backward_programs(m, launch["bwd_rows"], device, launch["bwd_programs_per_sm"])
 
 
-def launch_swiglu_forward(g2: torch.Tensor, u2: torch.Tensor, g_scale: torch.Tensor, u_scale: torch.Tensor,
-                          weight: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, rstd: torch.Tensor, eps: float,
-                          launch: dict | None = None) -> None:
-    """Fill y (M, N), scale and rstd (M,) from the raw gate and up (M, N) and their row scales (M,);
-    tests pass y, scale and rstd poisoned."""
+def launch_swiglu_forward(g2: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                          rstd: torch.Tensor, eps: float, launch: dict | None = None) -> None:
+    """Fill y (M, N) and rstd (M,) from gate and up (M, N); tests pass poisoned y and rstd."""
     launch = SWIGLU_LAUNCH if launch is None else launch
     M, N = g2.shape
     rows = launch["fwd_rows"]
     _swiglu_norm_quant_fwd_kernel[(triton.cdiv(M, rows),)](
-        g2, u2, g_scale, u_scale, weight, y, scale, rstd, M, N, g2.stride(0), u2.stride(0), y.stride(0), eps, EPS,
+        g2, u2, weight, y, rstd, M, N, g2.stride(0), u2.stride(0), y.stride(0), eps, EPS,
         ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=launch["fwd_warps"])
 
 
-def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, g_scale: torch.Tensor,
-                           u_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rstd: torch.Tensor,
-                           dg: torch.Tensor, du: torch.Tensor, dw_partial: torch.Tensor, rows_per_program: int,
-                           launch: dict | None = None) -> None:
-    """Fill dg, du (M, N: gradients of the raw gate and up) and dw_partial (programs, N) from dy2, the
-    int8 levels' gradient; the caller sums dw_partial over programs.
+def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor,
+                           rstd: torch.Tensor, dg: torch.Tensor, du: torch.Tensor, dw_partial: torch.Tensor,
+                           rows_per_program: int, launch: dict | None = None) -> None:
+    """Fill dg, du (M, N) and dw_partial (programs, N); the caller sums dw_partial over programs.
 
     programs and rows_per_program come from `swiglu_backward_programs` with the same `launch`.
     """
@@ -370,8 +338,7 @@ def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor
     rows = launch["bwd_rows"]
     assert rows_per_program % rows == 0 and dw_partial.shape[0] * rows_per_program >= M
     _swiglu_norm_bwd_kernel[(dw_partial.shape[0],)](
-        dy2, g2, u2, g_scale, u_scale, weight, scale, rstd, dg, du, dw_partial, M, N,
-        dy2.stride(0), g2.stride(0), u2.stride(0),
+        dy2, g2, u2, weight, rstd, dg, du, dw_partial, M, N, dy2.stride(0), g2.stride(0), u2.stride(0),
         dg.stride(0), du.stride(0), rows_per_program, ROWS=rows, BLOCK_N=triton.next_power_of_2(N),
         PREFETCH=launch.get("bwd_prefetch", False), STAGES=launch.get("bwd_stages", 1), num_warps=launch["bwd_warps"])
 
@@ -379,49 +346,45 @@ def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor
 if triton is not None:
 
     @torch.library.custom_op("bitnet::swiglu_norm_act_quant", mutates_args=())
-    def _swiglu_norm_act_quant_op(gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor,
-                                  up_scale: torch.Tensor, weight: torch.Tensor, eps: float,
-                                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _swiglu_norm_act_quant_op(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+                                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if gate.shape != up.shape or gate.dtype != up.dtype:
             raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}")
         g2, u2 = _rows(gate), _rows(up)
         y = torch.empty(g2.shape, dtype=out_dtype, device=gate.device)
-        scale = torch.empty(g2.shape[0], dtype=torch.float32, device=gate.device)
         rstd = torch.empty(g2.shape[0], dtype=torch.float32, device=gate.device)
-        launch_swiglu_forward(g2, u2, gate_scale, up_scale, weight, y, scale, rstd, eps)
-        return y.view(gate.shape), scale, rstd
+        launch_swiglu_forward(g2, u2, weight, y, rstd, eps)
+        return y.view(gate.shape), rstd
 
     @_swiglu_norm_act_quant_op.register_fake
-    def _(gate, up, gate_scale, up_scale, weight, eps, out_dtype):
-        m = gate.numel() // gate.shape[-1]
-        return (gate.new_empty(gate.shape, dtype=out_dtype), gate.new_empty(m, dtype=torch.float32),
-                gate.new_empty(m, dtype=torch.float32))
+    def _(gate, up, weight, eps, out_dtype):
+        return (gate.new_empty(gate.shape, dtype=out_dtype),
+                gate.new_empty(gate.numel() // gate.shape[-1], dtype=torch.float32))
 
     @torch.library.custom_op("bitnet::swiglu_norm_backward", mutates_args=())
-    def _swiglu_norm_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor,
-                                 up_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+    def _swiglu_norm_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
                                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
         dg = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
         du = torch.empty(g2.shape, dtype=up.dtype, device=up.device)
         programs, per = swiglu_backward_programs(g2.shape[0], gate.device)
         dw_partial = torch.empty(programs, g2.shape[1], dtype=torch.float32, device=gate.device)
-        launch_swiglu_backward(dy2, g2, u2, gate_scale, up_scale, weight, scale, rstd, dg, du, dw_partial, per)
+        launch_swiglu_backward(dy2, g2, u2, weight, rstd, dg, du, dw_partial, per)
         return dg.view(gate.shape), du.view(up.shape), dw_partial.sum(0).to(weight.dtype)
 
     @_swiglu_norm_backward_op.register_fake
-    def _(dy, gate, up, gate_scale, up_scale, weight, scale, rstd):
+    def _(dy, gate, up, weight, rstd):
         return torch.empty_like(gate), torch.empty_like(up), torch.empty_like(weight)
 
     def _swiglu_setup_context(ctx, inputs, output):
-        gate, up, gate_scale, up_scale, weight, _, _ = inputs
-        ctx.save_for_backward(gate, up, gate_scale, up_scale, weight, output[1], output[2])
-        ctx.mark_non_differentiable(output[1], output[2])
+        gate, up, weight, _, _ = inputs
+        ctx.save_for_backward(gate, up, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
 
-    def _swiglu_backward(ctx, dy, _dscale, _drstd):
-        gate, up, gate_scale, up_scale, weight, scale, rstd = ctx.saved_tensors
-        dg, du, dw = torch.ops.bitnet.swiglu_norm_backward(dy, gate, up, gate_scale, up_scale, weight, scale, rstd)
-        return dg, du, None, None, dw, None, None
+    def _swiglu_backward(ctx, dy, _drstd):
+        gate, up, weight, rstd = ctx.saved_tensors
+        dg, du, dw = torch.ops.bitnet.swiglu_norm_backward(dy, gate, up, weight, rstd)
+        return dg, du, dw, None, None
 
     _swiglu_norm_act_quant_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 

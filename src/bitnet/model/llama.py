@@ -3,8 +3,7 @@
 How it differs from plain LLaMA:
 - every attention and FFN projection is a `BitLinear` (ternary weights, int8 activations);
   the embedding and the (tied) head stay full precision; the RMSNorm before each BitLinear also
-  quantizes its output (`quantize_output`, one fused pass) and hands it over as int8 levels with
-  per-row scales (`RowScaled`), which the BitLinear multiplies as integers;
+  quantizes its output (`quantize_output`, one fused pass), so those BitLinears skip their own;
 - SubLN norm placement, as in Hugging Face transformers' `BitNetForCausalLM`, so an export maps
   name for name: `attn_sub_norm` (hidden size) before `o_proj`, `ffn_sub_norm` (FFN width)
   before `down_proj`, besides the usual pre-norms and the final norm;
@@ -21,15 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import RowScaled, make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
+from bitnet.model.bitlinear import make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
 from bitnet.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (bf16 sums of squares lose too much), returned in the input dtype.
 
-    quantize_output: the norm feeds only BitLinears, so it returns their input quantized per token
-    (absmax int8 levels in the matmul dtype and their scales, STE): `norm_act_quant`, one fused pass.
+    quantize_output: the norm feeds only BitLinears, so it returns their int8-fake-quantized input
+    (per-token absmax, STE) in the matmul dtype: `norm_act_quant`, one fused pass on CUDA.
     """
 
     def __init__(self, dim: int, eps: float, quantize_output: bool = False):
@@ -38,7 +37,7 @@ class RMSNorm(nn.Module):
         self.quantize_output = quantize_output
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | RowScaled:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_output:
             return norm_act_quant(x, self.weight, self.eps)
         x32 = x.float()
@@ -85,14 +84,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q, bitnet = cfg.quantization, cfg.quantization == "bitnet"
         # q/k/v take Block.input_layernorm's quantized output, o_proj attn_sub_norm's.
-        self.q_proj = make_linear(cfg.dim, cfg.n_heads * cfg.head_dim, q)
-        self.k_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q)
-        self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q)
+        self.q_proj = make_linear(cfg.dim, cfg.n_heads * cfg.head_dim, q, quantized_input=True)
+        self.k_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
+        self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
-        self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q)
+        self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        B, T, _ = (x.values if isinstance(x, RowScaled) else x).shape
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -106,7 +105,7 @@ class Attention(nn.Module):
             k_all = cache.k[layer][:, :, :start + T]  # (B, Hkv, S, D)
             v_all = cache.v[layer][:, :, :start + T]
             # Query i (absolute position start+i) sees keys 0..start+i.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(self.attn_sub_norm(y))
@@ -119,19 +118,17 @@ class MLP(nn.Module):
         super().__init__()
         q, bitnet = cfg.quantization, cfg.quantization == "bitnet"
         # gate/up take Block.post_attention_layernorm's quantized output, down_proj ffn_sub_norm's.
-        self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, q)
-        self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q)
+        self.gate_proj = make_linear(cfg.dim, cfg.ffn_dim, q, quantized_input=True)
+        self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q, quantized_input=True)
         self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps, quantize_output=bitnet)
-        self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q)
+        self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q, quantized_input=True)
 
     def forward(self, x):
-        if self.ffn_sub_norm.quantize_output:
-            # gate and up leave their GEMMs unscaled; one pass scales them, forms the SwiGLU product,
-            # norms and quantizes it for down_proj
-            gate, up = self.gate_proj(x, keep_scale=True), self.up_proj(x, keep_scale=True)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.ffn_sub_norm.quantize_output:  # the SwiGLU product, normed and quantized in one pass
             norm = self.ffn_sub_norm
             return self.down_proj(swiglu_norm_act_quant(gate, up, norm.weight, norm.eps))
-        return self.down_proj(self.ffn_sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.down_proj(self.ffn_sub_norm(F.silu(gate) * up))
 
 
 class Block(nn.Module):
