@@ -214,7 +214,7 @@ def profile_steps(step, batches, device, n=2) -> dict:
             cats["other"] += ms
     return {"ms_per_step_by_category": {k: round(v, 3) for k, v in cats.items()},
             "kernel_ms_per_step": round(sum(r[2] for r in rows), 3),
-            "top": [{"kernel": k[:110], "calls": c, "ms": round(ms, 3)} for k, c, ms in rows[:25]]}
+            "top": [{"kernel": k[:110], "calls": c, "ms": round(ms, 3)} for k, c, ms in rows[:80]]}
 
 
 def run_variant(name, a, t0) -> dict:

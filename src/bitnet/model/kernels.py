@@ -403,6 +403,11 @@ if triton is not None:
         # row; its reads find most of the row in L2, where pass 1 asked to keep it.
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride
+        # The target's logit is read first: once any warp of this program reaches pass 2 it overwrites the
+        # row, and warps do not wait for each other between the passes.
+        t = tl.load(TARGETS + row)
+        valid = t != ignore_index
+        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
         m = tl.full([BLOCK], -1e30, tl.float32)  # finite: masked lanes never make inf - inf
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
@@ -413,9 +418,6 @@ if triton is not None:
             m = m_new
         mx = tl.max(m, axis=0)
         lse = mx + tl.log(tl.sum(acc * tl.exp(m - mx), axis=0))
-        t = tl.load(TARGETS + row)
-        valid = t != ignore_index
-        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
         tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
         scale = tl.where(valid, 1.0 / tl.load(COUNT), 0.0)
         for start in range(0, V, BLOCK):
