@@ -48,6 +48,7 @@ VARIANTS = {
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
+    "fast-nofuse": ("bitnet", "project", "project", {"fused_projections": False}),  # q/k/v, gate/up: a GEMM each
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch"}),  # bf16 twin under compile(model)
@@ -78,13 +79,16 @@ def reference_bitlinear_forward(self, x):
 
 
 def use_reference_formulation(model) -> None:
-    """Norms return plain RMSNorm outputs; every BitLinear quantizes its own input (per instance)."""
+    """Norms return plain RMSNorm outputs; every projection is its own GEMM (no fused q/k/v or gate/up) and
+    every BitLinear quantizes its own input (per instance)."""
     from bitnet.model.bitlinear import BitLinear
-    from bitnet.model.llama import RMSNorm
+    from bitnet.model.llama import MLP, Attention, RMSNorm
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.quantize_output = False
+        elif isinstance(m, (Attention, MLP)):
+            m.fused_projections = False
         elif isinstance(m, BitLinear):
             m.forward = types.MethodType(reference_bitlinear_forward, m)
 
@@ -225,6 +229,10 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
+    if "fused_projections" in tweaks:
+        for m in model.modules():
+            if hasattr(m, "fused_projections"):
+                m.fused_projections = tweaks["fused_projections"]
     graphs = uses_graphs(how, tweaks, device)
     step_model, step = make_step(model, how, device, graphs)
     g = torch.Generator().manual_seed(1)

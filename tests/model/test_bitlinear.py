@@ -1,5 +1,6 @@
 """BitLinear: ternary weights, 256-level activations, STE gradients, integer-arithmetic parity."""
 
+import pytest
 import torch
 
 from bitnet.model.bitlinear import BitLinear, activation_quant, activation_scale, weight_quant, weight_scale
@@ -100,3 +101,64 @@ def test_cache_refreshes_after_a_fused_adamw_step_through_train_step():
         expected = model_fresh(x[:, :-1])
     assert not torch.equal(before, after)
     assert torch.equal(after, expected)
+
+
+def test_fused_linear_equals_the_layers_one_by_one():
+    """One GEMM over stacked W_q: same outputs and gradients (x and every latent weight) as separate calls."""
+    import torch.nn.functional as F
+
+    from bitnet.model.bitlinear import fused_linear
+
+    g = torch.Generator().manual_seed(7)
+    layers = [BitLinear(32, n, quantized_input=True) for n in (32, 16, 16)]
+    for layer, std in zip(layers, (0.02, 0.05, 0.1)):  # different absmean scales per tensor
+        torch.nn.init.normal_(layer.weight, std=std, generator=g)
+    x = activation_quant(torch.randn(2, 5, 32, generator=g)).requires_grad_()
+    out = fused_linear(x, layers)
+    assert out.shape == (2, 5, 64)
+    dy = torch.randn(out.shape, generator=g)
+    out.backward(dy)
+    fused_grads = [x.grad.clone()] + [layer.weight.grad.clone() for layer in layers]
+    x.grad = None
+    for layer in layers:
+        layer.weight.grad = None
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    torch.testing.assert_close(out, separate)
+    separate.backward(dy)
+    for a, b in zip(fused_grads, [x.grad] + [layer.weight.grad for layer in layers]):
+        torch.testing.assert_close(a, b)
+    # a plain input is quantized once for all layers; mixing the two kinds is refused
+    plain = [BitLinear(32, 8), BitLinear(32, 8)]
+    xp = torch.randn(3, 32, generator=g)
+    torch.testing.assert_close(fused_linear(xp, plain), torch.cat([m(xp) for m in plain], dim=-1))
+    with pytest.raises(ValueError, match="mixed"):
+        fused_linear(xp, [plain[0], layers[1]])
+    # nn.Linear (the bf16 twin) stacks its weights as they are
+    lin = [torch.nn.Linear(32, 4, bias=False), torch.nn.Linear(32, 6, bias=False)]
+    torch.testing.assert_close(fused_linear(xp, lin), torch.cat([F.linear(xp, m.weight) for m in lin], dim=-1))
+
+
+def test_model_fused_projections_match_the_unfused_model():
+    """Training forwards (fused q/k/v and gate/up GEMMs) give the logits and grads of one GEMM per projection,
+    and the no-grad forward (each projection alone, cached weights) the same logits."""
+    from bitnet.model import PRESETS, Transformer
+    from bitnet.model.llama import MLP, Attention
+
+    for quantization in ("bitnet", "none"):
+        cfg = PRESETS["tiny"]
+        cfg = type(cfg)(**{**cfg.to_dict(), "quantization": quantization})
+        fused, unfused = Transformer(cfg), Transformer(cfg)
+        fused.init_weights(seed=0)
+        unfused.load_state_dict(fused.state_dict())
+        for m in unfused.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.fused_projections = False
+        idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(8))
+        la, lb = fused(idx), unfused(idx)
+        torch.testing.assert_close(la, lb)
+        la.square().mean().backward()
+        lb.square().mean().backward()
+        for (name, pa), pb in zip(fused.named_parameters(), unfused.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, msg=f"{quantization} {name}")
+        with torch.no_grad():
+            torch.testing.assert_close(fused(idx), la.detach())

@@ -158,62 +158,65 @@ def test_triton_op_under_compile_and_autograd():
 # ---------------------------------------------------------------------------- SwiGLU + sub-norm + quantize
 
 def swiglu_inputs(shape, dtype, seed=0):
+    """gate_up (..., 2n): gate and up side by side, as the fused gate/up GEMM returns them; the norm gain (n,)."""
     g = torch.Generator().manual_seed(seed)
-    gate = (torch.randn(shape, generator=g) * 2).to(dtype)
-    up = (torch.randn(shape, generator=g) * (torch.rand(shape[:-1] + (1,), generator=g) * 3 + 0.1)).to(dtype)
+    gate = torch.randn(shape, generator=g) * 2
+    up = torch.randn(shape, generator=g) * (torch.rand(shape[:-1] + (1,), generator=g) * 3 + 0.1)
     w = 1 + 0.2 * torch.randn(shape[-1], generator=g)
-    return gate, up, w
+    return torch.cat([gate, up], dim=-1).to(dtype), w
 
 
 def test_swiglu_fallback_is_the_mlp_formulation():
     """The fallback is RMSNorm + quantization of silu(gate) * up, as the unfused MLP computes it."""
-    gate, up, w = swiglu_inputs((2, 5, 96), torch.float32)
-    ga, ua, wa = (t.clone().requires_grad_() for t in (gate, up, w))
-    ya = swiglu_norm_act_quant_reference(ga, ua, wa, EPS, torch.float32)
-    gb, ub = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    gate_up, w = swiglu_inputs((2, 5, 96), torch.float32)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    ya = swiglu_norm_act_quant_reference(gua, wa, EPS, torch.float32)
+    gb, ub = (t.clone().requires_grad_() for t in gate_up.chunk(2, dim=-1))
     yb, wb = unfused(torch.nn.functional.silu(gb) * ub, w.clone().requires_grad_(), torch.float32)
     assert torch.equal(ya, yb)
     dy = torch.randn(ya.shape)
     ya.backward(dy)
     yb.backward(dy)
-    for a, b in ((ga, gb), (ua, ub), (wa, wb)):
-        torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(gua.grad, torch.cat([gb.grad, ub.grad], dim=-1))
+    torch.testing.assert_close(wa.grad, wb.grad)
 
 
 @pytest.mark.skipif(kernels._INTERPRET, reason="under TRITON_INTERPRET=1 CPU tensors go to the kernels")
 def test_swiglu_cpu_tensors_take_the_fallback():
-    gate, up, w = swiglu_inputs((3, 64), torch.float32)
-    assert torch.equal(kernels.swiglu_norm_act_quant(gate, up, w, EPS, torch.bfloat16),
-                       swiglu_norm_act_quant_reference(gate, up, w, EPS, torch.bfloat16))
-    assert torch.equal(swiglu_norm_act_quant(gate, up, w, EPS),
-                       swiglu_norm_act_quant_reference(gate, up, w, EPS, torch.float32))
+    gate_up, w = swiglu_inputs((3, 64), torch.float32)
+    assert torch.equal(kernels.swiglu_norm_act_quant(gate_up, w, EPS, torch.bfloat16),
+                       swiglu_norm_act_quant_reference(gate_up, w, EPS, torch.bfloat16))
+    assert torch.equal(swiglu_norm_act_quant(gate_up, w, EPS),
+                       swiglu_norm_act_quant_reference(gate_up, w, EPS, torch.float32))
 
 
 def run_swiglu_vs_fallback(device: str, shapes, dtypes, launch=None) -> None:
+    """The kernels on the two halves of one (M, 2n) matrix (strided rows), as the model calls them."""
     for shape in shapes:
         for xdt, odt in dtypes:
-            gate, up, w = (t.to(device) for t in swiglu_inputs(shape, xdt, seed=shape[-1] + len(shape)))
+            gate_up, w = (t.to(device) for t in swiglu_inputs(shape, xdt, seed=shape[-1] + len(shape)))
             n = shape[-1]
-            g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+            g2, u2 = gate_up.reshape(-1, 2 * n).chunk(2, dim=1)
             y = torch.full(g2.shape, float("nan"), dtype=odt, device=device)
             rstd = torch.full((g2.shape[0],), float("nan"), device=device)
             kernels.launch_swiglu_forward(g2, u2, w, y, rstd, EPS, launch)
-            gr, ur, wr = (t.clone().requires_grad_() for t in (gate, up, w))
-            y_ref = swiglu_norm_act_quant_reference(gr, ur, wr, EPS, odt)
+            gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+            y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, odt)
             dy = torch.randn(shape, device=device).to(odt)
             y_ref.backward(dy)
-            programs, per = kernels.swiglu_backward_programs(g2.shape[0], gate.device, launch)
-            dg = torch.full(g2.shape, float("nan"), dtype=xdt, device=device)
-            du = torch.full(g2.shape, float("nan"), dtype=xdt, device=device)
+            programs, per = kernels.swiglu_backward_programs(g2.shape[0], gate_up.device, launch)
+            d_gate_up = torch.full((g2.shape[0], 2 * n), float("nan"), dtype=xdt, device=device)
+            dg, du = d_gate_up.chunk(2, dim=1)
             dw_partial = torch.full((programs, n), float("nan"), device=device)
             kernels.launch_swiglu_backward(dy.reshape(-1, n), g2, u2, w, rstd, dg, du, dw_partial, per, launch)
-            for t in (y, rstd, dg, du, dw_partial):
+            for t in (y, rstd, d_gate_up, dw_partial):
                 assert not t.isnan().any(), (shape, xdt, odt)
             bf16 = torch.bfloat16 in (xdt, odt)
             assert rel(y, y_ref.detach().reshape(g2.shape)) < (2e-2 if bf16 else 1e-4), (shape, xdt, odt)
             tol = 2e-2 if bf16 else 1e-4
-            assert rel(dg, gr.grad.reshape(g2.shape)) < tol, (shape, xdt, odt)
-            assert rel(du, ur.grad.reshape(g2.shape)) < tol, (shape, xdt, odt)
+            ref_dg, ref_du = gur.grad.reshape(-1, 2 * n).chunk(2, dim=1)
+            assert rel(dg, ref_dg) < tol, (shape, xdt, odt)
+            assert rel(du, ref_du) < tol, (shape, xdt, odt)
             assert rel(dw_partial.sum(0), wr.grad) < tol, (shape, xdt, odt)
 
 
@@ -226,6 +229,24 @@ def test_swiglu_kernels_on_the_interpreter(change):
     the backward prefetching the next row block (across a program's last rows and the matrix's end)."""
     run_swiglu_vs_fallback("cpu", [(3, 64), (7, 100), (2, 3, 3072)], [(torch.float32, torch.float32)],
                            launch=kernels.SWIGLU_LAUNCH | change)
+
+
+@pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
+def test_swiglu_op_through_autograd_on_the_interpreter():
+    """The registered op: gate_up's gradient comes back as one tensor, the odd width is refused."""
+    gate_up, w = swiglu_inputs((2, 3, 64), torch.float32)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y = kernels.swiglu_norm_act_quant(gua, wa, EPS, torch.float32)
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, torch.float32)
+    assert y.shape == (2, 3, 64) and rel(y, y_ref) < 1e-4
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert gua.grad.shape == (2, 3, 128) and rel(gua.grad, gur.grad) < 1e-4 and rel(wa.grad, wr.grad) < 1e-4
+    with pytest.raises(ValueError, match="even last dim"):
+        kernels.swiglu_norm_act_quant(torch.randn(4, 9), torch.ones(4), EPS, torch.float32)
 
 
 @pytest.mark.gpu
@@ -241,16 +262,16 @@ def test_swiglu_kernels_on_gpu(change):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
 def test_swiglu_op_under_compile_and_autograd():
-    gate, up, w = (t.cuda() for t in swiglu_inputs((4, 33, 3072), torch.bfloat16))
-    ga, ua, wa = (t.clone().requires_grad_() for t in (gate, up, w))
-    f = torch.compile(lambda a, b, c: kernels.swiglu_norm_act_quant(a, b, c, EPS, torch.bfloat16), fullgraph=True)
-    y = f(ga, ua, wa)
+    gate_up, w = (t.cuda() for t in swiglu_inputs((4, 33, 3072), torch.bfloat16))
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    f = torch.compile(lambda a, b: kernels.swiglu_norm_act_quant(a, b, EPS, torch.bfloat16), fullgraph=True)
+    y = f(gua, wa)
     y.float().square().sum().backward()
-    gr, ur, wr = (t.clone().requires_grad_() for t in (gate, up, w))
-    y_ref = swiglu_norm_act_quant_reference(gr, ur, wr, EPS, torch.bfloat16)
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, torch.bfloat16)
     y_ref.float().square().sum().backward()
     assert rel(y, y_ref) < 2e-2
-    for a, b in ((ga, gr), (ua, ur), (wa, wr)):
+    for a, b in ((gua, gur), (wa, wr)):
         assert rel(a.grad, b.grad) < 3e-2
 
 

@@ -12,6 +12,8 @@ inside the norm (`norm_act_quant`: one pass over each row) and builds its BitLin
 `quantized_input=True`; a BitLinear used on its own quantizes its input itself.
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,9 +78,13 @@ def norm_act_quant_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return (y + (y_q - y).detach()).to(out_dtype)
 
 
-def swiglu_norm_act_quant_reference(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+def swiglu_norm_act_quant_reference(gate_up: torch.Tensor, weight: torch.Tensor, eps: float,
                                     out_dtype: torch.dtype) -> torch.Tensor:
-    """`norm_act_quant_reference` of the SwiGLU product silu(gate) * up: the FFN's sub-norm input."""
+    """`norm_act_quant_reference` of the SwiGLU product silu(gate) * up: the FFN's sub-norm input.
+
+    gate_up (..., 2 * ffn): gate in the first half of the last dim, up in the second (one GEMM's output).
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
     return norm_act_quant_reference(F.silu(gate) * up, weight, eps, out_dtype)
 
 
@@ -110,15 +116,18 @@ def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 SWIGLU_NORM_QUANT_IMPL = "auto"
 
 
-def swiglu_norm_act_quant(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits (STE), in the next matmul's dtype."""
-    out_dtype = matmul_dtype(gate)
-    if gate.is_cuda and SWIGLU_NORM_QUANT_IMPL == "auto":
+def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits (STE), in the next matmul's dtype.
+
+    gate_up (..., 2 * ffn): gate and up side by side in the last dim, as `fused_linear` returns them.
+    """
+    out_dtype = matmul_dtype(gate_up)
+    if gate_up.is_cuda and SWIGLU_NORM_QUANT_IMPL == "auto":
         from bitnet.model import kernels
 
         if kernels.available():
-            return kernels.swiglu_norm_act_quant(gate, up, weight, eps, out_dtype)
-    return swiglu_norm_act_quant_reference(gate, up, weight, eps, out_dtype)
+            return kernels.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype)
+    return swiglu_norm_act_quant_reference(gate_up, weight, eps, out_dtype)
 
 
 _weights_generation = 0
@@ -151,11 +160,13 @@ class BitLinear(nn.Linear):
         dtype = matmul_dtype(x)
         if not self.quantized_input:
             x = ste(x, activation_quant(x))
+        return F.linear(x.to(dtype), self.quantized_weight(dtype))
+
+    def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_q in dtype: with the STE under autograd (and inside torch.compile), else the no-grad cache."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            w_q = ste(self.weight, weight_quant(self.weight)).to(dtype)
-        else:
-            w_q = self._inference_weight(dtype)
-        return F.linear(x.to(dtype), w_q)
+            return ste(self.weight, weight_quant(self.weight)).to(dtype)
+        return self._inference_weight(dtype)
 
     def _inference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Quantized weight for no-grad forwards (eval, sampling), recomputed only when the weight changed.
@@ -180,6 +191,25 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", quantized_input=True" if self.quantized_input else "")
+
+
+def fused_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
+    """x @ [W_1; W_2; ...]^T: linears that read the same input as one GEMM, outputs side by side in the last dim.
+
+    Each BitLinear keeps its own ternary scale (its W_q is quantized alone, then the W_q are stacked), so
+    the result equals the layers called one by one. One GEMM instead of three for q/k/v (two for gate/up)
+    runs the small projections at the efficiency of a wide one, and its backward gives the input's
+    gradient from one GEMM instead of a sum of several. Plain linears (the bf16 twin's) stack as they are.
+    """
+    dtype = matmul_dtype(x)
+    quantized_input = {layer.quantized_input for layer in layers if isinstance(layer, BitLinear)}
+    if len(quantized_input) > 1:
+        raise ValueError("fused_linear: BitLinears that quantize their input mixed with ones that do not")
+    if quantized_input == {False}:  # the same input quantized once for all of them
+        x = ste(x, activation_quant(x))
+    weights = [layer.quantized_weight(dtype) if isinstance(layer, BitLinear) else layer.weight.to(dtype)
+               for layer in layers]
+    return F.linear(x.to(dtype), torch.cat(weights))
 
 
 def make_linear(in_features: int, out_features: int, quantization: str, quantized_input: bool = False) -> nn.Linear:

@@ -203,15 +203,17 @@ if triton is not None:
 # ---------------------------------------------------------------------------- SwiGLU + sub-norm + quantize
 
 
-def swiglu_norm_act_quant(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float,
                           out_dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits with STE, in out_dtype.
 
-    The Triton kernels on CUDA (or under Triton's interpreter); otherwise the PyTorch fallback.
+    gate_up (..., 2 * ffn) holds gate and up side by side; its gradient comes back as one tensor too, so
+    the fused gate/up GEMM's backward reads it without a copy. The Triton kernels on CUDA (or under
+    Triton's interpreter); otherwise the PyTorch fallback.
     """
-    if triton is None or not (gate.is_cuda or _INTERPRET):
-        return swiglu_norm_act_quant_reference(gate, up, weight, eps, out_dtype)
-    y, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate, up, weight, eps, out_dtype)
+    if triton is None or not (gate_up.is_cuda or _INTERPRET):
+        return swiglu_norm_act_quant_reference(gate_up, weight, eps, out_dtype)
+    y, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype)
     return y
 
 
@@ -343,48 +345,54 @@ def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor
         PREFETCH=launch.get("bwd_prefetch", False), STAGES=launch.get("bwd_stages", 1), num_warps=launch["bwd_warps"])
 
 
+def _halves(t2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up halves (M, N) of a (M, 2N) row matrix, as strided views."""
+    if t2.shape[1] % 2:
+        raise ValueError(f"gate_up needs an even last dim (gate and up side by side), got {t2.shape[1]}")
+    return t2.chunk(2, dim=1)
+
+
 if triton is not None:
 
     @torch.library.custom_op("bitnet::swiglu_norm_act_quant", mutates_args=())
-    def _swiglu_norm_act_quant_op(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float,
+    def _swiglu_norm_act_quant_op(gate_up: torch.Tensor, weight: torch.Tensor, eps: float,
                                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if gate.shape != up.shape or gate.dtype != up.dtype:
-            raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}")
-        g2, u2 = _rows(gate), _rows(up)
-        y = torch.empty(g2.shape, dtype=out_dtype, device=gate.device)
-        rstd = torch.empty(g2.shape[0], dtype=torch.float32, device=gate.device)
+        g2, u2 = _halves(_rows(gate_up))
+        y = torch.empty(g2.shape, dtype=out_dtype, device=gate_up.device)
+        rstd = torch.empty(g2.shape[0], dtype=torch.float32, device=gate_up.device)
         launch_swiglu_forward(g2, u2, weight, y, rstd, eps)
-        return y.view(gate.shape), rstd
+        return y.view(*gate_up.shape[:-1], g2.shape[1]), rstd
 
     @_swiglu_norm_act_quant_op.register_fake
-    def _(gate, up, weight, eps, out_dtype):
-        return (gate.new_empty(gate.shape, dtype=out_dtype),
-                gate.new_empty(gate.numel() // gate.shape[-1], dtype=torch.float32))
+    def _(gate_up, weight, eps, out_dtype):
+        return (gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=out_dtype),
+                gate_up.new_empty(gate_up.numel() // gate_up.shape[-1], dtype=torch.float32))
 
     @torch.library.custom_op("bitnet::swiglu_norm_backward", mutates_args=())
-    def _swiglu_norm_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
-                                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
-        dg = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-        du = torch.empty(g2.shape, dtype=up.dtype, device=up.device)
-        programs, per = swiglu_backward_programs(g2.shape[0], gate.device)
-        dw_partial = torch.empty(programs, g2.shape[1], dtype=torch.float32, device=gate.device)
+    def _swiglu_norm_backward_op(dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor,
+                                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gu2, dy2 = _rows(gate_up), _rows(dy)
+        g2, u2 = _halves(gu2)
+        d_gate_up = torch.empty(gu2.shape, dtype=gate_up.dtype, device=gate_up.device)
+        dg, du = _halves(d_gate_up)  # the kernel writes both halves of one tensor
+        programs, per = swiglu_backward_programs(g2.shape[0], gate_up.device)
+        dw_partial = torch.empty(programs, g2.shape[1], dtype=torch.float32, device=gate_up.device)
         launch_swiglu_backward(dy2, g2, u2, weight, rstd, dg, du, dw_partial, per)
-        return dg.view(gate.shape), du.view(up.shape), dw_partial.sum(0).to(weight.dtype)
+        return d_gate_up.view(gate_up.shape), dw_partial.sum(0).to(weight.dtype)
 
     @_swiglu_norm_backward_op.register_fake
-    def _(dy, gate, up, weight, rstd):
-        return torch.empty_like(gate), torch.empty_like(up), torch.empty_like(weight)
+    def _(dy, gate_up, weight, rstd):
+        return torch.empty_like(gate_up), torch.empty_like(weight)
 
     def _swiglu_setup_context(ctx, inputs, output):
-        gate, up, weight, _, _ = inputs
-        ctx.save_for_backward(gate, up, weight, output[1])
+        gate_up, weight, _, _ = inputs
+        ctx.save_for_backward(gate_up, weight, output[1])
         ctx.mark_non_differentiable(output[1])
 
     def _swiglu_backward(ctx, dy, _drstd):
-        gate, up, weight, rstd = ctx.saved_tensors
-        dg, du, dw = torch.ops.bitnet.swiglu_norm_backward(dy, gate, up, weight, rstd)
-        return dg, du, dw, None, None
+        gate_up, weight, rstd = ctx.saved_tensors
+        d_gate_up, dw = torch.ops.bitnet.swiglu_norm_backward(dy, gate_up, weight, rstd)
+        return d_gate_up, dw, None, None
 
     _swiglu_norm_act_quant_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 

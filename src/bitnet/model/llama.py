@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.bitlinear import make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
+from bitnet.model.bitlinear import fused_linear, make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
 from bitnet.model.config import ModelConfig
 
 
@@ -89,12 +89,19 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
+        # under autograd, q/k/v as one GEMM (`fused_linear`); False: each alone (benchmarks' reference rows)
+        self.fused_projections = True
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.fused_projections and torch.is_grad_enabled():  # training: one GEMM (and one for x's gradient)
+            qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = qkv.split((self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features), -1)
+        else:  # each layer alone: BitLinear's cached weights for decoding, its hooks for instrumentation
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -122,12 +129,17 @@ class MLP(nn.Module):
         self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q, quantized_input=True)
         self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps, quantize_output=bitnet)
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q, quantized_input=True)
+        self.fused_projections = True  # as Attention's, for gate/up
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused_projections and torch.is_grad_enabled():  # training: gate and up as one GEMM
+            gate_up = fused_linear(x, (self.gate_proj, self.up_proj))
+        else:
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
         if self.ffn_sub_norm.quantize_output:  # the SwiGLU product, normed and quantized in one pass
             norm = self.ffn_sub_norm
-            return self.down_proj(swiglu_norm_act_quant(gate, up, norm.weight, norm.eps))
+            return self.down_proj(swiglu_norm_act_quant(gate_up, norm.weight, norm.eps))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.ffn_sub_norm(F.silu(gate) * up))
 
 
