@@ -48,7 +48,7 @@ VARIANTS = {
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
-    "fast-nofuse": ("bitnet", "project", "project", {"fused_projections": False}),  # q/k/v, gate/up: a GEMM each
+    "fast-nofuse-attn": ("bitnet", "project", "project", {"fused_attention": False}),  # q, k, v: a GEMM each
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch"}),  # bf16 twin under compile(model)
@@ -229,10 +229,13 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
-    if "fused_projections" in tweaks:
-        for m in model.modules():
-            if hasattr(m, "fused_projections"):
-                m.fused_projections = tweaks["fused_projections"]
+    from bitnet.model.llama import MLP, Attention
+
+    for m in model.modules():  # per instance: the q/k/v and gate/up GEMM fusion (fused_linear)
+        if isinstance(m, Attention) and "fused_attention" in tweaks:
+            m.fused_projections = tweaks["fused_attention"]
+        elif isinstance(m, MLP) and "fused_mlp" in tweaks:
+            m.fused_projections = tweaks["fused_mlp"]
     graphs = uses_graphs(how, tweaks, device)
     step_model, step = make_step(model, how, device, graphs)
     g = torch.Generator().manual_seed(1)

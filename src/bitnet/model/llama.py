@@ -97,6 +97,7 @@ class Attention(nn.Module):
         if self.fused_projections and torch.is_grad_enabled():  # training: one GEMM (and one for x's gradient)
             qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
             q, k, v = qkv.split((self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features), -1)
+            v = v.contiguous()  # attention saves v for its backward: a view would keep all of qkv alive
         else:  # each layer alone: BitLinear's cached weights for decoding, its hooks for instrumentation
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -134,12 +135,14 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.fused_projections and torch.is_grad_enabled():  # training: gate and up as one GEMM
             gate_up = fused_linear(x, (self.gate_proj, self.up_proj))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
-            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+            gate_up, gate, up = None, self.gate_proj(x), self.up_proj(x)
         if self.ffn_sub_norm.quantize_output:  # the SwiGLU product, normed and quantized in one pass
+            if gate_up is None:
+                gate_up = torch.cat((gate, up), dim=-1)
             norm = self.ffn_sub_norm
             return self.down_proj(swiglu_norm_act_quant(gate_up, norm.weight, norm.eps))
-        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.ffn_sub_norm(F.silu(gate) * up))
 
 
