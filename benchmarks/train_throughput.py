@@ -48,7 +48,11 @@ VARIANTS = {
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
-    "fast-nofuse-attn": ("bitnet", "project", "project", {"fused_attention": False}),  # q, k, v: a GEMM each
+    "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
+    "fast-fuse-qkv": ("bitnet", "project", "project", {"fused_attention": True}),  # q/k/v as one GEMM too
+    "fast-fuse-qkv-concat": ("bitnet", "project", "project",  # ... with inductor's cats as slice writes
+                             {"fused_attention": True, "inductor": {"max_pointwise_cat_inputs": 0,
+                                                                    "max_complex_pointwise_cat_inputs": 0}}),
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch"}),  # bf16 twin under compile(model)
@@ -141,6 +145,8 @@ def apply_tweaks(tweaks: dict) -> None:
     from bitnet.model import bitlinear, kernels, llama
 
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
+    for key, value in tweaks.get("inductor", {}).items():
+        setattr(torch._inductor.config, key, value)
     llama.LOSS_IMPL = tweaks.get("loss_impl", "auto")
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
     kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))

@@ -150,9 +150,9 @@ def test_model_fused_projections_match_the_unfused_model():
         fused, unfused = Transformer(cfg), Transformer(cfg)
         fused.init_weights(seed=0)
         unfused.load_state_dict(fused.state_dict())
-        for m in unfused.modules():
-            if isinstance(m, (Attention, MLP)):
-                m.fused_projections = False
+        for a, b in zip(fused.modules(), unfused.modules()):
+            if isinstance(a, (Attention, MLP)):  # q/k/v (off by default) and gate/up fused in one model only
+                a.fused_projections, b.fused_projections = True, False
         idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(8))
         la, lb = fused(idx), unfused(idx)
         torch.testing.assert_close(la, lb)

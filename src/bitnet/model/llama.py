@@ -89,8 +89,10 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
-        # under autograd, q/k/v as one GEMM (`fused_linear`); False: each alone (benchmarks' reference rows)
-        self.fused_projections = True
+        # True: under autograd, q/k/v as one GEMM (`fused_linear`). Off: on an H100 the 95m step measured
+        # 1.0 ms slower with it, as inductor writes the q/k/v gradient with one cat kernel that runs at a
+        # quarter of the rate of the separate RoPE backward kernels it replaces (benchmarks/NOTES.md, run 6).
+        self.fused_projections = False
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
@@ -130,7 +132,9 @@ class MLP(nn.Module):
         self.up_proj = make_linear(cfg.dim, cfg.ffn_dim, q, quantized_input=True)
         self.ffn_sub_norm = RMSNorm(cfg.ffn_dim, cfg.norm_eps, quantize_output=bitnet)
         self.down_proj = make_linear(cfg.ffn_dim, cfg.dim, q, quantized_input=True)
-        self.fused_projections = True  # as Attention's, for gate/up
+        # under autograd, gate and up as one GEMM (`fused_linear`), whose gradient the SwiGLU kernel writes
+        # as one tensor; False: each alone (benchmarks' reference rows)
+        self.fused_projections = True
 
     def forward(self, x):
         if self.fused_projections and torch.is_grad_enabled():  # training: gate and up as one GEMM
