@@ -42,17 +42,15 @@ from pathlib import Path
 
 VARIANTS = {
     # name: (quantization, formulation, compile, tweaks)
-    "eager-ref": ("bitnet", "ref", "none", {"loss_impl": "torch"}),
-    "compile-ref": ("bitnet", "ref", "model", {"loss_impl": "torch"}),
+    "eager-ref": ("bitnet", "ref", "none", {"loss_impl": "torch", "embed_impl": "torch"}),
+    "compile-ref": ("bitnet", "ref", "model", {"loss_impl": "torch", "embed_impl": "torch"}),
     "fast": ("bitnet", "project", "project", {}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
     "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
-    "fast-fuse-qkv": ("bitnet", "project", "project", {"fused_attention": True}),  # q/k/v as one GEMM too
-    "fast-fuse-qkv-concat": ("bitnet", "project", "project",  # ... with inductor's cats as slice writes
-                             {"fused_attention": True, "inductor": {"max_pointwise_cat_inputs": 0,
-                                                                    "max_complex_pointwise_cat_inputs": 0}}),
+    "fast-combo": ("bitnet", "project", "project", {"inductor": {"combo_kernels": True}}),  # small kernels merged
+    "fast-torchembed": ("bitnet", "project", "project", {"embed_impl": "torch"}),  # aten's sort-based backward
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
     "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch"}),  # bf16 twin under compile(model)
@@ -83,15 +81,15 @@ def reference_bitlinear_forward(self, x):
 
 
 def use_reference_formulation(model) -> None:
-    """Norms return plain RMSNorm outputs; every projection is its own GEMM (no fused q/k/v or gate/up) and
+    """Norms return plain RMSNorm outputs; every projection is its own GEMM (gate and up not stacked) and
     every BitLinear quantizes its own input (per instance)."""
     from bitnet.model.bitlinear import BitLinear
-    from bitnet.model.llama import MLP, Attention, RMSNorm
+    from bitnet.model.llama import MLP, RMSNorm
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.quantize_output = False
-        elif isinstance(m, (Attention, MLP)):
+        elif isinstance(m, MLP):
             m.fused_projections = False
         elif isinstance(m, BitLinear):
             m.forward = types.MethodType(reference_bitlinear_forward, m)
@@ -148,6 +146,7 @@ def apply_tweaks(tweaks: dict) -> None:
     for key, value in tweaks.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
     llama.LOSS_IMPL = tweaks.get("loss_impl", "auto")
+    llama.EMBED_IMPL = tweaks.get("embed_impl", "auto")
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
     kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))
 
@@ -235,12 +234,10 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
-    from bitnet.model.llama import MLP, Attention
+    from bitnet.model.llama import MLP
 
-    for m in model.modules():  # per instance: the q/k/v and gate/up GEMM fusion (fused_linear)
-        if isinstance(m, Attention) and "fused_attention" in tweaks:
-            m.fused_projections = tweaks["fused_attention"]
-        elif isinstance(m, MLP) and "fused_mlp" in tweaks:
+    for m in model.modules():  # per instance: gate and up as one GEMM (fused_linear) or two
+        if isinstance(m, MLP) and "fused_mlp" in tweaks:
             m.fused_projections = tweaks["fused_mlp"]
     graphs = uses_graphs(how, tweaks, device)
     step_model, step = make_step(model, how, device, graphs)

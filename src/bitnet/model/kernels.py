@@ -478,10 +478,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_logits @ w_mm).mul_(scale).to(ctx.dtypes[0])
+            grad_x = _scale_into(grad_logits @ w_mm, scale, ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_logits.t() @ x_mm).mul_(scale).to(ctx.dtypes[1])
+            grad_w = _scale_into(grad_logits.t() @ x_mm, scale, ctx.dtypes[1])
         return grad_x, grad_w, None, None
+
+
+def _scale_into(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t * scale as a new tensor of dtype, in one pass (a multiply in place and then a cast would be two)."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
 @torch.compiler.disable  # eager on purpose: its forward writes a gradient into a tensor autograd saved

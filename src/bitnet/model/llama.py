@@ -89,22 +89,14 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
-        # True: under autograd, q/k/v as one GEMM (`fused_linear`). Off: on an H100 the 95m step measured
-        # 1.0 ms slower with it, as inductor writes the q/k/v gradient with one cat kernel that runs at a
-        # quarter of the rate of the separate RoPE backward kernels it replaces (benchmarks/NOTES.md, run 6).
-        self.fused_projections = False
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        # q/k/v stay three GEMMs: stacked as one (as gate/up are), the step measured slower on an H100,
+        # since inductor then writes their gradient with one slow concatenating kernel (benchmarks/NOTES.md).
         B, T, _ = x.shape
-        if self.fused_projections and torch.is_grad_enabled():  # training: one GEMM (and one for x's gradient)
-            qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-            q, k, v = qkv.split((self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features), -1)
-            v = v.contiguous()  # attention saves v for its backward: a view would keep all of qkv alive
-        else:  # each layer alone: BitLinear's cached weights for decoding, its hooks for instrumentation
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -140,7 +132,7 @@ class MLP(nn.Module):
         if self.fused_projections and torch.is_grad_enabled():  # training: gate and up as one GEMM
             gate_up = fused_linear(x, (self.gate_proj, self.up_proj))
             gate, up = gate_up.chunk(2, dim=-1)
-        else:
+        else:  # each layer alone: BitLinear's cached weights for decoding, its hooks for instrumentation
             gate_up, gate, up = None, self.gate_proj(x), self.up_proj(x)
         if self.ffn_sub_norm.quantize_output:  # the SwiGLU product, normed and quantized in one pass
             if gate_up is None:
@@ -188,6 +180,35 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return head_cross_entropy_reference(x, weight, targets, dtype)
 
 
+# "auto": on CUDA, the embedding's backward adds each token's gradient rows into the table with index_add_
+# (atomic adds, so the order of a repeated token's sum varies from run to run) instead of aten's sort-based
+# reduction. "torch": F.embedding's own backward (deterministic).
+EMBED_IMPL = "auto"
+
+
+class _ScatterAddEmbedding(torch.autograd.Function):
+    """weight[idx]; backward: zeros.index_add_(0, idx, grad), one pass with atomics instead of a sort."""
+
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.weight_shape = weight.shape
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        grad_weight = grad.new_zeros(ctx.weight_shape)
+        return None, grad_weight.index_add_(0, idx.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+
+
+def embed(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The token embedding weight[idx] (B, T, C)."""
+    if weight.is_cuda and EMBED_IMPL == "auto" and torch.is_grad_enabled():
+        return _ScatterAddEmbedding.apply(idx, weight)
+    return F.embedding(idx, weight)
+
+
 class Transformer(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab). Names follow HF transformers' BitNet model."""
 
@@ -225,7 +246,7 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.embed_tokens(idx)  # (B, T, C)
+        x = embed(idx, self.embed_tokens.weight)  # (B, T, C)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
