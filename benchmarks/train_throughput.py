@@ -49,7 +49,7 @@ VARIANTS = {
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
     "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
-    "fast-combo": ("bitnet", "project", "project", {"inductor": {"combo_kernels": True}}),  # small kernels merged
+    "fast-nocombo": ("bitnet", "project", "project", {"combo_kernels": False}),  # inductor's combo kernels off
     "fast-torchembed": ("bitnet", "project", "project", {"embed_impl": "torch"}),  # aten's sort-based backward
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
@@ -61,6 +61,8 @@ VARIANTS = {
                          {"swiglu_launch": {"bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
                                             "bwd_prefetch": False}}),
 }
+# the real trainer, as shipped and with one library switch changed (apply_tweaks)
+TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-nocombo": {"combo_kernels": False}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 
@@ -141,12 +143,14 @@ def apply_tweaks(tweaks: dict) -> None:
     import torch._inductor.config
 
     from bitnet.model import bitlinear, kernels, llama
+    from bitnet.train import step
 
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
     for key, value in tweaks.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
     llama.LOSS_IMPL = tweaks.get("loss_impl", "auto")
     llama.EMBED_IMPL = tweaks.get("embed_impl", "auto")
+    step.COMBO_KERNELS = tweaks.get("combo_kernels", True)
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
     kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))
 
@@ -556,7 +560,8 @@ def child(a) -> None:
     t0 = a.t0
     if a.child == "check":
         res = run_check(a)
-    elif a.child == "bitnet-train":
+    elif a.child in TRAINER_VARIANTS:
+        apply_tweaks(TRAINER_VARIANTS[a.child])
         res = run_trainer(a, t0)
     else:
         res = run_variant(a.child, a, t0)
@@ -574,7 +579,7 @@ def fmt_table(results: dict, peak_meas: float | None) -> str:
         if "error" in r:
             lines.append(f"{name:<18} {'failed: ' + r['error'][:60]}")
             continue
-        if name == "bitnet-train":
+        if name in TRAINER_VARIANTS:
             tok_s, ms, mem = r["tok_s_median"], r["step_ms_median"], r["mem_gib_max"]
         else:
             tok_s, ms, mem = r["tok_s"], r["ms_per_step"], r.get("peak_gib", float("nan"))
@@ -630,7 +635,7 @@ def main() -> None:
         meta["triton"] = None
     print(f"[bench] {json.dumps(meta)}", flush=True)
     results = {}
-    names = [n for n in a.variants.split(",") if n and not (n == "bitnet-train" and a.trainer_steps == 0)]
+    names = [n for n in a.variants.split(",") if n and not (n in TRAINER_VARIANTS and a.trainer_steps == 0)]
     for name in names:
         left = a.budget_s - (time.time() - start)
         if left < 30:
