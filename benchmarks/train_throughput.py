@@ -18,6 +18,7 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
   fast-*         exploration rows, one change each against `fast` (see VARIANTS)
   bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
                  on --data token data: the median tok_s of its scalars.jsonl
+  bitnet-train-* the same with one process-wide switch changed (see TRAINER_VARIANTS)
 MFU = model.flops_per_token(seq_len) * tok/s / peak, where flops_per_token = 6 * (matmul params incl.
 the tied head) + 12 * n_layers * dim * seq_len = 648 MFLOP/token for 95m; peaks: 989 TFLOP/s (H100 dense
 bf16 datasheet) and the bf16 GEMM rate measured in this run (8192^3, random data).
@@ -49,7 +50,7 @@ VARIANTS = {
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
     "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
-    "fast-nocombo": ("bitnet", "project", "project", {"combo_kernels": False}),  # inductor's combo kernels off
+    "fast-combo": ("bitnet", "project", "project", {"inductor": {"combo_kernels": True}}),  # small kernels merged
     "fast-torchembed": ("bitnet", "project", "project", {"embed_impl": "torch"}),  # aten's sort-based backward
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
@@ -62,7 +63,8 @@ VARIANTS = {
                                             "bwd_prefetch": False}}),
 }
 # the real trainer, as shipped and with one library switch changed (apply_tweaks)
-TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-nocombo": {"combo_kernels": False}}
+TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"combo_kernels": True}},
+                    "bitnet-train-torchembed": {"embed_impl": "torch"}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 
@@ -143,14 +145,12 @@ def apply_tweaks(tweaks: dict) -> None:
     import torch._inductor.config
 
     from bitnet.model import bitlinear, kernels, llama
-    from bitnet.train import step
 
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
     for key, value in tweaks.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
     llama.LOSS_IMPL = tweaks.get("loss_impl", "auto")
     llama.EMBED_IMPL = tweaks.get("embed_impl", "auto")
-    step.COMBO_KERNELS = tweaks.get("combo_kernels", True)
     bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
     kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))
 

@@ -31,11 +31,6 @@ class StepOutput:
     """The step's input batches [(x, y), ...] (CPU tensors), kept for anomaly dumps."""
 
 
-# Inductor's combo kernels on CUDA: independent small kernels of a block (the absmean and ternary rounding
-# of each of its seven weights, ...) launched as one. benchmarks/train_throughput.py: fast-nocombo.
-COMBO_KERNELS = True
-
-
 def compile_step(model: nn.Module, regional: bool = True) -> nn.Module:
     """torch.compile for training: returns the model to call.
 
@@ -50,11 +45,10 @@ def compile_step(model: nn.Module, regional: bool = True) -> nn.Module:
         return torch.compile(model)
     # A shallow copy that shares every parameter, buffer and submodule with `model` but calls
     # compiled blocks: the plain model stays uncompiled for the hooks that run other shapes.
-    options = {"combo_kernels": True} if COMBO_KERNELS and next(model.parameters()).is_cuda else None
     compiled = copy.copy(model)
     compiled._modules = dict(model._modules)
-    compiled.layers = nn.ModuleList(torch.compile(block, options=options) for block in model.layers)
-    compiled.norm = torch.compile(model.norm, options=options)
+    compiled.layers = nn.ModuleList(torch.compile(block) for block in model.layers)
+    compiled.norm = torch.compile(model.norm)
     return compiled
 
 
