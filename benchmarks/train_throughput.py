@@ -50,6 +50,7 @@ VARIANTS = {
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
     "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
+    "fast-nofuse-qkv": ("bitnet", "project", "project", {"fused_attention": False}),  # q, k, v: a GEMM each
     "fast-combo": ("bitnet", "project", "project", {"inductor": {"combo_kernels": True}}),  # small kernels merged
     "fast-torchembed": ("bitnet", "project", "project", {"embed_impl": "torch"}),  # aten's sort-based backward
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
@@ -85,15 +86,15 @@ def reference_bitlinear_forward(self, x):
 
 
 def use_reference_formulation(model) -> None:
-    """Norms return plain RMSNorm outputs; every projection is its own GEMM (gate and up not stacked) and
-    every BitLinear quantizes its own input (per instance)."""
+    """Norms return plain RMSNorm outputs; every projection is its own GEMM (q/k/v and gate/up not stacked)
+    and every BitLinear quantizes its own input (per instance)."""
     from bitnet.model.bitlinear import BitLinear
-    from bitnet.model.llama import MLP, RMSNorm
+    from bitnet.model.llama import MLP, Attention, RMSNorm
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.quantize_output = False
-        elif isinstance(m, MLP):
+        elif isinstance(m, (Attention, MLP)):
             m.fused_projections = False
         elif isinstance(m, BitLinear):
             m.forward = types.MethodType(reference_bitlinear_forward, m)
@@ -238,10 +239,12 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
-    from bitnet.model.llama import MLP
+    from bitnet.model.llama import MLP, Attention
 
-    for m in model.modules():  # per instance: gate and up as one GEMM (fused_linear) or two
-        if isinstance(m, MLP) and "fused_mlp" in tweaks:
+    for m in model.modules():  # per instance: q/k/v and gate/up as one GEMM each (fused_linear) or apart
+        if isinstance(m, Attention) and "fused_attention" in tweaks:
+            m.fused_projections = tweaks["fused_attention"]
+        elif isinstance(m, MLP) and "fused_mlp" in tweaks:
             m.fused_projections = tweaks["fused_mlp"]
     graphs = uses_graphs(how, tweaks, device)
     step_model, step = make_step(model, how, device, graphs)

@@ -61,6 +61,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+                       n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, heads, T, D) from stacked projections qkv (B, T, (H + 2 Hkv) D), RoPE on q and k."""
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split((n_heads * D, n_kv_heads * D, n_kv_heads * D), dim=-1)
+    q = q.reshape(B, T, n_heads, D).transpose(1, 2)
+    k = k.reshape(B, T, n_kv_heads, D).transpose(1, 2)
+    v = v.reshape(B, T, n_kv_heads, D).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 @dataclass
 class KVCache:
     """Per-layer key/value buffers for incremental decoding. k, v: (B, n_kv_heads, max_len, head_dim)."""
@@ -89,15 +101,28 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
+        # under autograd on CUDA, q/k/v as one GEMM (`fused_linear`), split and rotated by one Triton kernel
+        # whose backward writes their stacked gradient in place (kernels.rope_qkv). Stacked with inductor's
+        # RoPE instead, the step measured slower (benchmarks/NOTES.md, run 6). False: three GEMMs.
+        self.fused_projections = True
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        # q/k/v stay three GEMMs: stacked as one (as gate/up are), the step measured slower on an H100,
-        # since inductor then writes their gradient with one slow concatenating kernel (benchmarks/NOTES.md).
         B, T, _ = x.shape
+        if self.fused_projections and x.is_cuda and torch.is_grad_enabled() and cache is None:
+            from bitnet.model import kernels  # imported here: Triton is needed (and loaded) on CUDA only
+
+            if kernels.available():  # training: one GEMM for q/k/v, one kernel to split and rotate them
+                qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+                q, k, v = kernels.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)
+                return self._attend(q, k, v, cache, layer)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self._attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, layer)
+
+    def _attend(self, q, k, v, cache: KVCache | None, layer: int):
+        """Causal attention of rotated q, k and v (B, heads, T, D), then attn_sub_norm and o_proj."""
+        B, _, T, _ = q.shape
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -107,7 +132,7 @@ class Attention(nn.Module):
             k_all = cache.k[layer][:, :, :start + T]  # (B, Hkv, S, D)
             v_all = cache.v[layer][:, :, :start + T]
             # Query i (absolute position start+i) sees keys 0..start+i.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(self.attn_sub_norm(y))
