@@ -218,7 +218,7 @@ def profile_steps(step, batches, device, n=2) -> dict:
             cats["attention"] += ms
         elif any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
             cats["gemm"] += ms
-        elif low.startswith(("_rmsnorm", "_cross_entropy", "_swiglu")):
+        elif low.startswith(("_rmsnorm", "_cross_entropy", "_swiglu", "_rope")):
             cats["project triton"] += ms
         elif low.startswith("triton"):
             cats["inductor"] += ms

@@ -16,6 +16,12 @@ inductor's 0.39 (2.9 TB/s), backward 0.59 against 0.55; -1.0 ms per step (benchm
 Registered as `bitnet::swiglu_norm_act_quant` and `bitnet::swiglu_norm_backward`.
 Fallback: `bitlinear.swiglu_norm_act_quant_reference`.
 
+`rope_qkv`: the stacked q/k/v projections' output (one GEMM) split into q, k and v with RoPE applied to q
+and k, one token row per program; the backward writes the stacked gradient's rows in place from the
+three incoming gradients, so the stacked GEMM's backward needs no concatenation (which inductor wrote at a
+quarter of this rate). Registered as `bitnet::rope_qkv` and `bitnet::rope_qkv_backward`.
+Fallback: `llama.rope_qkv_reference`.
+
 `linear_cross_entropy`: the tied head and the next-token cross entropy as one autograd function. Its
 forward runs the head GEMM, then one kernel reads each bf16 logits row for an online log-sum-exp and
 again (mostly from L2) to write the gradient over it: the loss's backward is gone, and with it a read

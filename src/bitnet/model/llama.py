@@ -9,6 +9,8 @@ How it differs from plain LLaMA:
   before `down_proj`, besides the usual pre-norms and the final norm;
 - input and output embeddings are one tensor (tied);
 - `quantization='none'` builds the identical network with plain linears (the bf16 twin).
+Training on CUDA runs q/k/v as one GEMM and gate/up as one (`fused_linear`), each weight quantized alone;
+the kernels after them (`kernels.rope_qkv`, `kernels.swiglu_norm_act_quant`) write the stacked gradients.
 `forward(idx)` returns logits; `forward(idx, targets=...)` the mean next-token loss, which on CUDA
 never hands the logits out (`head_cross_entropy`).
 """
