@@ -454,7 +454,8 @@ if triton is not None:
         vh = tl.arange(0, KV_P2)
         vd = tl.arange(0, 2 * HALF)
         v_ok = (vh < NKV)[:, None]
-        v = tl.load(QKV + m * stride_row + (NQ + NKV) * 2 * HALF + vh[:, None] * (2 * HALF) + vd[None, :], mask=v_ok)
+        v_row = QKV + m * stride_row + (NQ + NKV) * 2 * HALF
+        v = tl.load(v_row + vh[:, None] * (2 * HALF) + vd[None, :], mask=v_ok)
         tl.store(V + m * (NKV * 2 * HALF) + vh[:, None] * (2 * HALF) + vd[None, :], v, mask=v_ok)
 
     @triton.jit
@@ -507,8 +508,8 @@ def _qkv_geometry(qkv: torch.Tensor, cos: torch.Tensor, n_heads: int, n_kv_heads
 
 def launch_rope_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor,
                             k: torch.Tensor, v: torch.Tensor) -> None:
-    """Fill q (B, T, H, D), k and v (B, T, Hkv, D), contiguous, from qkv (B, T, (H + 2 Hkv) D) with unit
-    last-dim stride; tests pass them poisoned."""
+    """Fill q (B, T, H, D), k and v (B, T, Hkv, D), contiguous, from qkv (B, T, (H + 2 Hkv) D), contiguous;
+    tests pass them poisoned."""
     B, T, _ = qkv.shape
     H, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
     _rope_qkv_fwd_kernel[(B * T,)](qkv, cos, sin, q, k, v, T, qkv.stride(1), NQ=H, NKV=Hkv,
@@ -537,7 +538,7 @@ if triton is not None:
     def _rope_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
                      n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, D = _qkv_geometry(qkv, cos, n_heads, n_kv_heads)
-        qkv = _unit_last(qkv)
+        qkv = qkv.contiguous()  # rows indexed as b * T + t (a GEMM's output already is)
         q = qkv.new_empty(B, T, n_heads, D)
         k, v = qkv.new_empty(B, T, n_kv_heads, D), qkv.new_empty(B, T, n_kv_heads, D)
         launch_rope_qkv_forward(qkv, cos.contiguous(), sin.contiguous(), q, k, v)
