@@ -53,23 +53,23 @@ def main() -> None:
         return cross_entropy_sweep(a.tokens, a.vocab, a.out)
     torch.manual_seed(0)
     shape = (a.tokens, a.width)
-    gate = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    up = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    # gate and up side by side, as the model's stacked gate/up GEMM returns them
+    gate_up = torch.randn(a.tokens, 2 * a.width, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w = (1 + 0.1 * torch.randn(a.width, device="cuda")).requires_grad_()
     dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    elem = gate.numel() * gate.element_size()
+    elem = dy.numel() * dy.element_size()
     fwd_bytes, bwd_bytes = 3 * elem, 3 * elem + 5 * elem  # forward + backward (dy, gate, up in; dg, du out)
 
-    def triton_fn(g, u, ww):
-        return kernels.swiglu_norm_act_quant(g, u, ww, EPS, torch.bfloat16)
+    def triton_fn(gu, ww):
+        return kernels.swiglu_norm_act_quant(gu, ww, EPS, torch.bfloat16)
 
-    inductor_fn = torch.compile(lambda g, u, ww: swiglu_norm_act_quant_reference(g, u, ww, EPS, torch.bfloat16))
+    inductor_fn = torch.compile(lambda gu, ww: swiglu_norm_act_quant_reference(gu, ww, EPS, torch.bfloat16))
     rows = []
 
     def measure(name, fn, launch=None):
         with torch.no_grad():
-            f = timed(lambda: fn(gate, up, w))
-        fb = timed(lambda: fn(gate, up, w).backward(dy), grads=(gate, up, w))
+            f = timed(lambda: fn(gate_up, w))
+        fb = timed(lambda: fn(gate_up, w).backward(dy), grads=(gate_up, w))
         rows.append({"impl": name, "launch": dict(kernels.SWIGLU_LAUNCH if launch is None else launch),
                      "fwd_ms": round(f, 4), "fwd_bwd_ms": round(fb, 4),
                      "fwd_TBps": round(fwd_bytes / f / 1e9, 2), "fwd_bwd_TBps": round(bwd_bytes / fb / 1e9, 2)})
@@ -91,7 +91,7 @@ def main() -> None:
             kernels.SWIGLU_LAUNCH.update(shipped | change)
             measure(f"triton, {name}", triton_fn)
         kernels.SWIGLU_LAUNCH.update(shipped)
-    result_bwd = backward_sweep(gate, up, w, dy) if a.bwd_sweep else []
+    result_bwd = backward_sweep(*gate_up.detach().chunk(2, dim=-1), w, dy) if a.bwd_sweep else []
     base = rows[0]
     for r in rows:
         r["fwd_speedup"] = round(base["fwd_ms"] / r["fwd_ms"], 3)
@@ -117,7 +117,9 @@ def main() -> None:
 
 
 def backward_sweep(gate, up, w, dy) -> list[dict]:
-    """The backward kernel alone over a grid of launch settings; outputs compared with the shipped ones."""
+    """The backward kernel alone over a grid of launch settings; outputs compared with the shipped ones.
+
+    gate, up: the two halves of one (M, 2N) tensor, as the model passes them."""
     import itertools
 
     g2, u2, dy2 = gate.detach(), up.detach(), dy

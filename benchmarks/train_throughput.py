@@ -55,7 +55,7 @@ VARIANTS = {
     "fast-torchembed": ("bitnet", "project", "project", {"embed_impl": "torch"}),  # aten's sort-based backward
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
-    "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch"}),  # bf16 twin under compile(model)
+    "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch", "embed_impl": "torch"}),  # bf16 twin under compile(model)
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-nograph": ("bitnet", "project", "project", {"cuda_graphs": False}),  # the step launched op by op
     "fast-torchswiglu": ("bitnet", "project", "project", {"swiglu_impl": "torch"}),  # inductor's SwiGLU+norm+quant
@@ -97,6 +97,7 @@ def use_reference_formulation(model) -> None:
         elif isinstance(m, (Attention, MLP)):
             m.fused_projections = False
         elif isinstance(m, BitLinear):
+            m.quantized_input = False  # its input is a plain norm output now, whatever path reads it
             m.forward = types.MethodType(reference_bitlinear_forward, m)
 
 
@@ -124,7 +125,8 @@ def compiled(model, how):
 
 
 class TorchLoss:
-    """A model whose loss is F.cross_entropy over its fp32 logits: the reference in `correctness`."""
+    """A model whose loss is F.cross_entropy over its fp32 logits and whose embedding backward is aten's:
+    the reference in `correctness` (which runs in the fast path's process, where the fast switches are set)."""
 
     def __init__(self, model):
         self.model = model
@@ -135,7 +137,13 @@ class TorchLoss:
     def __call__(self, idx, targets=None):
         import torch.nn.functional as F
 
-        logits = self.model(idx)
+        from bitnet.model import llama
+
+        saved, llama.EMBED_IMPL = llama.EMBED_IMPL, "torch"
+        try:
+            logits = self.model(idx)
+        finally:
+            llama.EMBED_IMPL = saved
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -315,8 +323,9 @@ def correctness(fast_model, fast_step_model, a, device, graphs) -> dict:
     x, y = (t.to(device) for t in batches[0])
     logits, losses, grads = {}, {}, {}
     for name, params_of, call in (("ref", ref, ref_call), ("fast", fast_model, fast_step_model)):
-        with torch.no_grad(), autocast():
-            logits[name] = call(x).float()
+        # the fast path's logits with autograd on: its training forward (stacked projections), not eval's
+        with torch.set_grad_enabled(name == "fast"), autocast():
+            logits[name] = call(x).float().detach()
         with autocast():
             loss = call(x, targets=y)
         loss.backward()

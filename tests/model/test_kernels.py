@@ -312,8 +312,9 @@ def run_rope_qkv_vs_reference(device: str, cases, dtypes) -> None:
 @pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
 def test_rope_qkv_kernels_on_the_interpreter():
-    # the 95m heads (12 + 2 x 6 of 64) and head counts that are not powers of two
-    run_rope_qkv_vs_reference("cpu", [(2, 3, 12, 6, 64), (1, 5, 3, 1, 8), (2, 2, 5, 3, 16)], [torch.float32])
+    # the 95m heads (12 + 2 x 6 of 64), head counts and head sizes (48, 80, 6) that are not powers of two
+    run_rope_qkv_vs_reference("cpu", [(2, 3, 12, 6, 64), (1, 5, 3, 1, 8), (2, 2, 5, 3, 16), (1, 3, 8, 4, 48),
+                                      (1, 2, 4, 2, 80), (2, 2, 3, 3, 6)], [torch.float32])
 
 
 @pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -349,7 +350,7 @@ def test_rope_qkv_fallback_is_the_separate_projections():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and triton")
 def test_rope_qkv_kernels_on_gpu():
-    run_rope_qkv_vs_reference("cuda", [(32, 1024, 12, 6, 64), (3, 7, 12, 6, 64), (2, 9, 5, 3, 16)],
+    run_rope_qkv_vs_reference("cuda", [(32, 1024, 12, 6, 64), (3, 7, 12, 6, 64), (2, 9, 5, 3, 16), (2, 5, 8, 4, 48)],
                               [torch.bfloat16, torch.float32])
 
 

@@ -428,22 +428,25 @@ if triton is not None:
 
     @triton.jit
     def _rope_qkv_fwd_kernel(QKV, COS, SIN, Q, K, V, T, stride_row, NQ: tl.constexpr, NKV: tl.constexpr,
-                             QK_P2: tl.constexpr, KV_P2: tl.constexpr, HALF: tl.constexpr):
+                             QK_P2: tl.constexpr, KV_P2: tl.constexpr, HALF: tl.constexpr,
+                             HALF_P2: tl.constexpr):
         # One token per program: its q and k heads as (heads, D/2) halves x1, x2, rotated in fp32 as
         # (x1 cos - x2 sin, x2 cos + x1 sin), and its v heads copied; outputs stored (token, head, D).
+        # Head counts and D/2 are padded to powers of two (tl.arange's), the padding masked.
         m = tl.program_id(0).to(tl.int64)
         t = m % T
         heads = tl.arange(0, QK_P2)
-        cols = tl.arange(0, HALF)
-        ok = (heads < NQ + NKV)[:, None]
+        cols = tl.arange(0, HALF_P2)
+        col_ok = cols < HALF
+        ok = (heads < NQ + NKV)[:, None] & col_ok[None, :]
         row = QKV + m * stride_row + heads[:, None] * (2 * HALF) + cols[None, :]
         x1 = tl.load(row, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(row + HALF, mask=ok, other=0.0).to(tl.float32)
-        c = tl.load(COS + t * HALF + cols)[None, :]
-        s = tl.load(SIN + t * HALF + cols)[None, :]
+        c = tl.load(COS + t * HALF + cols, mask=col_ok, other=0.0)[None, :]
+        s = tl.load(SIN + t * HALF + cols, mask=col_ok, other=0.0)[None, :]
         o1 = (x1 * c - x2 * s).to(Q.dtype.element_ty)
         o2 = (x2 * c + x1 * s).to(Q.dtype.element_ty)
-        is_q = (heads < NQ)[:, None]
+        is_q = ok & (heads < NQ)[:, None]
         q_at = Q + m * (NQ * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
         tl.store(q_at, o1, mask=is_q)
         tl.store(q_at + HALF, o2, mask=is_q)
@@ -452,8 +455,8 @@ if triton is not None:
         tl.store(k_at, o1, mask=is_k)
         tl.store(k_at + HALF, o2, mask=is_k)
         vh = tl.arange(0, KV_P2)
-        vd = tl.arange(0, 2 * HALF)
-        v_ok = (vh < NKV)[:, None]
+        vd = tl.arange(0, 2 * HALF_P2)
+        v_ok = (vh < NKV)[:, None] & (vd < 2 * HALF)[None, :]
         v_row = QKV + m * stride_row + (NQ + NKV) * 2 * HALF
         v = tl.load(v_row + vh[:, None] * (2 * HALF) + vd[None, :], mask=v_ok)
         tl.store(V + m * (NKV * 2 * HALF) + vh[:, None] * (2 * HALF) + vd[None, :], v, mask=v_ok)
@@ -466,32 +469,34 @@ if triton is not None:
     @triton.jit
     def _rope_qkv_bwd_kernel(DQ, DK, DV, COS, SIN, DQKV, T, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
                              stride_row, NQ: tl.constexpr, NKV: tl.constexpr, Q_P2: tl.constexpr,
-                             KV_P2: tl.constexpr, HALF: tl.constexpr):
+                             KV_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
         # The rotation's transpose, dx1 = d1 cos + d2 sin, dx2 = d2 cos - d1 sin, for q's and k's heads,
         # and v's gradient copied: one row of dqkv per program, written once.
         m = tl.program_id(0).to(tl.int64)
         b, t = m // T, m % T
-        cols = tl.arange(0, HALF)
-        c = tl.load(COS + t * HALF + cols)[None, :]
-        s = tl.load(SIN + t * HALF + cols)[None, :]
+        cols = tl.arange(0, HALF_P2)
+        col_ok = cols < HALF
+        c = tl.load(COS + t * HALF + cols, mask=col_ok, other=0.0)[None, :]
+        s = tl.load(SIN + t * HALF + cols, mask=col_ok, other=0.0)[None, :]
         out = DQKV + m * stride_row
         hq = tl.arange(0, Q_P2)
-        q_ok = (hq < NQ)[:, None]
+        q_ok = (hq < NQ)[:, None] & col_ok[None, :]
         d1 = _load_heads(DQ, b, t, sqb, sqt, sqh, hq, cols, q_ok).to(tl.float32)
         d2 = _load_heads(DQ, b, t, sqb, sqt, sqh, hq, cols + HALF, q_ok).to(tl.float32)
         at = out + hq[:, None] * (2 * HALF) + cols[None, :]
         tl.store(at, (d1 * c + d2 * s).to(DQKV.dtype.element_ty), mask=q_ok)
         tl.store(at + HALF, (d2 * c - d1 * s).to(DQKV.dtype.element_ty), mask=q_ok)
         hk = tl.arange(0, KV_P2)
-        k_ok = (hk < NKV)[:, None]
+        k_ok = (hk < NKV)[:, None] & col_ok[None, :]
         d1 = _load_heads(DK, b, t, skb, skt, skh, hk, cols, k_ok).to(tl.float32)
         d2 = _load_heads(DK, b, t, skb, skt, skh, hk, cols + HALF, k_ok).to(tl.float32)
         at = out + (NQ + hk)[:, None] * (2 * HALF) + cols[None, :]
         tl.store(at, (d1 * c + d2 * s).to(DQKV.dtype.element_ty), mask=k_ok)
         tl.store(at + HALF, (d2 * c - d1 * s).to(DQKV.dtype.element_ty), mask=k_ok)
-        vd = tl.arange(0, 2 * HALF)
-        dv = _load_heads(DV, b, t, svb, svt, svh, hk, vd, k_ok)
-        tl.store(out + (NQ + NKV + hk)[:, None] * (2 * HALF) + vd[None, :], dv.to(DQKV.dtype.element_ty), mask=k_ok)
+        vd = tl.arange(0, 2 * HALF_P2)
+        v_ok = (hk < NKV)[:, None] & (vd < 2 * HALF)[None, :]
+        dv = _load_heads(DV, b, t, svb, svt, svh, hk, vd, v_ok)
+        tl.store(out + (NQ + NKV + hk)[:, None] * (2 * HALF) + vd[None, :], dv.to(DQKV.dtype.element_ty), mask=v_ok)
 
 
 def _qkv_geometry(qkv: torch.Tensor, cos: torch.Tensor, n_heads: int, n_kv_heads: int) -> tuple[int, int, int]:
@@ -514,7 +519,7 @@ def launch_rope_qkv_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     H, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
     _rope_qkv_fwd_kernel[(B * T,)](qkv, cos, sin, q, k, v, T, qkv.stride(1), NQ=H, NKV=Hkv,
                                    QK_P2=triton.next_power_of_2(H + Hkv), KV_P2=triton.next_power_of_2(Hkv),
-                                   HALF=D // 2, num_warps=4)
+                                   HALF=D // 2, HALF_P2=triton.next_power_of_2(D // 2), num_warps=4)
 
 
 def launch_rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
@@ -525,7 +530,8 @@ def launch_rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tenso
     Hkv = dk.shape[2]
     _rope_qkv_bwd_kernel[(B * T,)](dq, dk, dv, cos, sin, dqkv, T, *dq.stride()[:3], *dk.stride()[:3],
                                    *dv.stride()[:3], dqkv.stride(1), NQ=H, NKV=Hkv, Q_P2=triton.next_power_of_2(H),
-                                   KV_P2=triton.next_power_of_2(Hkv), HALF=D // 2, num_warps=4)
+                                   KV_P2=triton.next_power_of_2(Hkv), HALF=D // 2,
+                                   HALF_P2=triton.next_power_of_2(D // 2), num_warps=4)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
