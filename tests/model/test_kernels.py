@@ -335,6 +335,37 @@ def test_rope_qkv_op_through_autograd_on_the_interpreter():
         kernels.rope_qkv(torch.randn(2, 4, 100), cos, sin, 4, 2)
 
 
+@pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (the kernels run on the CPU interpreter)")
+def test_stacked_projections_and_rope_kernel_match_three_projections_on_the_interpreter():
+    """What Attention runs in training (fused_linear + rope_qkv) against three BitLinears + apply_rope:
+    q, k, v and the gradients of x and of each latent weight."""
+    from bitnet.model.bitlinear import BitLinear, fused_linear
+    from bitnet.model.llama import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(9)
+    B, T, C, H, Hkv, D = 2, 5, 32, 4, 2, 8
+    layers = [BitLinear(C, h * D, quantized_input=True) for h in (H, Hkv, Hkv)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=0.1, generator=g)
+    x = activation_quant(torch.randn(B, T, C, generator=g)).requires_grad_()
+    cos, sin = (t[:T].contiguous() for t in rope_tables(D, T, 10000.0))
+    fused = kernels.rope_qkv(fused_linear(x, layers), cos, sin, H, Hkv)
+    grads = [torch.randn(t.shape, generator=g) for t in fused]
+    torch.autograd.backward(fused, grads)
+    got = [x.grad.clone()] + [layer.weight.grad.clone() for layer in layers]
+    x.grad = None
+    for layer in layers:
+        layer.weight.grad = None
+    q, k, v = (layer(x).view(B, T, -1, D).transpose(1, 2) for layer in layers)
+    separate = (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    for a, b in zip(fused, separate):
+        assert rel(a, b) < 1e-6
+    torch.autograd.backward(separate, grads)
+    for a, b in zip(got, [x.grad] + [layer.weight.grad for layer in layers]):
+        assert rel(a, b) < 1e-5
+
+
 def test_rope_qkv_fallback_is_the_separate_projections():
     """The fallback: split + RoPE of the stacked output equals RoPE of each projection's output."""
     from bitnet.model.llama import apply_rope, rope_qkv_reference
