@@ -209,7 +209,8 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 # "auto": on CUDA, the embedding's backward adds each token's gradient rows into the table with index_add_
 # (atomic adds, so the order of a repeated token's sum varies from run to run) instead of aten's sort-based
-# reduction. "torch": F.embedding's own backward (deterministic).
+# reduction (0.27 ms per 95m step on an H100), unless torch.use_deterministic_algorithms is on.
+# "torch": F.embedding's own backward (deterministic).
 EMBED_IMPL = "auto"
 
 
@@ -231,7 +232,8 @@ class _ScatterAddEmbedding(torch.autograd.Function):
 
 def embed(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The token embedding weight[idx] (B, T, C)."""
-    if weight.is_cuda and EMBED_IMPL == "auto" and torch.is_grad_enabled():
+    if (weight.is_cuda and EMBED_IMPL == "auto" and torch.is_grad_enabled()
+            and not torch.are_deterministic_algorithms_enabled()):
         return _ScatterAddEmbedding.apply(idx, weight)
     return F.embedding(idx, weight)
 
