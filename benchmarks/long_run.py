@@ -50,7 +50,8 @@ SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt", ".h")
 MAX_FILE_BYTES = 8 << 20  # larger files (data tables) are skipped
 EVAL_CHARS = 2_000_000  # held-out documents: the first ones reaching this many characters
 SEED_WARMUP = 375  # the seed's warmup, in steps: about the start's stability, not the run's length
-SEED_TOKENS = 13.1e9  # the seed's run: 400k steps x 32 x 1024
+SEED_STEPS = 400_000  # the seed's run: 400k steps x 32 x 1024 = 13.1B tokens
+SEED_TOKENS = SEED_STEPS * 32 * 1024
 SEED_HOURS = 28.0
 PROMPTS = Path(__file__).with_name("long_run_prompts.txt")
 
@@ -60,7 +61,7 @@ PROMPTS = Path(__file__).with_name("long_run_prompts.txt")
 def default_roots() -> list[str]:
     roots = list(site.getsitepackages()) + [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     roots += sorted(glob.glob("/usr/lib/python3*")) + ["/usr/share/doc"]
-    return roots
+    return list(dict.fromkeys(roots))  # files are deduplicated by real path anyway
 
 
 def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed: int = 0) -> dict:
@@ -409,40 +410,58 @@ def analyze(work: Path, kind: str) -> dict:
            "run_dirs": [d.name for d in dirs], "resumed_after_kill": len(dirs) > 1 and bool(legs[0].get("killed")),
            "killed_at_step": (legs[0].get("killed") or {}).get("step"), "resume_step": resume_step,
            "guard_sigterm": [leg.get("guard_sigterm") for leg in legs], "exit_codes": [leg["rc"] for leg in legs]}
-    # wall time of the trainer processes and its parts
-    legs_wall = [leg["end"] - (leg["start"] if i else next((t["t"] for t in tim if t["ev"] == "proc_start"), leg["start"]))
-                 for i, leg in enumerate(legs)]
+    # wall time of the trainer processes (process start to exit) and its parts
     proc_start = {r["pid"]: r["t"] for r in tim if r["ev"] == "proc_start"}
-    first_step = {r["pid"]: r["t"] for r in tim if r["ev"] == "first_step"}
-    startup = [first_step[p] - proc_start[p] for p in pids if p in first_step]
+    legs_wall = [leg["end"] - proc_start.get(pid, leg["start"]) for leg, pid in zip(legs, pids)]
+    trainer_wall = sum(legs_wall)
     hook_s = {}
     for r in tim:
         if r["ev"] == "hook":
             hook_s.setdefault(r["hook"], []).append(r)
     ckpts = [r for r in tim if r["ev"] == "checkpoint"]
 
-    def total(name):
-        return sum(r["s"] for r in hook_s.get(name, []))
+    def total(name, pid=None):
+        return sum(r["s"] for r in hook_s.get(name, []) if pid is None or r["pid"] == pid)
 
-    trainer_wall = sum(legs_wall)
-    redone_s = None
-    if resume_step is not None and legs[0].get("killed"):
-        ck = [r for r in ckpts if r["pid"] == pids[0] and r["step"] == resume_step]
-        redone_s = legs[0]["killed"]["t"] - (ck[-1]["t"] if ck else legs[0]["killed"]["t"])
-    parts = {"startup_and_compile": sum(startup), "eval": total("EvalHook"), "samples": total("SampleHook"),
-             "quant_stats": total("QuantStatsHook"), "anomaly_checks": total("AnomalyHook"),
-             "checkpoints": sum(r["s"] for r in ckpts), "redone_after_kill": redone_s or 0.0}
-    parts["steps_and_rest"] = trainer_wall - sum(parts.values())
-    tok_rows = [r["tok_s"] for s in scal for r in s[1:]]
+    step_ms = statistics.median(r["step_ms"] for s in scal for r in s[1:]) if any(len(s) > 1 for s in scal) else 0.0
+    setup, compile_s, steps_s = [], [], 0.0
+    redone_s, redone_steps = 0.0, 0
+    for i, (d, pid, rows) in enumerate(zip(dirs, pids, scal)):
+        if not rows:
+            continue
+        start_step = resume_step if i else 0
+        cfg_t = (d / "meta" / "config.json").stat().st_mtime  # written once data, model and resume are set up
+        setup.append(cfg_t - proc_start[pid])
+        train_start = sum(r["s"] for r in tim if r["ev"] == "hook" and r["pid"] == pid and r["fn"] == "on_train_start")
+        n_first = rows[0]["step"] - start_step
+        # the first row holds the on_train_start hooks, the compile and graph capture, and its steps
+        compile_s.append(max(0.0, rows[0]["time"] - cfg_t - train_start - n_first * step_ms / 1000))
+        prev = rows[0]["step"]
+        steps_s += n_first * step_ms / 1000
+        for r in rows[1:]:
+            n = r["step"] - prev
+            steps_s += n * r["step_ms"] / 1000
+            if i == 0 and resume_step is not None and len(dirs) > 1 and r["step"] > resume_step:
+                redone_s += n * r["step_ms"] / 1000
+                redone_steps += n
+            prev = r["step"]
+    parts = {"setup": sum(setup), "compile": sum(compile_s), "steps": steps_s - redone_s,
+             "steps_redone_after_kill": redone_s, "eval": total("EvalHook"), "samples": total("SampleHook"),
+             "quant_stats": total("QuantStatsHook"), "anomaly_dumps": total("AnomalyHook"),
+             "checkpoints": sum(r["s"] for r in ckpts)}
+    parts["other"] = trainer_wall - sum(parts.values())
     out["wall"] = {"trainer_s": trainer_wall, "legs_s": legs_wall, "corpus_build_s": info["corpus"].get("build_s"),
                    "driver_s": info["wall_s"], "parts_s": parts,
                    "shares": {k: v / trainer_wall for k, v in parts.items()} if trainer_wall else {},
-                   "startup_per_process_s": startup}
+                   "setup_per_process_s": setup, "compile_per_process_s": compile_s, "redone_steps": redone_steps}
     out["tok_s_sustained"] = out["tokens"] / trainer_wall if trainer_wall else None
-    uninterrupted = trainer_wall - parts["redone_after_kill"] - (startup[1] if len(startup) > 1 else 0.0)
+    out["tok_s_sustained_incl_corpus_build"] = out["tokens"] / info["wall_s"] if info.get("wall_s") else None
+    second_start = (setup[1] + compile_s[1]) if len(setup) > 1 and len(compile_s) > 1 else 0.0
+    uninterrupted = trainer_wall - redone_s - second_start
     out["tok_s_sustained_without_kill"] = out["tokens"] / uninterrupted if uninterrupted > 0 else None
+    tok_rows = [r["tok_s"] for s in scal for r in s[1:]]
     out["tok_s_steps_median"] = statistics.median(tok_rows) if tok_rows else None
-    out["step_ms_median"] = statistics.median(r["step_ms"] for s in scal for r in s[1:]) if tok_rows else None
+    out["step_ms_median"] = step_ms
     out["events"] = {name: {"count": len(v), "total_s": total(name), "first_s": v[0]["s"],
                             "steady_median_s": statistics.median(r["s"] for r in v[1:]) if len(v) > 1 else None}
                      for name, v in hook_s.items()}
@@ -459,7 +478,7 @@ def analyze(work: Path, kind: str) -> dict:
             "tok_s_median_before_kill": statistics.median(r["tok_s"] for r in scal[0][1:]) if len(scal[0]) > 1 else None,
             "tok_s_median_after_resume": statistics.median(r["tok_s"] for r in scal[1][1:]) if len(scal[1]) > 1 else None,
             "tok_s_first_row_after_resume": scal[1][0]["tok_s"] if scal[1] else None,
-            "startup_to_first_step_s": startup[1] if len(startup) > 1 else None}
+            "setup_and_compile_after_resume_s": second_start}
     anomalies = []
     for d in dirs:
         if (d / "anomalies").is_dir():
@@ -477,7 +496,26 @@ def analyze(work: Path, kind: str) -> dict:
     out["quant"] = [{"step": q["step"], "groups": q.get("groups")} for q in merged_quant]
     out["stage_boundary_step"] = round(info["steps_planned"] * 0.5)
     out["seed_run_hours_at_sustained"] = SEED_TOKENS / out["tok_s_sustained"] / 3600 if out["tok_s_sustained"] else None
+    out["seed_run_projection"] = seed_projection(out, parts)
     return out
+
+
+def seed_projection(out: dict, parts: dict) -> dict | None:
+    """The seed's 400k steps at this run's step time and steady per-event costs, at the seed's default
+    intervals (samples and eval every 5000 steps, quant stats every 1000, checkpoints every 10000),
+    plus one setup and compile: a projection, not a measurement."""
+    ev = out.get("events", {})
+    if not out.get("step_ms_median") or "EvalHook" not in ev or "SampleHook" not in ev:
+        return None
+    steps = SEED_STEPS
+    ckpt = statistics.fmean(c["s"] for c in out["checkpoints"]) if out["checkpoints"] else 0.0
+    quant = (ev.get("QuantStatsHook") or {}).get("steady_median_s") or 0.0
+    cost = {"steps": steps * out["step_ms_median"] / 1000, "samples": steps / 5000 * ev["SampleHook"]["steady_median_s"],
+            "eval": steps / 5000 * ev["EvalHook"]["steady_median_s"], "quant_stats": steps / 1000 * quant,
+            "checkpoints": steps / 10000 * ckpt, "setup_and_compile": parts["setup"] / 2 + parts["compile"] / 2}
+    total_s = sum(cost.values())
+    return {"steps": steps, "hours": total_s / 3600, "tok_s": SEED_TOKENS / total_s, "parts_s": cost,
+            "instrumentation_share": (cost["samples"] + cost["eval"] + cost["quant_stats"]) / total_s}
 
 
 def table(summaries: dict) -> str:
@@ -507,7 +545,18 @@ def report(args) -> int:
         for kind in ("bitnet", "bf16"):
             if (dest / f"driver_{kind}.json").exists():
                 summaries[kind] = analyze(dest, kind)
-    result = {"issue": 24, "runs": summaries}
+    result = {"issue": 24, "runs": summaries, "definitions": {
+        "tokens": "training tokens at the last step (both processes of the run)",
+        "final_eval_loss": "held-out loss at the last step (eval set: the first 256 windows of eval.bin)",
+        "final_train_loss": "mean of the scalars rows' loss_avg over the last 100 steps",
+        "tok_s_sustained": "tokens / wall time of the trainer processes (start to exit, both of them): setup, "
+                           "compile, eval, samples, quant stats, checkpoints, kill, resume and redone steps "
+                           "included; the corpus build excluded (tok_s_sustained_incl_corpus_build has it)",
+        "tok_s_steps_median": "median tok_s of the scalars rows after each process's first (step time only)",
+        "peak_gib": "max of torch.cuda.max_memory_allocated over the rows",
+        "resumed_after_kill": "the first trainer process got SIGKILL and --resume-from auto finished the run",
+        "seed_run_projection": "400k steps at this step time and these steady per-event costs at the seed's "
+                               "default intervals: a projection"}}
     if "bitnet" in summaries and "bf16" in summaries:
         a, b = summaries["bitnet"]["final_eval_loss"], summaries["bf16"]["final_eval_loss"]
         result["eval_gap_bitnet_vs_bf16"] = (a - b) / b if a and b else None
@@ -536,14 +585,16 @@ def plot(summaries: dict, png: str) -> None:
                  label=f"{kind} eval (held-out)")
         if s.get("resume_step"):
             tpk = curve[-1]["tokens"] / curve[-1]["step"]
-            ax1.axvline(s["resume_step"] * tpk / 1e6, color=c, ls=":", lw=1,
+            ax1.axvline(s["killed_at_step"] * tpk / 1e6, color=c, ls=":", lw=1.2,
                         label=f"{kind}: SIGKILL at step {s['killed_at_step']}, resumed from {s['resume_step']}")
     any_s = next(iter(summaries.values()))
     tpk = any_s["curve"][-1]["tokens"] / any_s["curve"][-1]["step"]
     ax1.axvline(any_s["stage_boundary_step"] * tpk / 1e6, color="gray", ls="--", lw=1, label="stage boundary")
     ax1.set_xlabel("tokens (M)")
     ax1.set_ylabel("loss")
-    ax1.set_ylim(top=min(ax1.get_ylim()[1], 6), bottom=max(ax1.get_ylim()[0], 0))
+    late = [r["loss_avg"] for s in summaries.values() for r in s["curve"][len(s["curve"]) // 20:]]
+    if late:  # the first 5% of the run (loss from 10.4 down) would flatten the rest
+        ax1.set_ylim(min(late) - 0.1, max(late) + 0.2)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7)
     ax1.set_title(f"95m, 32 x 1024, {any_s['tokens'] / 1e6:.0f}M tokens of local code + docs ({any_s['gpu']})", fontsize=9)
