@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bitnet import exits
 from bitnet.model import KVCache, Transformer
 
 
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one the run trained with)")
     args = p.parse_args(argv)
+    exits.one_line_warnings()
 
     from bitnet.data import load_tokenizer
     from bitnet.train.checkpoint import CheckpointError

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from bitnet import exits
+
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
 STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is flagged "stalled?"
 STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
@@ -216,7 +218,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     ckpts, incomplete = [], 0
     for p in _listdir(run / "checkpoints"):
         m = _CKPT_DIR.match(p.name)
-        if m and (p / "meta.json").is_file():
+        if m and isinstance(load_json(p / "meta.json").get("sha256"), str):  # a manifest, not just a file
             ckpts.append(int(m.group(1)))
         elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
             incomplete += 1
@@ -462,6 +464,7 @@ def watch(render, interval_s: float, max_iterations: int | None = None, sleep=No
 
 def main(argv=None) -> int:
     """Entry point of scripts/check_training_status.py; returns the exit code (2 on bad input)."""
+    exits.one_line_warnings()
     ap = _Parser(description="Read-only monitor of one bitnet run directory.")
     ap.add_argument("run_dir", nargs="?", help="runs/<id>")
     ap.add_argument("--watch", nargs="?", const="10", metavar="SECONDS", help="refresh every SECONDS (default 10)")
