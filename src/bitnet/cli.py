@@ -14,7 +14,7 @@ from pathlib import Path
 from bitnet import exits
 from bitnet.fileio import os_error_message
 from bitnet.model.config import PRESETS, ModelConfig
-from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names
+from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names, fit_default_warmup
 
 NOT_FROM_CHECKPOINT = {"run_id", "overwrite", "resume_from", "runs_dir"}
 
@@ -149,6 +149,7 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | No
         raise UserError(f"--preset {preset} conflicts with the checkpoint's preset {ckpt_train.get('preset')}")
 
     values = {**PRESET_TRAIN_DEFAULTS[preset], **ckpt_train, **file_values, **args, "preset": preset}
+    values = fit_default_warmup(values, given={*ckpt_train, *file_values, *args})
     cfg = TrainConfig(**values)
     try:
         if ckpt_model is not None:

@@ -170,10 +170,9 @@ def load_newest(step_dirs: list[Path], map_location="cpu", need: str = "resume",
 
 
 def _load_file(pt: Path, map_location, need: str) -> dict:
-    if (pt.parent / "meta.json").exists():
+    verified = (pt.parent / "meta.json").exists()
+    if verified:
         verify(pt.parent)
-    elif pt.is_file():
-        warnings.warn(f"{pt} has no meta.json next to it: loading it unverified (no checksum to check)")
     if not pt.is_file():
         raise CheckpointError(f"checkpoint not found: {pt}")
     try:
@@ -186,6 +185,8 @@ def _load_file(pt: Path, map_location, need: str) -> dict:
     problem = check_contents(state, need)
     if problem:
         raise CheckpointError(f"{pt} cannot be used: {problem}")
+    if not verified:  # it loads, but nothing says it is the file the trainer wrote
+        warnings.warn(f"{pt} has no meta.json next to it: loaded unverified (no checksum to check it against)")
     return state
 
 
