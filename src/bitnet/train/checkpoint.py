@@ -76,10 +76,12 @@ def _torch_save(state: dict, f, path: Path) -> None:
     """torch.save, with its RuntimeError for a failed write (a full disk) turned into the OSError it is."""
     try:
         torch.save(state, f)
-    except RuntimeError as e:
-        if "write" not in str(e).lower():
+    except RuntimeError as e:  # e.g. "[enforce fail at inline_container.cc] unexpected pos", the OSError its context
+        cause = e.__context__ if isinstance(e.__context__, OSError) else None
+        if cause is None and "write" not in str(e).lower() and "inline_container" not in str(e):
             raise
-        code = errno.ENOSPC if _nearly_full(path.parent) else errno.EIO
+        code = (cause.errno if cause is not None and cause.errno else
+                errno.ENOSPC if _nearly_full(path.parent) else errno.EIO)
         raise OSError(code, os.strerror(code), str(path)) from None
 
 

@@ -42,7 +42,8 @@ def create_run_dir(runs_dir: str, run_id: str, overwrite: bool, resumed_from: st
     the same name (two auto-resumes of one run), the loser says so instead of sharing it.
     """
     def raced() -> FileExistsError:
-        return FileExistsError(f"another resume of run {base_run_id(run_id)!r} is in progress: it created {run_dir} "
+        return FileExistsError(f"another resume of run {base_run_id(run_id)!r} is in progress: it created "
+                               f"{Path(runs_dir) / run_id} "
                                f"while this one was setting up; let it run (or stop it first)")
 
     if resumed_from and not overwrite and (Path(runs_dir) / run_id).exists():
