@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be positive")
         model, config = load_model(args.checkpoint, device)
-        tok = load_tokenizer(args.tokenizer or config["train"].get("tokenizer", "llama2"))
+        tok = load_tokenizer(args.tokenizer or (config.get("train") or {}).get("tokenizer", "llama2"))
         autocast = (contextlib.nullcontext if device.type != "cuda" else
                     lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         prompt_ids = tok.encode(args.prompt, add_bos=True)

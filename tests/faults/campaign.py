@@ -239,7 +239,7 @@ SPOILERS = {
     "checkpoint a tensor": (spoil_state(lambda s: torch.zeros(2)), "holds a Tensor", False),
     "model entry a list": (spoil_state(_set(["model"], [1])), "'model' entry is a list", False),
     "model entry empty": (spoil_state(_set(["model"], {})), "missing", False),
-    "transposed weight": (spoil_state(_set(["model", "layers.0.attn.wo.weight"], lambda t: t.t().contiguous()[:, :-1])),
+    "transposed weight": (spoil_state(_set(["model", "layers.0.self_attn.o_proj.weight"], lambda t: t.t().contiguous()[:, :-1])),
                           "has shape", False),
     "embedding of another vocab": (spoil_state(_set(["model", "embed_tokens.weight"], lambda t: t[:1000])),
                                    "embed_tokens.weight", False),
@@ -292,7 +292,7 @@ def checkpoint_cases() -> list[Case]:
                               lambda work, mat: [str(work / "runs" / "S")], (0,), setup=setup))
     # every checkpoint unusable: one line naming what was skipped
     def all_bad(work, mat):
-        run = mat.copy_run(work, "S", drop=(2, 4))
+        run = mat.copy_run(work, "S", drop=(2, 3, 4))
         for step in (6, 8):
             _meta("[]")(run / "checkpoints" / checkpoint.step_dir_name(step))
     cases.append(Case("2 unusable checkpoint", "auto-resume with no usable checkpoint", "train",
@@ -687,6 +687,10 @@ def main(argv=None) -> int:
                 result = judge(case, work, mat)
             except PermissionError as e:
                 skipped.append((case, str(e)))
+                continue
+            except Exception:  # the campaign's own setup failed: say so, never count it as a verdict
+                print(f"SETUP FAILED {case.cls}: {case.name}\n{traceback.format_exc()}", flush=True)
+                skipped.append((case, "setup failed"))
                 continue
             finally:
                 while MOUNTS:
