@@ -218,7 +218,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     ckpts, incomplete = [], 0
     for p in _listdir(run / "checkpoints"):
         m = _CKPT_DIR.match(p.name)
-        if m and isinstance(load_json(p / "meta.json").get("sha256"), str):  # a manifest, not just a file
+        if m and (p / "meta.json").is_file():
             ckpts.append(int(m.group(1)))
         elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
             incomplete += 1

@@ -266,6 +266,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     steps_since_log = 0
     loss_sum = torch.zeros((), device=device)
     voted_stop = None  # under torchrun: why all ranks agreed to stop (at a log step)
+    voted_by_policy = False  # ... and whether a hook's policy (not a signal) asked for it: exit 3 on every rank
     stop_reason, stopped_by_policy = "", False
     start_step = state.step
     try:
@@ -292,13 +293,17 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                     step_ms = (now - t_last - excluded_s) * 1000 / steps_since_log
                     # One all-reduce per log interval, never per step: losses averaged over ranks, tokens
                     # summed, and a stop vote (signal or hook) so that every rank stops at this same step.
-                    wants_stop = bool(stop.signal_name) or any(h.stop_requested for h in hooks)
+                    by_policy = any(h.stop_requested for h in hooks)
+                    wants_stop = bool(stop.signal_name) or by_policy
                     local_tokens = steps_since_log * derived["tokens_per_step"] // world.world_size
                     stats = torch.cat([torch.stack([out.loss, loss_sum]).double(),
-                                       torch.tensor([local_tokens, wants_stop], dtype=torch.float64, device=device)])
-                    loss_total, loss_sum_total, tokens_logged, stop_votes = parallel.all_reduce_sum(stats, world).tolist()
+                                       torch.tensor([local_tokens, wants_stop, by_policy], dtype=torch.float64,
+                                                    device=device)])
+                    loss_total, loss_sum_total, tokens_logged, stop_votes, policy_votes = (
+                        parallel.all_reduce_sum(stats, world).tolist())
                     last_loss = loss_total / world.world_size
                     if stop_votes and world.distributed:
+                        voted_by_policy = bool(policy_votes)
                         voted_stop = stop.signal_name or next((h.stop_reason for h in hooks if h.stop_requested),
                                                               "stop requested on another rank")
                     row = {"step": step, "tokens": state.tokens, "loss": last_loss,
@@ -343,7 +348,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                         progress.write(f"stopped at step {step} ({reason}); checkpoint saved. Resume with:\n"
                                        f"  {resume_command(cfg, ckpt)}")
                     stopped_early, stop_reason = True, reason
-                    stopped_by_policy = not (stop.signal_name or voted_stop in ("SIGINT", "SIGTERM"))
+                    stopped_by_policy = voted_by_policy if world.distributed else not stop.signal_name
                     break
         for hook in hooks:
             hook.on_train_end(state)
