@@ -210,7 +210,7 @@ def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str, dict]:
         step_dir, state = checkpoint.load_newest([d for _, _, d in found], need="resume",
                                                  where=f"run {run_id!r} (or its continuations) in {runs_dir}")
     except checkpoint.CheckpointError as e:
-        raise UserError(str(e).replace("no usable checkpoint", "no intact checkpoint", 1)) from None
+        raise UserError(str(e)) from None
     return str(step_dir), continuation_id(runs_dir, run_id, state["step"]), state
 
 

@@ -219,7 +219,7 @@ def load_model(checkpoint_path: str, device: torch.device) -> tuple[Transformer,
     from bitnet.model import ModelConfig
     from bitnet.train import checkpoint
 
-    ckpt = checkpoint.load(checkpoint_path)
+    ckpt = checkpoint.load(checkpoint_path, need="model")
     config = ckpt["config"]
     model = Transformer(ModelConfig.from_dict(config["model"]))
     model.load_state_dict(ckpt["model"])

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from bitnet import exits
-
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
 STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is flagged "stalled?"
 STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
@@ -464,7 +462,6 @@ def watch(render, interval_s: float, max_iterations: int | None = None, sleep=No
 
 def main(argv=None) -> int:
     """Entry point of scripts/check_training_status.py; returns the exit code (2 on bad input)."""
-    exits.one_line_warnings()
     ap = _Parser(description="Read-only monitor of one bitnet run directory.")
     ap.add_argument("run_dir", nargs="?", help="runs/<id>")
     ap.add_argument("--watch", nargs="?", const="10", metavar="SECONDS", help="refresh every SECONDS (default 10)")

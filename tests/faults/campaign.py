@@ -297,10 +297,10 @@ def checkpoint_cases() -> list[Case]:
             _meta("[]")(run / "checkpoints" / checkpoint.step_dir_name(step))
     cases.append(Case("2 unusable checkpoint", "auto-resume with no usable checkpoint", "train",
                       lambda work, mat: ["--resume-from", "auto", "--run-id", "S", "--runs-dir", str(work / "runs")],
-                      (2,), ("no intact checkpoint", "step_000008", "step_000006"), setup=all_bad))
+                      (2,), ("step_000008", "no older checkpoint", "step_000006"), setup=all_bad))
     cases.append(Case("2 unusable checkpoint", "export of a run dir with no usable checkpoint", "export",
                       lambda work, mat: [str(work / "runs" / "S"), "--out", str(work / "exp")],
-                      (2,), ("no usable checkpoint",), setup=all_bad))
+                      (2,), ("step_000008", "no older checkpoint"), setup=all_bad))
     def loose(work, mat):
         shutil.copytree(mat.ref / "checkpoints" / "step_000006", work / "loose")
         (work / "loose" / "meta.json").unlink()

@@ -134,17 +134,17 @@ def verify(step_dir: Path) -> dict:
     return meta
 
 
-def load(path: str | Path, map_location="cpu", need: str = "model") -> dict:
+def load(path: str | Path, map_location="cpu", need: str | None = None) -> dict:
     """Load a checkpoint (file, step dir or run dir) safely and check it holds what `need` asks for.
 
-    need: "model" (weights and config: generate, export) or "resume" (also optimizer, train state,
-    RNG: training). A run directory gives its newest checkpoint that loads (see load_newest).
+    need: None (a dict with model and step entries), "model" (weights that fit the config: generate,
+    export) or "resume" (also optimizer, train state, RNG: training). A run directory gives its newest checkpoint that loads (see load_newest).
     Raises CheckpointError with a one-line reason.
     """
     return load_with_path(path, map_location, need)[1]
 
 
-def load_with_path(path: str | Path, map_location="cpu", need: str = "model") -> tuple[Path, dict]:
+def load_with_path(path: str | Path, map_location="cpu", need: str | None = None) -> tuple[Path, dict]:
     """(checkpoint.pt loaded, its contents): `load`, also saying which file a run directory gave."""
     run = run_dir_of(path)
     if run is None:
@@ -159,16 +159,22 @@ def load_with_path(path: str | Path, map_location="cpu", need: str = "model") ->
 
 def load_newest(step_dirs: list[Path], map_location="cpu", need: str = "resume", where: str = "") -> tuple[Path, dict]:
     """The first of `step_dirs` (newest first) that loads; each one before it that does not is skipped
-    with a `skipping checkpoint: <why>` warning. CheckpointError naming what was skipped if none loads."""
-    skipped = []
+    with a `skipping checkpoint: <why>` warning. If none loads: CheckpointError with the newest one's
+    reason, naming the others that failed too."""
+    failed = []
     for step_dir in step_dirs:
         try:
-            return step_dir, _load_file(step_dir / "checkpoint.pt", map_location, need)
+            state = _load_file(step_dir / "checkpoint.pt", map_location, need)
         except CheckpointError as e:
+            failed.append((step_dir, e))
+            continue
+        for _, e in failed:
             warnings.warn(f"skipping checkpoint: {e}")
-            skipped.append(step_dir.name)
-    raise CheckpointError(f"no usable checkpoint in {where or 'the given directories'}"
-                          + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+        return step_dir, state
+    if not failed:
+        raise CheckpointError(f"no complete checkpoint in {where or 'the given directories'}")
+    others = f"; no older checkpoint in {where} loads either ({', '.join(d.name for d, _ in failed[1:])})"
+    raise CheckpointError(f"{failed[0][1]}{others if len(failed) > 1 else ''}")
 
 
 def _load_file(pt: Path, map_location, need: str) -> dict:
@@ -204,13 +210,18 @@ def check_contents(state, need: str = "model") -> str | None:
     """
     if not isinstance(state, dict):
         return f"it holds a {type(state).__name__}, not a bitnet training checkpoint"
-    wanted = RESUME_ENTRIES if need == "resume" else {k: RESUME_ENTRIES[k] for k in ("model", "config", "step")}
+    kinds = {"resume": tuple(RESUME_ENTRIES), "model": ("model", "config", "step"), None: ("model", "step")}
+    wanted = {k: RESUME_ENTRIES[k] for k in kinds[need]}
     missing = [k for k in wanted if k not in state]
     if missing:
-        return f"no {', '.join(missing)} entr{'y' if len(missing) == 1 else 'ies'} (not a complete training checkpoint)"
+        no_config = ": it has no model config" if "config" in missing else ""
+        return (f"not a bitnet training checkpoint (no {', '.join(missing)} entr{'y' if len(missing) == 1 else 'ies'})"
+                + no_config)
     for key, kind in wanted.items():
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             return f"its {key!r} entry is a {type(state[key]).__name__}, not a {kind.__name__}"
+    if need is None:
+        return None
     config = state["config"]
     if not isinstance(config.get("model"), dict) or (need == "resume" and not isinstance(config.get("train"), dict)):
         return "its config has no model" + (" or train" if need == "resume" else "") + " table"
