@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bitnet import exits
 from bitnet.model import KVCache, Transformer
 
 
@@ -218,7 +219,7 @@ def load_model(checkpoint_path: str, device: torch.device) -> tuple[Transformer,
     from bitnet.model import ModelConfig
     from bitnet.train import checkpoint
 
-    ckpt = checkpoint.load(checkpoint_path)
+    ckpt = checkpoint.load(checkpoint_path, need="model")
     config = ckpt["config"]
     model = Transformer(ModelConfig.from_dict(config["model"]))
     model.load_state_dict(ckpt["model"])
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one the run trained with)")
     args = p.parse_args(argv)
+    exits.one_line_warnings()
 
     from bitnet.data import load_tokenizer
     from bitnet.train.checkpoint import CheckpointError
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be positive")
         model, config = load_model(args.checkpoint, device)
-        tok = load_tokenizer(args.tokenizer or config["train"].get("tokenizer", "llama2"))
+        tok = load_tokenizer(args.tokenizer or (config.get("train") or {}).get("tokenizer", "llama2"))
         autocast = (contextlib.nullcontext if device.type != "cuda" else
                     lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         prompt_ids = tok.encode(args.prompt, add_bos=True)

@@ -35,8 +35,10 @@ GRAD_NORM_RTOL = 1e-4  # a sum of 26 squared norms, reduced in a different order
 
 def args(runs: Path, run_id: str, **extra) -> list[str]:
     """Global batch 8 x 32 tokens, LR in warmup, checkpoints at 3 and 6, eval at the last step."""
-    return fast_args(runs, run_id, steps=STEPS, batch_size=8, warmup_steps=30, checkpoint_interval=3,
-                     quant_interval=0, **extra)
+    # warmup 5 steps to 2.5e-4, 3e-4 at step 6 (the stage boundary): 5e-5 x step, as a 30-step warmup at
+    # the default peak gave, but with the warmup ending before the stage boundary (config.py)
+    return fast_args(runs, run_id, steps=STEPS, batch_size=8, warmup_steps=5, stage_boundary=0.99, lr_peak=2.5e-4,
+                     lr_stage1_end=3e-4, checkpoint_interval=3, quant_interval=0, **extra)
 
 
 def torchrun(argv: list[str], cwd: Path, script: Path | None = None, nproc: int = 2,
