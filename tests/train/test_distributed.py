@@ -96,7 +96,14 @@ def one(runs):
             raise AssertionError("a world of one started a process group")
 
         mp.setattr(dist, "init_process_group", forbidden)
-        assert train_main(args(runs, "one")) == 0
+        # torchrun runs each rank with OMP_NUM_THREADS=1; the CPU kernels split their reductions by
+        # thread count, so the bitwise world-of-one comparison needs the same count here
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert train_main(args(runs, "one")) == 0
+        finally:
+            torch.set_num_threads(threads)
     return runs / "one"
 
 
