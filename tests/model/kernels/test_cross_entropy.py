@@ -33,7 +33,8 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     torch.testing.assert_close(model(idx, targets=y), F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1)))
 
 
-def run_cross_entropy_vs_reference(device: str, cases, dtypes, launch: CrossEntropyLaunch = CrossEntropyLaunch()) -> None:
+def run_cross_entropy_vs_reference(device: str, cases, dtypes,
+                                   launch: CrossEntropyLaunch = CrossEntropyLaunch()) -> None:
     for m, d, v in cases:
         x, w, t = head_inputs(m, d, v, seed=m + v)
         x, w, t = x.to(device), w.to(device), t.to(device)

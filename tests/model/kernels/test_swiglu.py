@@ -72,14 +72,15 @@ def run_swiglu_vs_fallback(device: str, shapes, dtypes, launch: SwigluLaunch = S
 
 
 @interpreter
-@pytest.mark.parametrize("change", [{}, {"fwd_rows": 2, "bwd_rows": 1, "bwd_programs_per_sm": 1},
-                                    {"bwd_prefetch": True}, {"bwd_prefetch": True, "bwd_rows": 1, "bwd_programs_per_sm": 1},
+@pytest.mark.parametrize("change", [{}, {"fwd_rows": 2, "bwd_rows": 1, "bwd_programs_per_sm": 1}, {"bwd_prefetch": True},
+                                    {"bwd_prefetch": True, "bwd_rows": 1, "bwd_programs_per_sm": 1},
                                     {"bwd_prefetch": False, "bwd_rows": 2, "bwd_programs_per_sm": 1}])
 def test_swiglu_kernels_on_the_interpreter(change):
     """The shipped launch settings; two rows per forward program with all rows in one backward program;
     the backward prefetching the next row block (across a program's last rows and the matrix's end), and
     without the prefetch over two-row blocks; fp32 and training's bf16."""
-    run_swiglu_vs_fallback("cpu", [(3, 64), (7, 100), (2, 3, 3072)], GPU_DTYPES, launch=replace(SwigluLaunch(), **change))
+    run_swiglu_vs_fallback("cpu", [(3, 64), (7, 100), (2, 3, 3072)], GPU_DTYPES,
+                           launch=replace(SwigluLaunch(), **change))
 
 
 @interpreter
