@@ -99,6 +99,19 @@ def test_the_model_trains_identically_on_cpu_under_either_choice():
         assert torch.equal(a, b)
 
 
+def test_dispatchers_compile_into_one_graph_under_either_choice():
+    """torch.compile traces the dispatchers and the choice they read without a graph break (fullgraph)."""
+    x, w = inputs((3, 64), torch.float32)
+    gate_up, w2 = swiglu_inputs((3, 64), torch.float32)
+    f = torch.compile(lambda a, b, c, d: choice.norm_act_quant(a, b, EPS, torch.float32)
+                      + choice.swiglu_norm_act_quant(c, d, EPS, torch.float32), fullgraph=True)
+    want = norm_act_quant_reference(x, w, EPS, torch.float32) + swiglu_norm_act_quant_reference(gate_up, w2, EPS,
+                                                                                              torch.float32)
+    for c in (KernelChoice(), ALL_TORCH):
+        with use_kernels(c):
+            torch.testing.assert_close(f(x, w, gate_up, w2), want)
+
+
 @pytest.mark.gpu
 @cuda
 def test_on_cuda_auto_runs_each_kernel_and_torch_each_reference():

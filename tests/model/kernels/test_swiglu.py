@@ -105,6 +105,22 @@ def test_swiglu_op_through_autograd_on_the_interpreter(launch, dtype):
         swiglu.swiglu_norm_act_quant(torch.randn(4, 9), torch.ones(4), EPS, torch.float32)
 
 
+@interpreter
+def test_swiglu_op_under_compile_and_autograd_on_the_interpreter():
+    """The op with its launch settings as an argument compiles into one graph (fullgraph) and matches the
+    reference, forward and backward."""
+    gate_up, w = swiglu_inputs((4, 5, 64), torch.float32)
+    launch = SwigluLaunch(fwd_rows=2, bwd_prefetch=False)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    f = torch.compile(lambda a, b: swiglu.swiglu_norm_act_quant(a, b, EPS, torch.float32, launch), fullgraph=True)
+    y = f(gua, wa)
+    y.square().sum().backward()
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, torch.float32)
+    y_ref.square().sum().backward()
+    assert rel(y, y_ref) < 1e-4 and rel(gua.grad, gur.grad) < 1e-4 and rel(wa.grad, wr.grad) < 1e-4
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("change", [{}, {"bwd_prefetch": not SwigluLaunch().bwd_prefetch},

@@ -10,7 +10,7 @@ argument (`SwigluLaunch`), so a benchmark picks them through `KernelChoice` rath
 Reference: `references.swiglu_norm_act_quant_reference`.
 """
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -43,8 +43,10 @@ class SwigluLaunch:
     bwd_stages: int = 1
 
     def as_ints(self) -> list[int]:
-        """The fields in order, as the custom ops take them (an op argument cannot be a dataclass)."""
-        return [int(v) for v in astuple(self)]
+        """The fields in order, as the custom ops take them (an op argument cannot be a dataclass); plain
+        attribute reads, which torch.compile traces without a graph break."""
+        return [self.fwd_rows, self.fwd_warps, self.bwd_rows, self.bwd_warps, self.bwd_programs_per_sm,
+                int(self.bwd_prefetch), self.bwd_stages]
 
     @classmethod
     def from_ints(cls, values: list[int]) -> "SwigluLaunch":
