@@ -9,5 +9,5 @@ python -m pytest -q "$@"
 if [[ $# -eq 0 ]]; then
   # triton 3.6 is the GPU machines' version; its interpreter trips on numpy 2.4's scalar conversion.
   python -c "import triton" 2>/dev/null || pip install -q "triton==3.6.0" "numpy<2.4"
-  TRITON_INTERPRET=1 python -m pytest -q tests/model/test_kernels.py
+  TRITON_INTERPRET=1 python -m pytest -q tests/model/kernels
 fi
