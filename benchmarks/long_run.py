@@ -176,7 +176,7 @@ def train_timed(argv: list[str]) -> int:
     emit(ev="proc_start")
     import bitnet.train.loop  # noqa: F401  (imports every hook class)
     from bitnet.instrumentation.base import Hook
-    from bitnet.train import checkpoint
+    from bitnet.run import checkpoint
 
     first = {"done": False}
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bitnet.instrumentation.jsonl import read_jsonl  # noqa: E402
+from bitnet.run.jsonl import read_jsonl  # noqa: E402
 from bitnet.train.parallel import safe_env  # noqa: E402
 
 

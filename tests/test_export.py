@@ -15,7 +15,7 @@ from bitnet.export import (TernaryLinear, export_ternary, load_packed, main, pac
 from bitnet.export.ternary import ternary_layers
 from bitnet.model import PRESETS, ModelConfig, Transformer
 from bitnet.model.bitlinear import BitLinear
-from bitnet.train import checkpoint
+from bitnet.run import checkpoint
 
 # transformers' import trips a torch.jit deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

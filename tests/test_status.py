@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -282,12 +283,25 @@ def test_watch_max_iterations_and_json_lines(run, capsys, monkeypatch):
 
 
 def test_imports_only_the_standard_library():
-    """Top-level imports are stdlib; matplotlib may appear only inside functions (plot is lazy)."""
-    tree = ast.parse(Path(status.__file__).read_text())
-
-    def roots(nodes):
-        return {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
-                for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    """Top-level imports are stdlib; matplotlib may appear only inside functions (plot is lazy). The run
+    directory's names and its JSONL reader (bitnet.run.layout, bitnet.run.jsonl) are the only bitnet
+    modules it imports, and they hold to the same rule."""
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    assert roots(tree.body) <= stdlib, roots(tree.body)
-    assert roots(ast.walk(tree)) <= stdlib | {"matplotlib"}, roots(ast.walk(tree))
+    allowed = {"bitnet.run.layout", "bitnet.run.jsonl"}
+
+    def imports(nodes):
+        return {(a.name if isinstance(n, ast.Import) else n.module)
+                for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+
+    def roots(names):
+        return {name.split(".")[0] for name in names if name not in allowed and name != "bitnet.run"}
+    import bitnet.run
+    files = [Path(status.__file__)] + [Path(bitnet.run.__file__).with_name(m.split(".")[-1] + ".py") for m in allowed]
+    files.append(Path(bitnet.run.__file__))
+    for path in files:
+        tree = ast.parse(path.read_text())
+        assert roots(imports(tree.body)) <= stdlib, (path.name, roots(imports(tree.body)))
+        assert roots(imports(ast.walk(tree))) <= stdlib | {"matplotlib"}, (path.name, roots(imports(ast.walk(tree))))
+    assert imports(ast.parse(Path(bitnet.run.__file__).read_text()).body) == set()
+    code = "import sys, bitnet.status; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -217,9 +217,9 @@ def sample_metrics(gen: Generation) -> dict:
 def load_model(checkpoint_path: str, device: torch.device) -> tuple[Transformer, dict]:
     """The model of a training checkpoint (file, step dir or run dir) and the run's saved config."""
     from bitnet.model import ModelConfig
-    from bitnet.train import checkpoint
+    from bitnet.model import checkpoint_fit
 
-    ckpt = checkpoint.load(checkpoint_path, need="model")
+    ckpt = checkpoint_fit.load(checkpoint_path, need="model")
     config = ckpt["config"]
     model = Transformer(ModelConfig.from_dict(config["model"]))
     model.load_state_dict(ckpt["model"])
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     exits.one_line_warnings()
 
     from bitnet.data import load_tokenizer
-    from bitnet.train.checkpoint import CheckpointError
+    from bitnet.run.checkpoint import CheckpointError
 
     try:
         device = pick_device(args.device)

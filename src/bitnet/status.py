@@ -1,4 +1,4 @@
-"""Read-only monitor for one training run directory (layout: DESIGN.md section 3).
+"""Read-only monitor for one training run directory (docs/design.md, "run directory"; bitnet.run.layout).
 
 Prints a text summary, one JSON object (--json) or a dashboard plot (--plot OUT.png|.html) of a
 run, refreshing with --watch. Standard library only (matplotlib is imported lazily by plot()), it
@@ -15,18 +15,18 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from bitnet.run import layout
+from bitnet.run.jsonl import read_jsonl as load_jsonl
+
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
 STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is flagged "stalled?"
 STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
 SAMPLE_CHARS = 80
-_CKPT_DIR = re.compile(r"^step_(\d+)$")
-_ANOMALY_DIR = re.compile(r"^step_(\d+)_(.+)$")
 _PROVENANCE_KEYS = ("git_commit", "git_dirty", "command", "host", "gpu", "torch", "cuda", "seed",
                     "start_time", "resumed_from")
 
@@ -36,24 +36,6 @@ class StatusError(Exception):
 
 
 # ---------------------------------------------------------------------------- reading
-
-def load_jsonl(path) -> list[dict]:
-    """Rows of a JSONL file, [] if it is missing. Lines that do not parse are skipped: the last one
-    may be torn while the trainer appends, and a crash can leave one in the middle."""
-    rows = []
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-    except OSError:
-        return []
-    return rows
-
 
 def load_json(path) -> dict:
     """A JSON object file, {} if missing or unreadable (it may be mid-write)."""
@@ -115,8 +97,8 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
 def _anomalies(run: Path) -> list[tuple[int, str, Path]]:
     """(step, event, dir) of anomaly dumps, oldest first."""
     found = []
-    for p in _listdir(run / "anomalies"):
-        m = _ANOMALY_DIR.match(p.name)
+    for p in _listdir(run / layout.ANOMALIES):
+        m = layout.ANOMALY_DIR.match(p.name)
         if m and p.is_dir():
             found.append((int(m.group(1)), m.group(2), p))
     return sorted(found)
@@ -129,10 +111,10 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     run = Path(run_dir)
     if not run.is_dir():
         raise StatusError(f"no such run directory: {run}" if not run.exists() else f"not a directory: {run}")
-    if not ((run / "meta").is_dir() or (run / "metrics").is_dir()):
+    if not ((run / layout.META).is_dir() or (run / layout.METRICS).is_dir()):
         raise StatusError(f"not a run directory (no meta/ or metrics/): {run}")
     now = time.time() if now is None else now
-    config, prov = load_json(run / "meta/config.json"), load_json(run / "meta/provenance.json")
+    config, prov = load_json(run / layout.CONFIG), load_json(run / layout.PROVENANCE)
     train_cfg, model_cfg = _dict(config.get("train")), _dict(config.get("model"))
     s = {"run_id": run.resolve().name, "run_dir": str(run), "now": now, "smoothing": smoothing,
          "provenance": {k: prov.get(k) for k in _PROVENANCE_KEYS},
@@ -140,7 +122,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
          "train_config": {k: train_cfg.get(k) for k in ("num_steps", "batch_size", "seq_len", "grad_accum")}}
 
     # Training scalars. Progress counts optimizer steps, so gradient accumulation cannot distort it.
-    rows = _by_step(load_jsonl(run / "metrics/scalars.jsonl"))
+    rows = _by_step(load_jsonl(run / layout.SCALARS))
     recent = rows[-RECENT_ROWS:]
     last = rows[-1] if rows else {}
     step = last.get("step")
@@ -175,7 +157,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
         "last_row_age_s": age_s, "row_interval_s": row_interval_s, "stalled": stalled, "finished": finished,
     })
 
-    evals = _by_step(load_jsonl(run / "eval/eval_results.jsonl"))
+    evals = _by_step(load_jsonl(run / layout.EVAL_RESULTS))
     s["eval"] = None
     if evals:
         e = evals[-1]
@@ -191,7 +173,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
                      "gap": gap, "best_eval_loss": best[0], "best_step": best[1], "count": len(evals)}
 
     # Samples: the newest step only, first row of each mode (one line per mode on screen).
-    samples = [r for r in load_jsonl(run / "samples/samples.jsonl") if _num(r.get("step")) is not None]
+    samples = [r for r in load_jsonl(run / layout.SAMPLES_FILE) if _num(r.get("step")) is not None]
     s["samples"] = None
     if samples:
         newest = max(_num(r["step"]) for r in samples)
@@ -204,19 +186,19 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
              **{k: _num(r.get(k)) for k in ("mean_entropy", "max_repetition", "unique_ratio")}}
             for mode, r in by_mode.items()]}
 
-    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / "metrics/quant.jsonl"))]
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / layout.QUANT))]
     quant = [(step, g) for step, g in quant if g]
     s["quant"] = {"first_step": quant[0][0], "latest_step": quant[-1][0], "first": quant[0][1],
                   "latest": quant[-1][1]} if quant else None
 
     found = _anomalies(run)
     s["anomalies"] = {"count": len(found), "latest": [p.name for _, _, p in found[-3:]],
-                      "latest_message": load_json(found[-1][2] / "info.json").get("message") if found else None}
+                      "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 
     ckpts, incomplete = [], 0
-    for p in _listdir(run / "checkpoints"):
-        m = _CKPT_DIR.match(p.name)
-        if m and (p / "meta.json").is_file():
+    for p in _listdir(run / layout.CHECKPOINTS):
+        m = layout.STEP_DIR.match(p.name)
+        if m and (p / layout.CHECKPOINT_META).is_file():
             ckpts.append(int(m.group(1)))
         elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
             incomplete += 1
@@ -349,7 +331,7 @@ def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> d
     except ImportError:
         raise StatusError("--plot needs matplotlib (pip install matplotlib)") from None
 
-    rows = _by_step(load_jsonl(run / "metrics/scalars.jsonl"))
+    rows = _by_step(load_jsonl(run / layout.SCALARS))
     fig = Figure(figsize=(16, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     (ax_loss, ax_lr, ax_gn), (ax_tok, ax_q, ax_gap) = fig.subplots(2, 3)
@@ -379,7 +361,7 @@ def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> d
                 ax.plot(xs, rolling_mean(ys, smoothing), color=color, lw=1.5, label=f"mean of {smoothing} rows")
         return bool(xs)
 
-    evals = _by_step(load_jsonl(run / "eval/eval_results.jsonl"))
+    evals = _by_step(load_jsonl(run / layout.EVAL_RESULTS))
     if panel(ax_loss, "loss (orange lines: anomalies)", "loss", "C0"):
         ex, ey = _xy(evals, "eval_loss")
         if ex:
@@ -402,7 +384,7 @@ def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> d
         ax_gap.plot(gx, gy, "o-", color="C3", ms=4)
         ax_gap.axhline(0, color="0.5", lw=0.8)
 
-    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / "metrics/quant.jsonl"))]
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / layout.QUANT))]
     if frame(ax_q, "ternary weight fractions (attn solid, ffn dashed)", any(g for _, g in quant)):
         for name, ls in (("attn", "-"), ("ffn", "--")):
             for k, label, color, lw in (("neg", "-1", "C0", 2.5), ("zero", "0", "0.4", 1.5), ("pos", "+1", "C3", 1.2)):

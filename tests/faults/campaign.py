@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from bitnet.export.cli import main as export_main
 from bitnet.generation import main as generate_main
 from bitnet.status import main as status_main
-from bitnet.train import checkpoint
-from bitnet.train.run_dir import lock_run_dir
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint, layout
+from bitnet.run.directory import lock_run_dir
 from tests.faults.harness import flags, one_thread
 from tests.faults.scenarios import byte_tokenizer
 
@@ -101,7 +102,7 @@ class Material:
         dst = work / "runs" / run_id
         shutil.copytree(self.ref, dst)
         for step in drop:
-            shutil.rmtree(dst / "checkpoints" / checkpoint.step_dir_name(step))
+            shutil.rmtree(dst / "checkpoints" / layout.step_dir_name(step))
         return dst
 
 
@@ -158,7 +159,7 @@ def judge(case: Case, work: Path, mat: Material) -> Result:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                checkpoint.load(path.rstrip(";").strip("'"), need="resume")
+                checkpoint_fit.load(path.rstrip(";").strip("'"), need="resume")
         except checkpoint.CheckpointError as e:
             return Result(case, "data lost", f"named checkpoint does not load: {e}", seconds)
     # silent: the wrong status, or no (or more than one) line saying why
@@ -294,7 +295,7 @@ def checkpoint_cases() -> list[Case]:
     def all_bad(work, mat):
         run = mat.copy_run(work, "S", drop=(2, 3, 4))
         for step in (6, 8):
-            _meta("[]")(run / "checkpoints" / checkpoint.step_dir_name(step))
+            _meta("[]")(run / "checkpoints" / layout.step_dir_name(step))
     cases.append(Case("2 unusable checkpoint", "auto-resume with no usable checkpoint", "train",
                       lambda work, mat: ["--resume-from", "auto", "--run-id", "S", "--runs-dir", str(work / "runs")],
                       (2,), ("step_000008", "no older checkpoint", "step_000006"), setup=all_bad))

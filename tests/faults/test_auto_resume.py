@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from bitnet.train import checkpoint
-from bitnet.train.run_dir import base_run_id, continuation_id, run_family
+from bitnet.run import checkpoint, layout
+from bitnet.run.directory import base_run_id, continuation_id, run_family
 from tests.faults.harness import assert_matches_reference, checkpoint_steps, train, tree
 
 
@@ -18,7 +18,7 @@ def copy_run(reference, runs, run_id, keep=None):
     shutil.copytree(reference, dst)
     for step in checkpoint_steps(dst):
         if keep is not None and step not in keep:
-            shutil.rmtree(dst / "checkpoints" / checkpoint.step_dir_name(step))
+            shutil.rmtree(dst / "checkpoints" / layout.step_dir_name(step))
     return dst
 
 

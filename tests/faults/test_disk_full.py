@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from bitnet.train import checkpoint
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint, layout
 from tests.faults.harness import BASE, assert_matches_reference, flags, logged_steps, train
 
 REAL_SAVE, REAL_RENAME = torch.save, os.rename
@@ -21,13 +22,13 @@ def fail_writes(monkeypatch, steps_full=(), steps_readonly=()):
 
     def save(obj, f, *args, **kwargs):
         name = str(getattr(f, "name", f))
-        if any(f"{checkpoint.step_dir_name(s)}.tmp" in name for s in steps_full):
+        if any(f"{layout.step_dir_name(s)}.tmp" in name for s in steps_full):
             f.write(b"\0" * 4096)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return REAL_SAVE(obj, f, *args, **kwargs)
 
     def rename(src, dst, *args, **kwargs):
-        if any(str(src).endswith(f"{checkpoint.step_dir_name(s)}.tmp") for s in steps_readonly):
+        if any(str(src).endswith(f"{layout.step_dir_name(s)}.tmp") for s in steps_readonly):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
         return REAL_RENAME(src, dst, *args, **kwargs)
 
@@ -48,7 +49,7 @@ def test_failed_checkpoint_stops_with_one_line_and_keeps_the_previous(how, monke
                    f"resume with: bitnet-train --resume-from {kept} --runs-dir {runs}\n")
     assert sorted(os.listdir(runs / "full" / "checkpoints")) == ["step_000004"]  # no half step_000008(.tmp)
     assert logged_steps(runs / "full") == list(range(1, 9))  # it stopped at once
-    survivor, want = checkpoint.load(kept), checkpoint.load(reference / "checkpoints" / "step_000004")
+    survivor, want = checkpoint_fit.load(kept), checkpoint_fit.load(reference / "checkpoints" / "step_000004")
     assert all(torch.equal(survivor["model"][k], v) for k, v in want["model"].items())
 
 

@@ -25,8 +25,9 @@ from bitnet import exits
 from bitnet.export.cli import main as export_main
 from bitnet.generation import main as generate_main
 from bitnet.status import main as status_main
-from bitnet.train import checkpoint
-from bitnet.train.run_dir import lock_run_dir
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint
+from bitnet.run.directory import lock_run_dir
 from tests.faults.harness import BASE, checkpoint_steps, flags, logged_steps, train, tree
 from tests.faults.scenarios import byte_tokenizer
 
@@ -78,7 +79,7 @@ def test_a_real_full_tmpfs_at_checkpoint_time(policy, tmpfs, tmp_path, capsys):
     kept = runs / "full" / "checkpoints" / "step_000004"
     one_error_line(captured.err, "No space left on device", f"newest intact checkpoint: {kept}")
     assert sorted(os.listdir(runs / "full" / "checkpoints")) == ["step_000004"]  # no half checkpoint, no .tmp
-    assert checkpoint.load(kept, need="resume")["step"] == 4
+    assert checkpoint_fit.load(kept, need="resume")["step"] == 4
     if policy == "stop":  # it stopped at the first failed checkpoint
         assert logged_steps(runs / "full") == list(range(1, 9))
     else:  # it went on to the end, warning at each failed checkpoint; only the final one must succeed
@@ -246,7 +247,7 @@ def test_bad_data_reached_mid_run_in_the_prefetch_thread(tmp_path, capsys):
                           "resume with: bitnet-train --resume-from")
     last = logged_steps(runs / "mid")[-1]
     assert 20 < last < 200 and f"checkpoint of step {last} saved" in line
-    saved = checkpoint.load(runs / "mid", need="resume")
+    saved = checkpoint_fit.load(runs / "mid", need="resume")
     assert saved["step"] == last
     # the saved position is where step last + 1 begins: the rows it would read are the good ones before the bad
     assert saved["train_state"]["data"]["taken"] <= 2048
@@ -285,7 +286,7 @@ def test_out_of_memory_mid_run_names_the_step_the_memory_and_the_flags(monkeypat
     kept = runs / "oom" / "checkpoints" / "step_000004"
     one_error_line(capsys.readouterr().err, "out of memory at step 6", "machine memory", "--micro-batch-size (now 2)",
                    "--batch-size (now 2)", "--seq-len (now 16)", f"newest intact checkpoint: {kept}")
-    assert checkpoint_steps(runs / "oom") == [4] and checkpoint.load(kept, need="resume")["step"] == 4
+    assert checkpoint_steps(runs / "oom") == [4] and checkpoint_fit.load(kept, need="resume")["step"] == 4
 
 
 # ---- 5. messages that name their source -----------------------------------------------------------
@@ -341,7 +342,7 @@ def test_every_documented_exit_code(monkeypatch, tmp_path, capsys):
         assert train(flags(runs, "policy", anomaly_policy="stop")) == exits.STOPPED_BY_POLICY == 3
     err = capsys.readouterr().err
     assert err.startswith("stopped: anomaly policy stop: nonfinite_loss at step 3") and err.count("\n") == 1, err
-    assert checkpoint.load(runs / "policy", need="resume")["step"] == 3
+    assert checkpoint_fit.load(runs / "policy", need="resume")["step"] == 3
     # runtime failure: the disk fills while writing the scalars
     from bitnet.instrumentation.jsonl import JsonlWriter
 

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from bitnet.train import checkpoint
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint
 from tests.faults.harness import BASE, assert_matches_reference, train
 
 STOP_MESSAGE = re.compile(r"stopped at step (\d+) \((SIG\w+)\); checkpoint saved\. Resume with:\n\s+bitnet-train "
@@ -25,7 +26,7 @@ def test_signal_checkpoints_at_the_next_step_and_the_printed_resume_matches(name
     # the signal came after step 5 was logged; the stop step is the last one logged and it is checkpointed
     assert 5 < step < BASE["num_steps"] and r["last_logged"] == step
     assert step in r["complete"] and r["tmp_dirs"] == []
-    assert checkpoint.load(path)["step"] == step
+    assert checkpoint_fit.load(path)["step"] == step
 
     assert train(["--resume-from", path, "--runs-dir", str(r["runs"]), "--quiet"]) == 0
     run_id = r["run"].name
@@ -37,4 +38,4 @@ def test_second_sigint_aborts_mid_write_and_keeps_the_previous_checkpoint(scenar
     assert r["reached"] and r["returncode"] == 130, r["stderr"]
     assert r["stderr"].strip().splitlines()[-1] == "interrupted" and "Traceback" not in r["stderr"]
     assert r["tmp_dirs"] == [] and r["complete"] == [4]  # the half-done step 8 was removed, step 4 intact
-    assert checkpoint.load(r["run"])["step"] == 4
+    assert checkpoint_fit.load(r["run"])["step"] == 4

@@ -9,7 +9,8 @@ import signal
 import pytest
 import torch
 
-from bitnet.train import checkpoint
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint, layout
 from tests.faults.harness import BASE, assert_matches_reference, train, tree
 
 # scenario -> (run id, newest complete checkpoint after the kill)
@@ -29,14 +30,14 @@ def test_sigkill_then_auto_resume_matches_the_uninterrupted_run(name, scenario, 
     run = r["run"]
 
     # what the kill left: only renamed directories count; a complete-looking .tmp is never taken
-    assert checkpoint.latest(run).name == checkpoint.step_dir_name(expected)
+    assert checkpoint.latest(run).name == layout.step_dir_name(expected)
     if name == "kill_mid_checkpoint_write":
         assert r["tmp_dirs"] == ["step_000008.tmp"] and r["complete"] == [4]
     if name == "kill_during_final_checkpoint":  # every step ran; only the unfinished final save is lost
         assert r["tmp_dirs"] == ["step_000024.tmp"] and r["last_logged"] == BASE["num_steps"]
     if name == "kill_mid_step":
         assert r["last_logged"] > expected
-    state = checkpoint.load(run)
+    state = checkpoint_fit.load(run)
     assert state["step"] == expected and state["train_state"]["data"]["index"] == expected * BASE["batch_size"]
 
     # the user's restart command: the config comes from the checkpoint, the run continues in a new dir
@@ -46,7 +47,7 @@ def test_sigkill_then_auto_resume_matches_the_uninterrupted_run(name, scenario, 
     assert_matches_reference(resumed, reference, expected + 1)
     assert tree(run) == killed_files  # the killed run's files are left as they were
 
-    final, want = (checkpoint.load(d / "checkpoints" / "step_000024") for d in (resumed, reference))
+    final, want = (checkpoint_fit.load(d / "checkpoints" / "step_000024") for d in (resumed, reference))
     for key, tensor in want["model"].items():
         assert torch.equal(final["model"][key], tensor), key
     # the anomaly detector's memory too; its copies of scalars rows hold wall-clock fields, left out

@@ -5,8 +5,8 @@ Every run directory's scalars hold exactly one row per step, none twice; the cha
 where two runs of the chain both trained a step (between the checkpoint and the kill) they agree bit
 for bit; checkpoint disk use stays bounded however long the run."""
 
-from bitnet.train import checkpoint
-from bitnet.train.run_dir import run_family
+from bitnet.run import checkpoint
+from bitnet.run.directory import run_family
 from tests.faults.harness import dir_bytes, logged_steps, losses, train
 from tests.faults.scenarios import LOAD, LOAD_STEPS
 

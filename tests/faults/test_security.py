@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from bitnet.train import checkpoint
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint
 from tests.faults.harness import flags, train, tree
 from tests.faults.scenarios import Payload
 
@@ -17,7 +18,7 @@ def test_checkpoint_with_a_pickled_callable_is_refused_even_with_a_valid_manifes
     # A real checkpoint plus one object whose unpickling runs a command, placed where --resume-from auto
     # looks, with a meta.json whose sha256 matches: the checksum proves integrity, not safety.
     marker = tmp_path / "pwned"
-    state = checkpoint.load(reference / "checkpoints" / "step_000004")
+    state = checkpoint_fit.load(reference / "checkpoints" / "step_000004")
     state["train_state"]["note"] = Payload(marker)
     step_dir = tmp_path / "runs" / "evil" / "checkpoints" / "step_000004"
     step_dir.mkdir(parents=True)
@@ -61,7 +62,7 @@ def test_run_id_from_a_config_file_cannot_climb_out(run_id, tmp_path, capsys):
 
 def test_paths_stored_in_a_checkpoint_do_not_steer_writes(reference, tmp_path):
     # run_id and runs_dir of a checkpoint's config are never taken over: the user's --runs-dir decides
-    state = checkpoint.load(reference / "checkpoints" / "step_000020")
+    state = checkpoint_fit.load(reference / "checkpoints" / "step_000020")
     elsewhere = tmp_path / "elsewhere"
     state["config"]["train"].update(run_id="../../escaped", runs_dir=str(elsewhere), overwrite=True)
     torch.save(state, tmp_path / "crafted.pt")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bitnet.cli import train_main
 from bitnet.instrumentation.anomalies import AnomalyHook
-from bitnet.instrumentation.jsonl import read_jsonl
+from bitnet.run.jsonl import read_jsonl
 from bitnet.instrumentation.quant_stats import QuantStatsHook
 from bitnet.model import PRESETS, Transformer
 from bitnet.train.step import StepOutput

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitnet.instrumentation.jsonl import read_jsonl
+from bitnet.run.jsonl import read_jsonl
 
 from .conftest import run_training
 

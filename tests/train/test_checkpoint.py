@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bitnet.cli import train_main
-from bitnet.train import checkpoint
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint
 from tests.conftest import fast_args
 
 
@@ -29,8 +30,8 @@ def test_save_is_atomic_and_latest_skips_incomplete(tmp_path):
     with pytest.warns(UserWarning, match="corrupt or truncated"):
         assert checkpoint.latest(tmp_path).name == "step_000001"
     with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
-        checkpoint.load(pt)
-    assert checkpoint.load(tmp_path)["step"] == 1  # a run dir resolves to its newest valid checkpoint
+        checkpoint_fit.load(pt)
+    assert checkpoint_fit.load(tmp_path)["step"] == 1  # a run dir resolves to its newest valid checkpoint
 
 
 def test_failed_save_keeps_previous(tmp_path, monkeypatch):
@@ -43,7 +44,7 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         checkpoint.save(tmp_path, 2, state(2))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001"]
-    assert checkpoint.load(tmp_path)["step"] == 1
+    assert checkpoint_fit.load(tmp_path)["step"] == 1
 
 
 def test_pickled_code_is_refused(tmp_path):
@@ -54,7 +55,7 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil(), "step": 1}, path)
     with pytest.raises(checkpoint.CheckpointError, match="not a safe bitnet checkpoint"):
-        checkpoint.load(path)
+        checkpoint_fit.load(path)
 
 
 def test_retention_keeps_last_k_and_milestones(runs):
@@ -64,6 +65,6 @@ def test_retention_keeps_last_k_and_milestones(runs):
     assert steps == [9, 10, 16, 18, 20]
     metas = {s: json.loads((d / "meta.json").read_text()) for s, d in checkpoint.list_checkpoints(runs / "ret")}
     assert [s for s, m in metas.items() if m["milestone"]] == [9, 10, 20]
-    ck = checkpoint.load(runs / "ret" / "checkpoints" / "step_000010")
+    ck = checkpoint_fit.load(runs / "ret" / "checkpoints" / "step_000010")
     assert set(ck) >= {"model", "optimizer", "train_state", "rng", "config", "step", "tokens"}
     assert ck["train_state"]["data"]["index"] == 10 * 4  # ten steps of 4 windows consumed

@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from bitnet.cli import train_main
-from bitnet.train import checkpoint, parallel
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint, layout
+from bitnet.train import parallel
 from bitnet.train.config import TrainConfig, resolve_derived
 from tests.conftest import fast_args, read_rows
 
@@ -77,7 +79,7 @@ def assert_same_weights(mine: dict, ref: dict) -> None:
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / checkpoint.step_dir_name(step)
+    return run_dir / "checkpoints" / layout.step_dir_name(step)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,7 @@ def test_ddp_two_ranks_match_one_process(one, ddp):
     assert config["train"]["world_size"] == 2 and config["train"]["grad_accum"] == 2
     assert config["train"]["micro_batch_size"] == 2
     # its checkpoint is the single-process one (DDP saves the unwrapped model): same weights
-    mine, ref = checkpoint.load(ckpt(ddp, STEPS)), checkpoint.load(ckpt(one, STEPS))
+    mine, ref = checkpoint_fit.load(ckpt(ddp, STEPS)), checkpoint_fit.load(ckpt(one, STEPS))
     assert mine["model"].keys() == ref["model"].keys()
     assert_same_weights(mine["model"], ref["model"])
 
@@ -162,7 +164,7 @@ def test_fsdp2_resumes_one_process_checkpoint_on_two_ranks(one, fsdp2_resumed):
     assert_same_losses(losses(fsdp2_resumed), losses(one), range(4, STEPS + 1))
     assert len(read_rows(fsdp2_resumed / "eval" / "eval_results.jsonl")) == 1  # every rank took part
     # the gathered checkpoint has the single-process layout and the same weights and moments
-    mine, ref = checkpoint.load(ckpt(fsdp2_resumed, STEPS)), checkpoint.load(ckpt(one, STEPS))
+    mine, ref = checkpoint_fit.load(ckpt(fsdp2_resumed, STEPS)), checkpoint_fit.load(ckpt(one, STEPS))
     assert mine["model"].keys() == ref["model"].keys()
     assert not any(isinstance(t, torch.distributed.tensor.DTensor) for t in mine["model"].values())
     assert_same_weights(mine["model"], ref["model"])

@@ -5,7 +5,8 @@ import json
 import torch
 
 from bitnet.cli import train_main
-from bitnet.train import checkpoint
+from bitnet.model import checkpoint_fit
+from bitnet.run import checkpoint
 from tests.conftest import fast_args, read_rows
 
 
@@ -20,8 +21,8 @@ def test_resume_is_bit_identical(runs):
     for a, b in zip(straight[4:], resumed):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"], (a, b)
         assert a["tokens"] == b["tokens"]
-    final_a = checkpoint.load(runs / "straight" / "checkpoints" / "step_000008")
-    final_b = checkpoint.load(runs / "resumed" / "checkpoints" / "step_000008")
+    final_a = checkpoint_fit.load(runs / "straight" / "checkpoints" / "step_000008")
+    final_b = checkpoint_fit.load(runs / "resumed" / "checkpoints" / "step_000008")
     for k, v in final_a["model"].items():
         assert torch.equal(v, final_b["model"][k]), k
     assert final_a["train_state"]["data"] == final_b["train_state"]["data"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet.fileio import fsync_dir, sha256_file
+from bitnet.run.files import fsync_dir, sha256_file
 
 MAGIC = b"BNTOKENS"
 VERSION = 1

@@ -15,14 +15,14 @@ import torch
 
 from bitnet import exits
 from bitnet.data.tokenizer import VENDORED
-from bitnet.fileio import os_error_message
 from bitnet.export.files import ExportError, check_writable, dir_size_bytes
 from bitnet.export.hf import HF_WEIGHTS, export_hf
 from bitnet.export.packed import CONFIG_FILE, export_ternary, load_packed, read_config
+from bitnet.model import checkpoint_fit
 from bitnet.model.config import ModelConfig
 from bitnet.model.llama import Transformer
-from bitnet.train import checkpoint
-from bitnet.train.checkpoint import CheckpointError
+from bitnet.run.checkpoint import CheckpointError
+from bitnet.run.files import os_error_message
 
 FORMATS = ("packed", "hf")
 
@@ -77,7 +77,7 @@ def load_source(path: str) -> tuple[Transformer, dict]:
     """(model, source info) of a training checkpoint, or of a packed export (to re-export it as hf)."""
     if (Path(path) / CONFIG_FILE).is_file():
         return load_packed(path), read_config(path)["source"]
-    pt, state = checkpoint.load_with_path(path, need="model")  # a run dir: its newest checkpoint that loads
+    pt, state = checkpoint_fit.load_with_path(path, need="model")  # a run dir: its newest checkpoint that loads
     model = model_from_checkpoint(state, str(pt))
     tokenizer = ((state.get("config") or {}).get("train") or {}).get("tokenizer")
     return model, {"checkpoint": str(pt), "step": state.get("step"), "tokens": state.get("tokens"),

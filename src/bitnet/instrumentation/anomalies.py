@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from bitnet.instrumentation.base import Hook
-from bitnet.instrumentation.jsonl import _clean
+from bitnet.run import layout
+from bitnet.run.jsonl import _clean
 
 MIN_HISTORY = 20
 """Finite values needed in the window before spikes are judged."""
@@ -61,7 +62,7 @@ class AnomalyHook(Hook):
                  log=None):
         if policy not in ("warn", "skip", "stop"):
             raise ValueError(f"anomaly policy must be warn, skip or stop, got {policy!r}")
-        self.dir = Path(run_dir) / "anomalies"
+        self.dir = Path(run_dir) / layout.ANOMALIES
         self.policy, self.threshold = policy, zscore_threshold
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.param_names = [name for name, _ in model.named_parameters()]

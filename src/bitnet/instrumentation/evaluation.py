@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from bitnet.instrumentation.base import Hook, due
-from bitnet.instrumentation.jsonl import JsonlWriter
+from bitnet.run import layout
+from bitnet.run.jsonl import JsonlWriter
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ class EvalHook(Hook):
     def __init__(self, run_dir: Path, model, batches, autocast, device, interval: int, num_steps: int):
         self.model, self.batches, self.autocast, self.device = model, batches, autocast, device
         self.interval, self.num_steps = interval, num_steps
-        self.writer = JsonlWriter(Path(run_dir) / "eval" / "eval_results.jsonl")
+        self.writer = JsonlWriter(Path(run_dir) / layout.EVAL_RESULTS)
         self.last_train_loss = float("nan")
         self.last = None
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from bitnet.instrumentation.base import Hook, due
-from bitnet.instrumentation.jsonl import JsonlWriter
 from bitnet.model.bitlinear import EPS, BitLinear
+from bitnet.run import layout
+from bitnet.run.jsonl import JsonlWriter
 
 WEIGHT_KEYS = ("neg", "zero", "pos", "gamma", "near_boundary")
 ACT_KEYS = ("act_absmax_mean", "act_absmax_max", "act_outlier_ratio")
@@ -113,7 +114,7 @@ class QuantStatsHook(Hook):
         self.model, self.batch, self.autocast, self.anomalies = model, batch, autocast, anomalies
         self.interval, self.num_steps = interval, num_steps
         self.enabled = bool(bitlinear_layers(model))  # the full-precision twin has nothing to report
-        self.writer = JsonlWriter(Path(run_dir) / "metrics" / "quant.jsonl") if self.enabled else None
+        self.writer = JsonlWriter(Path(run_dir) / layout.QUANT) if self.enabled else None
         self.last = None
 
     def record(self, state) -> None:

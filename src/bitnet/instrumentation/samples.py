@@ -12,7 +12,8 @@ from pathlib import Path
 
 from bitnet.generation import MODES, continuation_text, generate_batch, sample_metrics, stable_seed
 from bitnet.instrumentation.base import Hook, due
-from bitnet.instrumentation.jsonl import JsonlWriter
+from bitnet.run import layout
+from bitnet.run.jsonl import JsonlWriter
 
 
 def load_prompts(path: str = "") -> list[str]:
@@ -73,7 +74,7 @@ class SampleHook(Hook):
         self.model, self.tok, self.prompts = model, tok, prompts
         self.interval, self.num_steps, self.max_new_tokens, self.seed = interval, num_steps, max_new_tokens, seed
         self.autocast = autocast
-        self.writer = JsonlWriter(Path(run_dir) / "samples" / "samples.jsonl")
+        self.writer = JsonlWriter(Path(run_dir) / layout.SAMPLES_FILE)
 
     def works_at(self, step):
         return due(step, self.interval, self.num_steps)

@@ -30,12 +30,14 @@ from bitnet.instrumentation.quant_stats import QuantStatsHook
 from bitnet.instrumentation.samples import SampleHook, load_prompts
 from bitnet.instrumentation.tensorboard import TensorBoardHook, require_tensorboard
 from bitnet.model import ModelConfig, Transformer
-from bitnet.train import checkpoint, parallel
+from bitnet.run import checkpoint, layout
+from bitnet.run.directory import create_run_dir, default_run_id, lock_run_dir
+from bitnet.run.files import write_json
+from bitnet.train import parallel
 from bitnet.train.config import TrainConfig, resolve_derived
 from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
 from bitnet.train.memory import check_fits, out_of_memory_message
 from bitnet.train.optim import build_optimizer, set_schedule
-from bitnet.train.run_dir import create_run_dir, default_run_id, lock_run_dir, write_json
 from bitnet.train.schedule import lr_at, wd_at
 from bitnet.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from bitnet.train.step import compile_step, train_step
@@ -179,9 +181,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     if world.is_main:
         run_dir = create_run_dir(cfg.runs_dir, run_id, cfg.overwrite, resumed_from)
         lock = lock_run_dir(run_dir)  # held until the process ends: auto-resume refuses a live run
-        write_json(run_dir / "meta" / "config.json", full_config)
-        write_json(run_dir / "meta" / "provenance.json", provenance(cfg.seed, device, resumed_from, world.world_size))
-        write_json(run_dir / "meta" / "dataset_fingerprint.json", data.fingerprint)
+        write_json(run_dir / layout.CONFIG, full_config)
+        write_json(run_dir / layout.PROVENANCE, provenance(cfg.seed, device, resumed_from, world.world_size))
+        write_json(run_dir / layout.FINGERPRINT, data.fingerprint)
 
     # compiled blocks; the head and the loss one Triton-backed function (benchmarks/train_throughput.py)
     step_model = compile_step(model) if use_compile else model
@@ -231,7 +233,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
             state.anomaly = anomalies.state_dict(state)
         model_sd, optim_sd = parallel.full_state_dicts(model, optimizer)
         if not world.is_main:
-            return run_dir / "checkpoints" / checkpoint.step_dir_name(state.step)
+            return layout.checkpoint_dir(run_dir, state.step)
         try:
             return checkpoint.save(run_dir, state.step, {
                 "model": model_sd, "optimizer": optim_sd,
@@ -344,7 +346,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                     if halt and not stopping:
                         save(milestone=True, must_succeed=True)
                     if world.is_main:
-                        ckpt = run_dir / "checkpoints" / checkpoint.step_dir_name(step)
+                        ckpt = layout.checkpoint_dir(run_dir, step)
                         progress.write(f"stopped at step {step} ({reason}); checkpoint saved. Resume with:\n"
                                        f"  {resume_command(cfg, ckpt)}")
                     stopped_early, stop_reason = True, reason

@@ -3,13 +3,12 @@
 import torch
 import torch.nn as nn
 
+from bitnet.model.checkpoint_fit import decay_groups
 from bitnet.train.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    decay, no_decay = decay_groups(model)
     groups = [
         {"params": decay, "weight_decay": cfg.wd_stage1, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
