@@ -9,11 +9,9 @@ step's LR/WD, fetch the batch, `train_step`, log (the only host sync), hooks, ch
 
 import contextlib
 import math
-import shlex
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,16 +28,17 @@ from bitnet.instrumentation.quant_stats import QuantStatsHook
 from bitnet.instrumentation.samples import SampleHook, load_prompts
 from bitnet.instrumentation.tensorboard import TensorBoardHook, require_tensorboard
 from bitnet.model import ModelConfig, Transformer
-from bitnet.run import checkpoint, layout
+from bitnet.run import layout
 from bitnet.run.directory import create_run_dir, default_run_id, lock_run_dir
 from bitnet.run.files import write_json
 from bitnet.train import parallel
+from bitnet.train.checkpointer import Checkpointer, TrainingFailed, resume_command  # noqa: F401 (cli)
 from bitnet.train.config import TrainConfig, resolve_derived
 from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
 from bitnet.train.memory import check_fits, out_of_memory_message
 from bitnet.train.optim import build_optimizer, set_schedule
 from bitnet.train.schedule import lr_at, wd_at
-from bitnet.train.state import TrainState, rng_state, seed_everything, set_rng_state
+from bitnet.train.state import TrainState, seed_everything, set_rng_state
 from bitnet.train.step import compile_step, train_step
 
 
@@ -54,18 +53,6 @@ class RunResult:
     """Why the run stopped early: a signal's name, or a hook's reason (--anomaly-policy stop)."""
     stopped_by_policy: bool = False
     """Stopped by a hook's policy (exit 3), not by a signal (exit 0)."""
-
-
-class TrainingFailed(Exception):
-    """The run failed mid-way for a reason the user can act on (disk full, unwritable): one line, exit 1."""
-
-
-def resume_command(cfg: TrainConfig, checkpoint_dir) -> str:
-    """The command that continues from `checkpoint_dir` in the same run family and runs directory."""
-    cmd = f"bitnet-train --resume-from {shlex.quote(str(checkpoint_dir))}"
-    if cfg.runs_dir != TrainConfig.runs_dir:
-        cmd += f" --runs-dir {shlex.quote(str(cfg.runs_dir))}"
-    return cmd
 
 
 def pick_device(name: str) -> torch.device:
@@ -221,36 +208,14 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         if cfg.tensorboard:
             hooks.append(TensorBoardHook(run_dir))
 
-    def save(milestone: bool, must_succeed: bool = False) -> Path | None:
-        """Every rank calls this (FSDP2 gathers its shards to rank 0); rank 0 alone writes.
-
-        A failed write (disk full, unwritable) leaves the previous checkpoint intact; it stops the run
-        (TrainingFailed, exit 1) unless --on-checkpoint-error continue, which warns and returns None.
-        The final and the stop checkpoints must succeed under either policy.
-        """
-        state.data = data.train.state_dict()
+    def hooks_state() -> dict:
         if anomalies is not None:  # rank 0's detector memory: spikes after a resume are judged as without one
             state.anomaly = anomalies.state_dict(state)
-        model_sd, optim_sd = parallel.full_state_dicts(model, optimizer)
-        if not world.is_main:
-            return layout.checkpoint_dir(run_dir, state.step)
-        try:
-            return checkpoint.save(run_dir, state.step, {
-                "model": model_sd, "optimizer": optim_sd,
-                "train_state": state.state_dict(), "rng": rng_state(),
-                "config": full_config, "step": state.step, "tokens": state.tokens,
-            }, milestone=milestone)
-        except OSError as e:
-            kept = checkpoint.latest(run_dir)
-            problem = (f"checkpoint of step {state.step} could not be written ({e.strerror or e}); "
-                       f"newest intact checkpoint: {kept or 'none'}")
-            if cfg.on_checkpoint_error == "continue" and not must_succeed:
-                progress.write(f"warning: {problem}; training goes on (--on-checkpoint-error continue)")
-                return None
-            resume = f"; resume with: {resume_command(cfg, kept)}" if kept else ""
-            raise TrainingFailed(problem + resume) from None
+        return {}
 
-    milestones = {boundary - 1, boundary, cfg.num_steps}
+    checkpointer = Checkpointer(cfg, run_dir, world, model, optimizer, data.train, state, full_config, boundary,
+                                hooks_state, progress.write)
+    save = checkpointer.save
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.seq_len)
     if not quiet and world.is_main:
@@ -322,22 +287,14 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
 
                 # one process stops at once; under torchrun every rank stops where the vote said so
                 stopping = voted_stop if world.distributed else stop.signal_name
-                checkpoint_due = step % cfg.checkpoint_interval == 0 or step in milestones or stopping
+                checkpoint_due = checkpointer.due(step, stopping)
                 if device.type == "cuda" and (checkpoint_due or any(h.works_at(step) for h in hooks)):
                     torch.cuda.synchronize()  # the queued steps' GPU time belongs in step_ms, not in excluded_s
                 t0 = time.perf_counter()
                 for hook in hooks:
                     hook.on_step_end(state, out)
                 if checkpoint_due:
-                    # a stop checkpoint is what the printed resume command names: never pruned
-                    path = save(milestone=step in milestones or bool(stopping)
-                                or bool(cfg.keep_every and step % cfg.keep_every == 0),
-                                must_succeed=step == cfg.num_steps or bool(stopping))
-                    if path is not None:  # None: the write failed and --on-checkpoint-error continue
-                        if world.is_main:
-                            checkpoint.prune(run_dir, cfg.keep_last)
-                        for hook in hooks:
-                            hook.on_checkpoint(state, path)
+                    checkpointer.at_step_end(step, stopping, hooks)
                 excluded_s += time.perf_counter() - t0
 
                 halt = [h for h in hooks if h.stop_requested] if not world.distributed else []
@@ -357,10 +314,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     except OSError as e:  # disk full or unwritable outside a checkpoint write (scalars, eval, dumps)
         where = f" ({e.filename})" if e.filename else ""
         raise TrainingFailed(f"{e.strerror or e}{where} at step {state.step}; newest intact checkpoint: "
-                             f"{newest_checkpoint(run_dir, world)}") from None
+                             f"{checkpointer.newest()}") from None
     except torch.OutOfMemoryError:  # no checkpoint: the step's state is half-updated; the last one stays intact
         raise TrainingFailed(out_of_memory_message(state.step + 1, device, cfg, micro)
-                             + f"; newest intact checkpoint: {newest_checkpoint(run_dir, world)}") from None
+                             + f"; newest intact checkpoint: {checkpointer.newest()}") from None
     finally:
         for hook in hooks:
             with contextlib.suppress(OSError):  # a full disk fails the last flush too; the error above says it
@@ -369,14 +326,6 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
             lock.close()
     return RunResult(run_dir=run_dir, step=state.step, tokens=state.tokens, last_loss=last_loss,
                      stopped_early=stopped_early, stop_reason=stop_reason, stopped_by_policy=stopped_by_policy)
-
-
-def newest_checkpoint(run_dir: Path, world: parallel.World) -> str:
-    if not world.is_main:
-        return "on rank 0"
-    with warnings.catch_warnings():  # a skipped corrupt one needs no warning here
-        warnings.simplefilter("ignore")
-        return str(checkpoint.latest(run_dir) or "none")
 
 
 def data_failure(error: Exception, save, state: TrainState, start_step: int, run_dir: Path, cfg: TrainConfig) -> str:
