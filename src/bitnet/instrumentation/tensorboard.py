@@ -2,15 +2,19 @@
 
     tensorboard --logdir runs/
 
-The hook tails metrics/scalars.jsonl, eval/eval_results.jsonl, metrics/quant.jsonl,
-samples/samples.jsonl and the anomaly dumps at each log step, so it needs no link to the other
-hooks and shows exactly what the files hold. `tensorboard` is imported only when asked for.
+The training scalars come from the metrics row the loop hands every sink (on_log); the other hooks'
+files (eval/eval_results.jsonl, metrics/quant.jsonl, samples/samples.jsonl) and the anomaly dumps are
+tailed at each log step, so the hook needs no link to the other hooks and shows what the files hold.
+`tensorboard` is imported only when asked for.
 """
 
 import json
+import math
 from pathlib import Path
 
 from bitnet.instrumentation.base import Hook
+from bitnet.run import layout
+from bitnet.run.jsonl import parse_lines
 
 
 def require_tensorboard():
@@ -29,7 +33,7 @@ def _number(v) -> bool:
 class TensorBoardHook(Hook):
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.writer = require_tensorboard()(log_dir=str(self.run_dir / "tensorboard"))
+        self.writer = require_tensorboard()(log_dir=str(self.run_dir / layout.TENSORBOARD))
         self.offsets = {}
         self.anomalies_seen = set()
 
@@ -43,25 +47,22 @@ class TensorBoardHook(Hook):
             data = f.read()
         end = data.rfind(b"\n") + 1
         self.offsets[rel] = self.offsets.get(rel, 0) + end
-        rows = []
-        for line in data[:end].splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
+        return parse_lines(data[:end].splitlines())
+
+    def add_row(self, row: dict) -> None:
+        """The metrics row's numbers as train/<name>; non-finite ones are left out (scalars.jsonl holds
+        them as strings)."""
+        for k, v in row.items():
+            if _number(v) and math.isfinite(v) and k not in ("step", "time"):
+                self.writer.add_scalar(f"train/{k}", v, row["step"])
 
     def sync(self) -> None:
         w = self.writer
-        for row in self._new_rows("metrics/scalars.jsonl"):
-            for k, v in row.items():
-                if _number(v) and k not in ("step", "time"):
-                    w.add_scalar(f"train/{k}", v, row["step"])
-        for row in self._new_rows("eval/eval_results.jsonl"):
+        for row in self._new_rows(layout.EVAL_RESULTS):
             for k, v in row.items():
                 if _number(v) and k not in ("step", "time", "tokens"):
                     w.add_scalar(f"eval/{k}", v, row["step"])
-        for row in self._new_rows("metrics/quant.jsonl"):
+        for row in self._new_rows(layout.QUANT):
             for group, stats in row.get("groups", {}).items():
                 for k, v in stats.items():
                     if _number(v) and k != "numel":
@@ -70,19 +71,20 @@ class TensorBoardHook(Hook):
                 for k in ("zero", "gamma", "act_absmax_mean"):
                     if _number(stats.get(k)):
                         w.add_scalar(f"quant_layers/{k}/{layer}", stats[k], row["step"])
-        for row in self._new_rows("samples/samples.jsonl"):
+        for row in self._new_rows(layout.SAMPLES_FILE):
             w.add_text(f"samples/{row.get('mode')}/prompt_{row.get('prompt_index')}",
                        f"**{row.get('prompt')}** {row.get('text')}", row["step"])
-        anomalies = self.run_dir / "anomalies"
+        anomalies = self.run_dir / layout.ANOMALIES
         for d in sorted(anomalies.iterdir()) if anomalies.is_dir() else []:
-            if d.name in self.anomalies_seen or d.name.startswith(".") or not (d / "info.json").is_file():
+            if d.name in self.anomalies_seen or d.name.startswith(".") or not (d / layout.ANOMALY_INFO).is_file():
                 continue
             self.anomalies_seen.add(d.name)
-            info = json.loads((d / "info.json").read_text())
+            info = json.loads((d / layout.ANOMALY_INFO).read_text())
             w.add_text("anomalies", f"{info.get('event')}: {info.get('message')}", info.get("step", 0))
         w.flush()
 
     def on_log(self, state, row):
+        self.add_row(row)
         self.sync()
 
     def on_train_end(self, state):

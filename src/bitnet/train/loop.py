@@ -8,7 +8,6 @@ step's LR/WD, fetch the batch, `train_step`, log (the only host sync), hooks, ch
 """
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -35,6 +34,7 @@ from bitnet.train import parallel
 from bitnet.train.checkpointer import Checkpointer, TrainingFailed, resume_command  # noqa: F401 (cli)
 from bitnet.train.config import TrainConfig, resolve_derived
 from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
+from bitnet.train.metrics import MetricsRow
 from bitnet.train.memory import check_fits, out_of_memory_message
 from bitnet.train.optim import build_optimizer, set_schedule
 from bitnet.train.schedule import lr_at, wd_at
@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                                 hooks_state, progress.write)
     save = checkpointer.save
     n_params = model.num_params()
-    flops_per_token = model.flops_per_token(cfg.seq_len)
+    metrics = MetricsRow(device, world.world_size, derived["tokens_per_step"], model.flops_per_token(cfg.seq_len))
     if not quiet and world.is_main:
         ranks = f" x {world.world_size} ranks ({cfg.parallel})" if world.distributed else ""
         progress.write(f"run {run_dir} | {n_params:,} parameters | {device} | compile={use_compile} | "
@@ -273,13 +273,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                         voted_by_policy = bool(policy_votes)
                         voted_stop = stop.signal_name or next((h.stop_reason for h in hooks if h.stop_requested),
                                                               "stop requested on another rank")
-                    row = {"step": step, "tokens": state.tokens, "loss": last_loss,
-                           "loss_avg": loss_sum_total / world.world_size / steps_since_log, "lr": lr, "wd": wd,
-                           "grad_norm": out.grad_norm.item(), "step_ms": step_ms,
-                           "tok_s": tokens_logged / steps_since_log / (step_ms / 1000),  # step_ms is per step
-                           "mfu": flops_per_token * derived["tokens_per_step"] / (step_ms / 1000) / peak_flops(device)
-                                  / world.world_size,
-                           "mem_gib": memory_gib(device), "epoch": data.train.epochs_float, "time": time.time()}
+                    row = metrics.build(step, state.tokens, last_loss, loss_sum_total / world.world_size / steps_since_log,
+                                        lr, wd, out.grad_norm.item(), step_ms,
+                                        tokens_logged / steps_since_log / (step_ms / 1000), data.train.epochs_float)
                     for hook in hooks:
                         hook.on_log(state, row)
                     t_last, excluded_s, steps_since_log = now, 0.0, 0
@@ -337,24 +333,3 @@ def data_failure(error: Exception, save, state: TrainState, start_step: int, run
         return (f"bad training data at step {state.step + 1}: {reason}; checkpoint of step {state.step} saved; "
                 f"fix or remove the file, then resume with: {resume_command(cfg, path)}")
     return f"bad training data at step {state.step + 1}: {reason}; no step trained since the start, nothing saved"
-
-
-def peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak used for MFU: H100 SXM 989 TFLOP/s (datasheet); CPU: a nominal 1 TFLOP/s."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-            if key in name:
-                return flops
-        return 312e12
-    return 1e12
-
-
-def memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    except ImportError:
-        return math.nan

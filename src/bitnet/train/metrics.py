@@ -1,0 +1,48 @@
+"""The metrics row: built once per log step, then handed to every sink (scalars.jsonl, the console,
+TensorBoard, the anomaly detector) through Hook.on_log (docs/design.md, "training loop")."""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak used for MFU: H100 SXM 989 TFLOP/s (datasheet); CPU: a nominal 1 TFLOP/s."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+            if key in name:
+                return flops
+        return 312e12
+    return 1e12
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    except ImportError:
+        return math.nan
+
+
+@dataclass
+class MetricsRow:
+    """What stays fixed over a run (device, world size, FLOPs per token); `build` makes one step's row."""
+
+    device: torch.device
+    world_size: int
+    tokens_per_step: int
+    flops_per_token: float
+
+    def build(self, step: int, tokens: int, loss: float, loss_avg: float, lr: float, wd: float, grad_norm: float,
+              step_ms: float, tok_s: float, epoch: float) -> dict:
+        """The scalars row; host values only (the loop synced once for them). step_ms is per step."""
+        mfu = (self.flops_per_token * self.tokens_per_step / (step_ms / 1000) / peak_flops(self.device)
+               / self.world_size)
+        return {"step": step, "tokens": tokens, "loss": loss, "loss_avg": loss_avg, "lr": lr, "wd": wd,
+                "grad_norm": grad_norm, "step_ms": step_ms, "tok_s": tok_s, "mfu": mfu,
+                "mem_gib": memory_gib(self.device), "epoch": epoch, "time": time.time()}
