@@ -188,11 +188,19 @@ def test_resumed_run_carries_the_detector_windows(tmp_path, train_run):
     """
     args = dict(num_steps=8, checkpoint_interval=4, log_interval=3, no_eval=True, sample_interval=0)
     straight = train_run(tmp_path, "straight", **args).run_dir
-    at4 = checkpoint(straight, 4)["train_state"]["anomaly"]
+    at4 = checkpoint(straight, 4)["hooks"]["anomaly"]
     assert len(at4["losses"]) == 4 and len(at4["per_step"]) == 4
     resumed = train_run(tmp_path, "resumed", resume_from=straight / "checkpoints/step_000004", **args).run_dir
-    want = checkpoint(straight, 8)["train_state"]["anomaly"]
-    got = checkpoint(resumed, 8)["train_state"]["anomaly"]
+    want = checkpoint(straight, 8)["hooks"]["anomaly"]
+    got = checkpoint(resumed, 8)["hooks"]["anomaly"]
     assert len(want["losses"]) == 8
     assert got["losses"] == want["losses"] and got["grad_norms"] == want["grad_norms"]
     assert [r[0] for r in got["per_step"]] == list(range(1, 9))
+
+    # a checkpoint from before the "hooks" table (the memory in train_state["anomaly"]) resumes the same way
+    from bitnet.run import checkpoint as ckpt_format
+    old = checkpoint(straight, 4)
+    old["train_state"]["anomaly"] = old.pop("hooks")["anomaly"]
+    ckpt_format.save(tmp_path / "old", 4, old)
+    legacy = train_run(tmp_path, "legacy", resume_from=tmp_path / "old/checkpoints/step_000004", **args).run_dir
+    assert checkpoint(legacy, 8)["hooks"]["anomaly"]["losses"] == want["losses"]

@@ -68,3 +68,19 @@ def test_retention_keeps_last_k_and_milestones(runs):
     ck = checkpoint_fit.load(runs / "ret" / "checkpoints" / "step_000010")
     assert set(ck) >= {"model", "optimizer", "train_state", "rng", "config", "step", "tokens"}
     assert ck["train_state"]["data"]["index"] == 10 * 4  # ten steps of 4 windows consumed
+
+
+def test_old_checkpoints_keep_the_anomaly_memory_in_train_state():
+    """Before the "hooks" table, the anomaly detector's memory was train_state["anomaly"]: a resume still reads it."""
+    from bitnet.train.state import TrainState, saved_hook_states
+
+    memory = {"losses": [1.0, 2.0], "dumps": 1}
+    old = {"train_state": {"step": 5, "tokens": 40, "data": {"pos": 3}, "anomaly": memory}}
+    assert saved_hook_states(old) == {"anomaly": memory}
+    assert saved_hook_states({"train_state": {**old["train_state"], "anomaly": {}}}) == {}
+    new = {"train_state": {"step": 5, "tokens": 40}, "hooks": {"anomaly": {"losses": [3.0]}}}
+    assert saved_hook_states(new) == {"anomaly": {"losses": [3.0]}}
+    state = TrainState()
+    state.load_state_dict(old["train_state"])
+    assert (state.step, state.tokens, state.data) == (5, 40, {"pos": 3})
+    assert "anomaly" not in state.state_dict()

@@ -5,7 +5,7 @@ No host sync per step: each step's loss, grad norm and per-parameter grad norms 
 (with a reference to the step's CPU batch) until the next log step, where the loop has just synced
 anyway (and at checkpoints); there they are read in one transfer and checked step by step. So a
 dump names the exact step and holds its batch, but a warning or a stop comes up to one log interval
-late. The spike windows and events are saved in checkpoints (`state_dict`), so a resumed run judges
+late. The spike windows and events are saved in checkpoints (`state_dict`, under "hooks" -> "anomaly"), so a resumed run judges
 its first steps against the steps before the restart. The 'skip'
 policy cannot wait: train_step checks finiteness before optimizer.step itself (one sync a step).
 
@@ -58,6 +58,8 @@ def zscore(value: float, history) -> tuple[float, float, float] | None:
 
 
 class AnomalyHook(Hook):
+    name = "anomaly"
+
     def __init__(self, run_dir: Path, model, policy: str = "warn", window: int = 100, zscore_threshold: float = 6.0,
                  log=None):
         if policy not in ("warn", "skip", "stop"):

@@ -1,13 +1,24 @@
 """`Hook`: the named points at which the loop calls instrumentation. Every method does nothing by default.
 
 Hooks observe and never change results. To stop a run, a hook sets `stop_requested`, which the
-loop checks in plain sight.
+loop checks in plain sight. A hook with memory that must survive a restart names itself (`name`) and
+returns it from `state_dict`: every checkpoint stores it under "hooks" -> name, and a resume hands it
+back to `load_state_dict` (docs/design.md, "checkpoint format").
 """
 
 
 class Hook:
     stop_requested: bool = False
     stop_reason: str = ""
+    name: str = ""
+    """The key of this hook's state in a checkpoint's "hooks" table."""
+
+    def state_dict(self, state) -> dict:
+        """This hook's memory for a checkpoint at `state` (plain values: weights_only loading); {}: none."""
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what `state_dict` returned (only called with a non-empty one)."""
 
     def on_train_start(self, state) -> None:
         """Called once, after setup and resume, before the first step."""

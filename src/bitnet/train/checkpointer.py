@@ -32,12 +32,12 @@ class Checkpointer:
     """Every rank calls `save` (FSDP2 gathers its shards to rank 0); rank 0 alone writes and prunes."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, world: parallel.World, model, optimizer, data_train,
-                 state: TrainState, full_config: dict, boundary: int, hooks_state, log):
+                 state: TrainState, full_config: dict, boundary: int, hooks: list, log):
         self.cfg, self.run_dir, self.world = cfg, run_dir, world
         self.model, self.optimizer, self.data_train, self.state = model, optimizer, data_train, state
         self.full_config = full_config
-        self.hooks_state = hooks_state
-        """() -> the hooks' state to store (rank 0's; see Hook.state_dict)."""
+        self.hooks = hooks
+        """Their state_dict()s go into every checkpoint, under "hooks" -> name (rank 0's hooks)."""
         self.log = log
         self.milestones = {boundary - 1, boundary, cfg.num_steps}
 
@@ -53,14 +53,15 @@ class Checkpointer:
         """
         state = self.state
         state.data = self.data_train.state_dict()
-        hooks = self.hooks_state()
+        # rank 0's detector memory too: spikes after a resume are judged as without one
+        hooks = {h.name: s for h in self.hooks if (s := h.state_dict(state))}
         model_sd, optim_sd = parallel.full_state_dicts(self.model, self.optimizer)
         if not self.world.is_main:
             return layout.checkpoint_dir(self.run_dir, state.step)
         try:
             return checkpoint.save(self.run_dir, state.step, {
                 "model": model_sd, "optimizer": optim_sd,
-                "train_state": state.state_dict(), "rng": rng_state(), **hooks,
+                "train_state": state.state_dict(), "rng": rng_state(), "hooks": hooks,
                 "config": self.full_config, "step": state.step, "tokens": state.tokens,
             }, milestone=milestone)
         except OSError as e:

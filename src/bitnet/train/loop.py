@@ -38,7 +38,7 @@ from bitnet.train.metrics import MetricsRow
 from bitnet.train.memory import check_fits, out_of_memory_message
 from bitnet.train.optim import build_optimizer, set_schedule
 from bitnet.train.schedule import lr_at, wd_at
-from bitnet.train.state import TrainState, seed_everything, set_rng_state
+from bitnet.train.state import TrainState, saved_hook_states, seed_everything, set_rng_state
 from bitnet.train.step import compile_step, train_step
 
 
@@ -196,8 +196,6 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     if world.is_main:
         anomalies = AnomalyHook(run_dir, model, cfg.anomaly_policy, cfg.anomaly_window, cfg.anomaly_zscore,
                                 log=progress.write)
-        if state.anomaly:  # resumed: the spike windows continue where the checkpoint left them
-            anomalies.load_state_dict(state.anomaly)
         hooks.append(anomalies)
         if cfg.quant_interval and whole_model:  # activation stats on the first 4 eval sequences
             hooks.append(QuantStatsHook(run_dir, model, data.eval[0][0][:4], cfg.quant_interval, cfg.num_steps,
@@ -207,14 +205,14 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                                     cfg.sample_max_tokens, cfg.seed, autocast))
         if cfg.tensorboard:
             hooks.append(TensorBoardHook(run_dir))
-
-    def hooks_state() -> dict:
-        if anomalies is not None:  # rank 0's detector memory: spikes after a resume are judged as without one
-            state.anomaly = anomalies.state_dict(state)
-        return {}
+    if resume is not None:  # resumed: each hook's memory (the spike windows) continues where it was saved
+        saved = saved_hook_states(resume)
+        for hook in hooks:
+            if saved.get(hook.name):
+                hook.load_state_dict(saved[hook.name])
 
     checkpointer = Checkpointer(cfg, run_dir, world, model, optimizer, data.train, state, full_config, boundary,
-                                hooks_state, progress.write)
+                                hooks, progress.write)
     save = checkpointer.save
     n_params = model.num_params()
     metrics = MetricsRow(device, world.world_size, derived["tokens_per_step"], model.flops_per_token(cfg.seq_len))

@@ -17,18 +17,25 @@ class TrainState:
     """Lowest eval loss so far."""
     data: dict = field(default_factory=dict)
     """The loader's position (WindowLoader.state_dict())."""
-    anomaly: dict = field(default_factory=dict)
-    """The anomaly detector's windows and events (AnomalyHook.state_dict()); empty if it did not run."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "best_eval_loss": self.best_eval_loss, "data": self.data,
-                "anomaly": self.anomaly}
+        return {"step": self.step, "tokens": self.tokens, "best_eval_loss": self.best_eval_loss, "data": self.data}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens = int(d["step"]), int(d["tokens"])
         self.best_eval_loss = float(d.get("best_eval_loss", float("inf")))
-        self.data = dict(d.get("data", {}))
-        self.anomaly = dict(d.get("anomaly", {}))  # absent in checkpoints from before it was saved
+        self.data = dict(d.get("data", {}))  # an old checkpoint's "anomaly" entry is saved_hook_states' to read
+
+
+def saved_hook_states(ckpt: dict) -> dict:
+    """Each hook's saved state by name (the checkpoint's "hooks" table). Checkpoints from before that table
+    kept the anomaly detector's memory in train_state["anomaly"]: read from there (docs/design.md,
+    "checkpoint format")."""
+    hooks = dict(ckpt.get("hooks") or {})
+    legacy = ckpt.get("train_state", {}).get("anomaly")
+    if legacy and "anomaly" not in hooks:
+        hooks["anomaly"] = legacy
+    return hooks
 
 
 def rng_state() -> dict:
