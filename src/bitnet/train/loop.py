@@ -1,45 +1,37 @@
-"""The training loop: `train(cfg, model_cfg)` reads top to bottom, like nanoGPT's train.py.
+"""The training loop: `train(cfg, model_cfg)` reads top to bottom, like nanoGPT's train.py
+(docs/design.md, "training loop").
 
     bitnet-train --preset tiny --data embedded --run-id demo        # CPU, ~2 minutes
     bitnet-train --preset 95m                                         # the seed's 400k-step run
 
-Setup -> data -> model -> optimizer -> resume -> run directory -> loop. The loop body: set this
-step's LR/WD, fetch the batch, `train_step`, log (the only host sync), hooks, checkpoint.
+Setup -> data -> model -> optimizer -> resume -> run directory -> hooks -> loop (the pieces are built in
+train/components.py). The loop body: set this step's LR/WD, fetch the batch, `train_step`, log (the
+only host sync, in LogInterval), hooks, checkpoint (Checkpointer).
 """
 
 import contextlib
 import signal
-import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from bitnet.data import build_data, load_tokenizer
-from bitnet.instrumentation.anomalies import AnomalyHook
-from bitnet.instrumentation.console import ConsoleProgress
-from bitnet.instrumentation.evaluation import EvalHook
-from bitnet.instrumentation.jsonl import ScalarsLogger
-from bitnet.instrumentation.provenance import provenance
-from bitnet.instrumentation.quant_stats import QuantStatsHook
-from bitnet.instrumentation.samples import SampleHook, load_prompts
-from bitnet.instrumentation.tensorboard import TensorBoardHook, require_tensorboard
-from bitnet.model import ModelConfig, Transformer
+from bitnet.instrumentation.samples import load_prompts
+from bitnet.instrumentation.tensorboard import require_tensorboard
+from bitnet.model import ModelConfig
 from bitnet.run import layout
-from bitnet.run.directory import create_run_dir, default_run_id, lock_run_dir
-from bitnet.run.files import write_json
 from bitnet.train import parallel
 from bitnet.train.checkpointer import Checkpointer, TrainingFailed, resume_command  # noqa: F401 (cli)
-from bitnet.train.config import TrainConfig, resolve_derived
-from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
-from bitnet.train.metrics import MetricsRow
+from bitnet.train.components import (Settings, banner, build_hooks, build_model, build_step, open_run_dir, restore,
+                                     settings)
+from bitnet.train.config import TrainConfig
 from bitnet.train.memory import check_fits, out_of_memory_message
-from bitnet.train.optim import build_optimizer, set_schedule
+from bitnet.train.metrics import MetricsRow
+from bitnet.train.optim import set_schedule
 from bitnet.train.schedule import lr_at, wd_at
-from bitnet.train.state import TrainState, saved_hook_states, seed_everything, set_rng_state
-from bitnet.train.step import compile_step, train_step
+from bitnet.train.state import TrainState, seed_everything
 
 
 @dataclass
@@ -114,17 +106,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None,
            resumed_from: str | None, quiet: bool) -> RunResult:
     # ---- setup: validate everything before anything is written
-    derived = resolve_derived(cfg, world_size=world.world_size, max_seq_len=model_cfg.max_seq_len)
-    device = world.device
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    use_graphs = use_cuda_graphs(cfg.cuda_graphs, device, world.world_size, cfg.anomaly_policy)
-    autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    boundary, accum, micro = derived["stage_boundary_step"], derived["grad_accum"], derived["micro_batch_size"]
-    check_fits(cfg, model_cfg, micro, device)  # absurd sizes are refused before anything is allocated
+    s = settings(cfg, model_cfg, world)
+    check_fits(cfg, model_cfg, s.micro, s.device)  # absurd sizes are refused before anything is allocated
     seed_everything(cfg.seed)
     prompts = load_prompts(cfg.sample_prompts) if cfg.sample_interval else []
     if cfg.tensorboard:
@@ -135,173 +118,57 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, more than the model's "
                          f"vocab_size {model_cfg.vocab_size}")
-    data = build_data(cfg.data, tok, cfg.seq_len, cfg.seed, cfg.eval_sequences, micro, world.rank, world.world_size)
+    data = build_data(cfg.data, tok, cfg.seq_len, cfg.seed, cfg.eval_sequences, s.micro, world.rank, world.world_size)
 
-    # ---- model and optimizer
-    model = Transformer(model_cfg).to(device)
-    model.init_weights(seed=cfg.seed)
-    if resume is not None:
-        model.load_state_dict(resume["model"])  # the full weights, before FSDP2 shards them
-    if cfg.parallel == "fsdp2":  # shards `model` in place (under torchrun), before the optimizer takes the shards
-        parallel.wrap_model(model, "fsdp2", world)
-    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")  # after fully_shard: it holds the shards
+    # ---- model, optimizer, resume
+    model, optimizer = build_model(cfg, model_cfg, world, resume)
     state = TrainState()
-
-    # ---- resume: optimizer, position, data order and every RNG stream (the weights are in already)
     if resume is not None:
-        parallel.load_optimizer_state(model, optimizer, resume["optimizer"])
-        state.load_state_dict(resume["train_state"])
-        data.train.load_state_dict(state.data)
-        set_rng_state(resume["rng"])
-        if state.step >= cfg.num_steps:
-            raise ValueError(f"checkpoint is at step {state.step}, not before --num-steps {cfg.num_steps}: nothing to do")
+        restore(resume, cfg, model, optimizer, state, data)
 
-    # ---- run directory (created only now that every input checked out)
-    # rank 0's name (the default holds a timestamp) and rank 0 alone writes the directory
-    run_id = parallel.broadcast_from_main(cfg.run_id or default_run_id(cfg.preset, cfg.data), world)
-    run_dir = Path(cfg.runs_dir) / run_id
-    # the derived values first: the flags as given win, so a resume on another world size re-derives
-    # the micro-batch instead of inheriting the old per-rank one
-    full_config = {"model": model_cfg.to_dict(), "train": {**derived, **cfg.to_dict(), "run_id": run_id},
-                   "data": data.fingerprint}
-    lock = None
-    if world.is_main:
-        run_dir = create_run_dir(cfg.runs_dir, run_id, cfg.overwrite, resumed_from)
-        lock = lock_run_dir(run_dir)  # held until the process ends: auto-resume refuses a live run
-        write_json(run_dir / layout.CONFIG, full_config)
-        write_json(run_dir / layout.PROVENANCE, provenance(cfg.seed, device, resumed_from, world.world_size))
-        write_json(run_dir / layout.FINGERPRINT, data.fingerprint)
-
-    # compiled blocks; the head and the loss one Triton-backed function (benchmarks/train_throughput.py)
-    step_model = compile_step(model) if use_compile else model
-    if cfg.parallel == "ddp":  # DDP around the compiled blocks (torchrun), so it runs the one-GPU graphs
-        step_model = parallel.wrap_model(step_model, "ddp", world)
-    # one CUDA graph for the whole step, replayed (train/graphed.py), or the step op by op
-    if use_graphs:
-        step_fn = GraphedTrainStep(step_model, optimizer, autocast, cfg.grad_clip, device)
-    else:
-        step_fn = partial(train_step, step_model, optimizer, autocast=autocast, grad_clip=cfg.grad_clip, device=device,
-                          skip_nonfinite=cfg.anomaly_policy == "skip")
-    progress = ConsoleProgress(cfg.num_steps, state.step, enabled=not quiet and world.is_main)
-    hooks = [ScalarsLogger(run_dir), progress] if world.is_main else []  # the other ranks write nothing
-    if not cfg.no_eval and world.is_main:
-        hooks.append(EvalHook(run_dir, step_model, data.eval, autocast, device, cfg.eval_interval, cfg.num_steps))
-    elif not cfg.no_eval:  # FSDP2's eval forward needs every rank
-        hooks.append(parallel.MirrorEval(step_model, data.eval, autocast, device, cfg.eval_interval, cfg.num_steps))
-    # Quant stats, samples and anomaly checks use the plain model: no recompiles for their shapes.
-    # They write the run directory, so only rank 0 has them; under FSDP2 rank 0 holds only a shard
-    # of the model, so the two that run it stay off (docs/distributed.md).
-    whole_model = not parallel.is_sharded(model)
-    anomalies = None
-    if world.is_main:
-        anomalies = AnomalyHook(run_dir, model, cfg.anomaly_policy, cfg.anomaly_window, cfg.anomaly_zscore,
-                                log=progress.write)
-        hooks.append(anomalies)
-        if cfg.quant_interval and whole_model:  # activation stats on the first 4 eval sequences
-            hooks.append(QuantStatsHook(run_dir, model, data.eval[0][0][:4], cfg.quant_interval, cfg.num_steps,
-                                        autocast, anomalies))
-        if cfg.sample_interval and whole_model:
-            hooks.append(SampleHook(run_dir, model, tok, prompts, cfg.sample_interval, cfg.num_steps,
-                                    cfg.sample_max_tokens, cfg.seed, autocast))
-        if cfg.tensorboard:
-            hooks.append(TensorBoardHook(run_dir))
-    if resume is not None:  # resumed: each hook's memory (the spike windows) continues where it was saved
-        saved = saved_hook_states(resume)
-        for hook in hooks:
-            if saved.get(hook.name):
-                hook.load_state_dict(saved[hook.name])
-
-    checkpointer = Checkpointer(cfg, run_dir, world, model, optimizer, data.train, state, full_config, boundary,
+    # ---- run directory, step function, hooks, checkpointer
+    run_dir, full_config, lock = open_run_dir(cfg, model_cfg, world, s, data, resumed_from)
+    step_model, step_fn = build_step(cfg, s, model, optimizer, world)
+    hooks, progress = build_hooks(cfg, s, world, run_dir, model, step_model, data, tok, prompts, state, resume, quiet)
+    checkpointer = Checkpointer(cfg, run_dir, world, model, optimizer, data.train, state, full_config, s.boundary,
                                 hooks, progress.write)
-    save = checkpointer.save
-    n_params = model.num_params()
-    metrics = MetricsRow(device, world.world_size, derived["tokens_per_step"], model.flops_per_token(cfg.seq_len))
+    log = LogInterval(cfg, s, world, hooks, MetricsRow(s.device, world.world_size, s.tokens_per_step,
+                                                        model.flops_per_token(cfg.seq_len)))
     if not quiet and world.is_main:
-        ranks = f" x {world.world_size} ranks ({cfg.parallel})" if world.distributed else ""
-        progress.write(f"run {run_dir} | {n_params:,} parameters | {device} | compile={use_compile} | "
-                       f"cuda graphs={use_graphs} | "
-                       f"batch {cfg.batch_size} x {cfg.seq_len} = {derived['tokens_per_step']:,} tokens/step "
-                       f"(micro {micro} x accum {accum}{ranks}) | steps {state.step + 1}..{cfg.num_steps}")
+        progress.write(banner(cfg, s, world, run_dir, model, state))
 
     # ---- the loop
-    last_loss = float("nan")
-    stopped_early = False
-    t_last = time.perf_counter()
-    excluded_s = 0.0  # eval / checkpoint time, kept out of step_ms
-    steps_since_log = 0
-    loss_sum = torch.zeros((), device=device)
-    voted_stop = None  # under torchrun: why all ranks agreed to stop (at a log step)
-    voted_by_policy = False  # ... and whether a hook's policy (not a signal) asked for it: exit 3 on every rank
-    stop_reason, stopped_by_policy = "", False
+    stopped_early, stop_reason, stopped_by_policy = False, "", False
     start_step = state.step
     try:
         for hook in hooks:
             hook.on_train_start(state)
         with GracefulStop() as stop:
             for step in range(state.step + 1, cfg.num_steps + 1):
-                lr, wd = lr_at(step, cfg, boundary), wd_at(step, cfg, boundary)
+                lr, wd = lr_at(step, cfg, s.boundary), wd_at(step, cfg, s.boundary)
                 set_schedule(optimizer, lr, wd)
                 try:  # a failure leaves the loader where this step began, so the checkpoint below resumes here
-                    micro_batches = data.train.next_batches(accum, micro * world.world_size)
+                    micro_batches = data.train.next_batches(s.accum, s.micro * world.world_size)
                 except (ValueError, UnicodeDecodeError, EOFError) as e:  # bad data reached mid-run (prefetch thread)
-                    raise TrainingFailed(data_failure(e, save, state, start_step, run_dir, cfg)) from None
-                out = step_fn(micro_batches, lr=lr, wd=wd)
-                out = parallel.full_tensors(out, world)  # FSDP2 returns its grad norms as DTensors
-                state.step, state.tokens = step, state.tokens + derived["tokens_per_step"]
-                loss_sum += out.loss
-                steps_since_log += 1
-
-                if step % cfg.log_interval == 0 or step == cfg.num_steps or (stop.signal_name and not world.distributed):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()  # host sync: once per log interval, for honest timings
-                    now = time.perf_counter()
-                    step_ms = (now - t_last - excluded_s) * 1000 / steps_since_log
-                    # One all-reduce per log interval, never per step: losses averaged over ranks, tokens
-                    # summed, and a stop vote (signal or hook) so that every rank stops at this same step.
-                    by_policy = any(h.stop_requested for h in hooks)
-                    wants_stop = bool(stop.signal_name) or by_policy
-                    local_tokens = steps_since_log * derived["tokens_per_step"] // world.world_size
-                    stats = torch.cat([torch.stack([out.loss, loss_sum]).double(),
-                                       torch.tensor([local_tokens, wants_stop, by_policy], dtype=torch.float64,
-                                                    device=device)])
-                    loss_total, loss_sum_total, tokens_logged, stop_votes, policy_votes = (
-                        parallel.all_reduce_sum(stats, world).tolist())
-                    last_loss = loss_total / world.world_size
-                    if stop_votes and world.distributed:
-                        voted_by_policy = bool(policy_votes)
-                        voted_stop = stop.signal_name or next((h.stop_reason for h in hooks if h.stop_requested),
-                                                              "stop requested on another rank")
-                    row = metrics.build(step, state.tokens, last_loss, loss_sum_total / world.world_size / steps_since_log,
-                                        lr, wd, out.grad_norm.item(), step_ms,
-                                        tokens_logged / steps_since_log / (step_ms / 1000), data.train.epochs_float)
-                    for hook in hooks:
-                        hook.on_log(state, row)
-                    t_last, excluded_s, steps_since_log = now, 0.0, 0
-                    loss_sum.zero_()
-
+                    raise TrainingFailed(data_failure(e, checkpointer.save, state, start_step, cfg)) from None
+                out = parallel.full_tensors(step_fn(micro_batches, lr=lr, wd=wd), world)  # FSDP2: DTensor norms
+                state.step, state.tokens = step, state.tokens + s.tokens_per_step
+                log.add(out)
+                if log.due(step, stop):
+                    log.write(step, state, out, lr, wd, stop, data.train.epochs_float)
                 # one process stops at once; under torchrun every rank stops where the vote said so
-                stopping = voted_stop if world.distributed else stop.signal_name
-                checkpoint_due = checkpointer.due(step, stopping)
-                if device.type == "cuda" and (checkpoint_due or any(h.works_at(step) for h in hooks)):
-                    torch.cuda.synchronize()  # the queued steps' GPU time belongs in step_ms, not in excluded_s
-                t0 = time.perf_counter()
-                for hook in hooks:
-                    hook.on_step_end(state, out)
-                if checkpoint_due:
-                    checkpointer.at_step_end(step, stopping, hooks)
-                excluded_s += time.perf_counter() - t0
-
+                stopping = log.voted_stop if world.distributed else stop.signal_name
+                log.exclude(after_step(step, stopping, state, out, hooks, checkpointer, s.device))
                 halt = [h for h in hooks if h.stop_requested] if not world.distributed else []
                 if stopping or halt:
-                    reason = stopping or halt[0].stop_reason
+                    stop_reason = stopping or halt[0].stop_reason
                     if halt and not stopping:
-                        save(milestone=True, must_succeed=True)
+                        checkpointer.save(milestone=True, must_succeed=True)
                     if world.is_main:
-                        ckpt = layout.checkpoint_dir(run_dir, step)
-                        progress.write(f"stopped at step {step} ({reason}); checkpoint saved. Resume with:\n"
-                                       f"  {resume_command(cfg, ckpt)}")
-                    stopped_early, stop_reason = True, reason
-                    stopped_by_policy = voted_by_policy if world.distributed else not stop.signal_name
+                        progress.write(f"stopped at step {step} ({stop_reason}); checkpoint saved. Resume with:\n"
+                                       f"  {resume_command(cfg, layout.checkpoint_dir(run_dir, step))}")
+                    stopped_early = True
+                    stopped_by_policy = log.voted_by_policy if world.distributed else not stop.signal_name
                     break
         for hook in hooks:
             hook.on_train_end(state)
@@ -310,19 +177,93 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         raise TrainingFailed(f"{e.strerror or e}{where} at step {state.step}; newest intact checkpoint: "
                              f"{checkpointer.newest()}") from None
     except torch.OutOfMemoryError:  # no checkpoint: the step's state is half-updated; the last one stays intact
-        raise TrainingFailed(out_of_memory_message(state.step + 1, device, cfg, micro)
+        raise TrainingFailed(out_of_memory_message(state.step + 1, s.device, cfg, s.micro)
                              + f"; newest intact checkpoint: {checkpointer.newest()}") from None
     finally:
-        for hook in hooks:
-            with contextlib.suppress(OSError):  # a full disk fails the last flush too; the error above says it
-                hook.close()
-        if lock is not None:
-            lock.close()
-    return RunResult(run_dir=run_dir, step=state.step, tokens=state.tokens, last_loss=last_loss,
+        close_all(hooks, lock)
+    return RunResult(run_dir=run_dir, step=state.step, tokens=state.tokens, last_loss=log.last_loss,
                      stopped_early=stopped_early, stop_reason=stop_reason, stopped_by_policy=stopped_by_policy)
 
 
-def data_failure(error: Exception, save, state: TrainState, start_step: int, run_dir: Path, cfg: TrainConfig) -> str:
+class LogInterval:
+    """The steps since the last log step: their loss sum and time, and at a log step the one host sync,
+    the one all-reduce (losses averaged over ranks, tokens summed, the stop vote) and the metrics row
+    for every sink. Eval and checkpoint time (`exclude`) is kept out of step_ms."""
+
+    def __init__(self, cfg: TrainConfig, s: Settings, world: parallel.World, hooks: list, metrics: MetricsRow):
+        self.cfg, self.s, self.world, self.hooks, self.metrics = cfg, s, world, hooks, metrics
+        self.last_loss = float("nan")
+        self.t_last = time.perf_counter()
+        self.excluded_s = 0.0
+        self.steps = 0
+        self.loss_sum = torch.zeros((), device=s.device)
+        self.voted_stop = None  # under torchrun: why all ranks agreed to stop (at a log step)
+        self.voted_by_policy = False  # ... and whether a hook's policy (not a signal) asked: exit 3 on every rank
+
+    def add(self, out) -> None:
+        self.loss_sum += out.loss
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded_s += seconds
+
+    def due(self, step: int, stop: "GracefulStop") -> bool:
+        return (step % self.cfg.log_interval == 0 or step == self.cfg.num_steps
+                or bool(stop.signal_name and not self.world.distributed))
+
+    def write(self, step: int, state: TrainState, out, lr: float, wd: float, stop: "GracefulStop",
+              epoch: float) -> None:
+        world, device, hooks = self.world, self.s.device, self.hooks
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # host sync: once per log interval, for honest timings
+        now = time.perf_counter()
+        step_ms = (now - self.t_last - self.excluded_s) * 1000 / self.steps
+        # One all-reduce per log interval, never per step: losses averaged over ranks, tokens
+        # summed, and a stop vote (signal or hook) so that every rank stops at this same step.
+        by_policy = any(h.stop_requested for h in hooks)
+        wants_stop = bool(stop.signal_name) or by_policy
+        local_tokens = self.steps * self.s.tokens_per_step // world.world_size
+        stats = torch.cat([torch.stack([out.loss, self.loss_sum]).double(),
+                           torch.tensor([local_tokens, wants_stop, by_policy], dtype=torch.float64, device=device)])
+        loss_total, loss_sum_total, tokens_logged, stop_votes, policy_votes = (
+            parallel.all_reduce_sum(stats, world).tolist())
+        self.last_loss = loss_total / world.world_size
+        if stop_votes and world.distributed:
+            self.voted_by_policy = bool(policy_votes)
+            self.voted_stop = stop.signal_name or next((h.stop_reason for h in hooks if h.stop_requested),
+                                                       "stop requested on another rank")
+        row = self.metrics.build(step, state.tokens, self.last_loss, loss_sum_total / world.world_size / self.steps,
+                                 lr, wd, out.grad_norm.item(), step_ms,
+                                 tokens_logged / self.steps / (step_ms / 1000), epoch)
+        for hook in hooks:
+            hook.on_log(state, row)
+        self.t_last, self.excluded_s, self.steps = now, 0.0, 0
+        self.loss_sum.zero_()
+
+
+def after_step(step: int, stopping, state: TrainState, out, hooks: list, checkpointer: Checkpointer,
+               device: torch.device) -> float:
+    """The hooks' on_step_end, then this step's checkpoint if one is due; returns the seconds they took."""
+    checkpoint_due = checkpointer.due(step, stopping)
+    if device.type == "cuda" and (checkpoint_due or any(h.works_at(step) for h in hooks)):
+        torch.cuda.synchronize()  # the queued steps' GPU time belongs in step_ms, not in the excluded time
+    t0 = time.perf_counter()
+    for hook in hooks:
+        hook.on_step_end(state, out)
+    if checkpoint_due:
+        checkpointer.at_step_end(step, stopping, hooks)
+    return time.perf_counter() - t0
+
+
+def close_all(hooks: list, lock) -> None:
+    for hook in hooks:
+        with contextlib.suppress(OSError):  # a full disk fails the last flush too; the error above says it
+            hook.close()
+    if lock is not None:
+        lock.close()
+
+
+def data_failure(error: Exception, save, state: TrainState, start_step: int, cfg: TrainConfig) -> str:
     """Bad data reached mid-run (a row of the wrong type, a truncated file): checkpoint the steps done, and
     say which file and row, and how to go on once the file is fixed."""
     reason = " ".join(str(error).split()) or type(error).__name__
