@@ -528,7 +528,7 @@ def run_trainer(a, t0) -> dict:
     import torch
 
     import bitnet.train.graphed as graphed
-    import bitnet.train.loop as loop
+    import bitnet.train.components as loop  # builds the step function
     from bitnet.cli import train_main
 
     first = {}

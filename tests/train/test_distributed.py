@@ -188,11 +188,11 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, one, fsdp2_resumed):
 # train_step wrapped so that rank 1 raises, or signals itself, at its N-th step.
 HOOK_SCRIPT = """
 import os, signal, sys
-import bitnet.train.loop as loop
+import bitnet.train.components as components  # builds the step function
 from bitnet.train.__main__ import main
 
 action, at_step = sys.argv.pop(1), int(sys.argv.pop(1))
-real_train_step, calls = loop.train_step, 0
+real_train_step, calls = components.train_step, 0
 
 def train_step(*args, **kwargs):
     global calls
@@ -203,7 +203,7 @@ def train_step(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
     return real_train_step(*args, **kwargs)
 
-loop.train_step = train_step
+components.train_step = train_step
 sys.exit(main())
 """
 
