@@ -529,7 +529,7 @@ def run_trainer(a, t0) -> dict:
 
     import bitnet.train.graphed as graphed
     import bitnet.train.loop as loop
-    from bitnet.cli import train_main
+    from bitnet.cli.train import train_main
 
     first = {}
     inner = loop.train_step

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bitnet import exits
-from bitnet.export.cli import main as export_main
-from bitnet.generation import main as generate_main
-from bitnet.status import main as status_main
+from bitnet.cli.export import main as export_main
+from bitnet.cli.generate import main as generate_main
+from bitnet.cli.status import main as status_main
 from bitnet.train import checkpoint
 from bitnet.train.run_dir import lock_run_dir
 from tests.faults.harness import BASE, checkpoint_steps, flags, logged_steps, train, tree

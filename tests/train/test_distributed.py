@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from bitnet.train import checkpoint, parallel
 from bitnet.train.config import TrainConfig, resolve_derived
 from tests.conftest import fast_args, read_rows

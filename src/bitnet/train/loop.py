@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bitnet.data import build_data, load_tokenizer
+from bitnet.device import pick_device
 from bitnet.instrumentation.anomalies import AnomalyHook
 from bitnet.instrumentation.console import ConsoleProgress
 from bitnet.instrumentation.evaluation import EvalHook
@@ -64,20 +65,6 @@ def resume_command(cfg: TrainConfig, checkpoint_dir) -> str:
     if cfg.runs_dir != TrainConfig.runs_dir:
         cmd += f" --runs-dir {shlex.quote(str(cfg.runs_dir))}"
     return cmd
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # e.g. "cuda:x"
-        raise ValueError(f"unsupported --device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported --device {name!r} (use auto, cpu, cuda or cuda:N)")
-    return device
 
 
 class GracefulStop:

@@ -1,4 +1,5 @@
-"""Command-line entry points. `bitnet-train --help` lists every flag.
+"""`bitnet-train`: flags and config files into a TrainConfig, then the training loop
+(docs/design.md, section "command-line tools"). `bitnet-train --help` lists every flag.
 
 Values layer as: TrainConfig defaults < the preset's train defaults < the resumed checkpoint's
 config < --config FILE (TOML or YAML, parsed, never evaluated) < flags given on the command line.
@@ -12,22 +13,12 @@ import warnings
 from pathlib import Path
 
 from bitnet import exits
+from bitnet.cli.args import OneLineParser, UserError
 from bitnet.fileio import os_error_message
 from bitnet.model.config import PRESETS, ModelConfig
 from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names, fit_default_warmup
 
 NOT_FROM_CHECKPOINT = {"run_id", "overwrite", "resume_from", "runs_dir"}
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as a UserError (one line) instead of usage + exit."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
