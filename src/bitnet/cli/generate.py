@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be positive")
-        model, state = load_checkpoint_model(args.checkpoint, device)
+        model, state = load_checkpoint_model(args.checkpoint, device, bitnet_only=False)
         tok = load_tokenizer(args.tokenizer or (state["config"].get("train") or {}).get("tokenizer", "llama2"))
         autocast = (contextlib.nullcontext if device.type != "cuda" else
                     lambda: torch.autocast("cuda", dtype=torch.bfloat16))

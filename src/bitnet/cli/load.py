@@ -13,10 +13,11 @@ from bitnet.model.llama import Transformer
 from bitnet.train import checkpoint
 
 
-def model_from_checkpoint(state: dict, where: str = "checkpoint", ternary: bool = False) -> Transformer:
+def model_from_checkpoint(state: dict, where: str = "checkpoint", bitnet_only: bool = True) -> Transformer:
     """The Transformer of a loaded training checkpoint (eval mode, CPU); ExportError if it is not one.
 
-    ternary=True (export) also refuses a quantization="none" model, which has no ternary weights.
+    bitnet_only (export): refuse a quantization="none" model, which has no ternary weights;
+    bitnet-generate passes False.
     """
     model_cfg = (state.get("config") or {}).get("model")
     if not isinstance(model_cfg, dict):
@@ -25,7 +26,7 @@ def model_from_checkpoint(state: dict, where: str = "checkpoint", ternary: bool 
         cfg = ModelConfig.from_dict(model_cfg)
     except (TypeError, ValueError) as e:
         raise ExportError(f"{where} has an unusable model config: {e}") from None
-    if ternary and cfg.quantization != "bitnet":
+    if bitnet_only and cfg.quantization != "bitnet":
         raise ExportError(f"{where} holds a quantization={cfg.quantization!r} model, not a BitNet one: "
                           "it has no ternary weights to export")
     weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
@@ -39,18 +40,18 @@ def model_from_checkpoint(state: dict, where: str = "checkpoint", ternary: bool 
     return model.eval()
 
 
-def load_checkpoint_model(path: str, device: torch.device, ternary: bool = False) -> tuple[Transformer, dict]:
+def load_checkpoint_model(path: str, device: torch.device, bitnet_only: bool = True) -> tuple[Transformer, dict]:
     """(model on `device`, the loaded checkpoint) of checkpoint.pt, its step dir or a run dir (its newest
     checkpoint that loads); CheckpointError or ExportError if there is none or it is unusable."""
     pt, state = checkpoint.load_with_path(path, need="model")
-    return model_from_checkpoint(state, str(pt), ternary=ternary).to(device), {**state, "path": str(pt)}
+    return model_from_checkpoint(state, str(pt), bitnet_only=bitnet_only).to(device), {**state, "path": str(pt)}
 
 
-def load_source(path: str) -> tuple[Transformer, dict]:
+def load_source(path: str, bitnet_only: bool = True) -> tuple[Transformer, dict]:
     """(model, source info) for bitnet-export: a training checkpoint, or a packed export (to re-export as hf)."""
     if (Path(path) / CONFIG_FILE).is_file():
         return load_packed(path), read_config(path)["source"]
-    model, state = load_checkpoint_model(path, torch.device("cpu"), ternary=True)
+    model, state = load_checkpoint_model(path, torch.device("cpu"), bitnet_only=bitnet_only)
     tokenizer = ((state.get("config") or {}).get("train") or {}).get("tokenizer")
     return model, {"checkpoint": state["path"], "step": state.get("step"), "tokens": state.get("tokens"),
                    "tokenizer": tokenizer}
