@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bitnet.cli import resolve_config  # noqa: E402
+from bitnet.cli.train import resolve_config  # noqa: E402
 from bitnet.instrumentation import anomalies, console, evaluation, jsonl, quant_stats, samples  # noqa: E402,F401
 from bitnet.instrumentation.base import Hook  # noqa: E402
 from bitnet.run.jsonl import read_jsonl  # noqa: E402

@@ -127,7 +127,7 @@ def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed
 
 def build_corpus(work: Path, roots: list[str], workers: int, eval_chars: int = EVAL_CHARS) -> dict:
     """corpus.jsonl + token shards under work/ (reused when complete); returns what the report records."""
-    from bitnet.data.prepare import main as prepare_main
+    from bitnet.cli.prepare import main as prepare_main
     from bitnet.data.shards import read_manifest
 
     work.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def train_timed(argv: list[str]) -> int:
         return out
 
     checkpoint.save = timed_save
-    from bitnet.cli import train_main
+    from bitnet.cli.train import train_main
     code = train_main(flags)
     emit(ev="exit", rc=code)
     return code

@@ -37,7 +37,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def run(args) -> int:
-    from bitnet.cli import train_main
+    from bitnet.cli.train import train_main
 
     runs_dir = Path(args.runs_dir)
     results = {"steps": args.steps, "preset": args.preset, "data": args.data, "variants": {}}

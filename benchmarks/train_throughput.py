@@ -527,9 +527,9 @@ def run_trainer(a, t0) -> dict:
     """The real trainer on token data; its first step is timed through a wrapper of train_step."""
     import torch
 
-    import bitnet.train.graphed as graphed
     import bitnet.train.components as loop  # builds the step function
-    from bitnet.cli import train_main
+    import bitnet.train.graphed as graphed
+    from bitnet.cli.train import train_main
 
     first = {}
     inner = loop.train_step

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 try:
-    from bitnet.status import main
+    from bitnet.cli.status import main
 except ImportError:  # a fresh clone without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from bitnet.status import main
+    from bitnet.cli.status import main
 
 if __name__ == "__main__":
     sys.exit(main())

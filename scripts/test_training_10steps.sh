@@ -23,7 +23,7 @@ rows=$(wc -l < "$RUN/metrics/scalars.jsonl")
 [[ "$rows" -eq 10 ]] || { echo "expected 10 scalar rows, found $rows"; missing=1; }
 [[ -d "$RUN/samples" && -d "$RUN/anomalies" ]] || { echo "MISSING: samples/ or anomalies/"; missing=1; }
 if "$PY" -c "import bitnet.status" 2>/dev/null; then
-  "$PY" -m bitnet.status "$RUN" >/dev/null || { echo "status tool failed on $RUN"; missing=1; }
+  "$PY" -m bitnet.cli.status "$RUN" >/dev/null || { echo "status tool failed on $RUN"; missing=1; }
 fi
 [[ $missing -eq 0 ]] && echo "OK: 10 steps, checkpoints at 5 and 10, run directory complete: $RUN"
 exit $missing

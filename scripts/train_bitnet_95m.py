@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bitnet.cli import train_main  # noqa: E402
+from bitnet.cli.train import train_main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bitnet.cli import build_parser, train_main
+from bitnet.cli.train import build_parser, train_main
 from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[1]

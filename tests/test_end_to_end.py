@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from tests.conftest import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bitnet.cli.export import main
 from bitnet.data.tokenizer import load_tokenizer
-from bitnet.export import (TernaryLinear, export_ternary, load_packed, main, pack_ternary, to_ternary_inference,
+from bitnet.export import (TernaryLinear, export_ternary, load_packed, pack_ternary, to_ternary_inference,
                            unpack_ternary)
 from bitnet.export.ternary import ternary_layers
 from bitnet.model import PRESETS, ModelConfig, Transformer

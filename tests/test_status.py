@@ -17,6 +17,7 @@ if str(SRC) not in sys.path:  # also runs from a fresh clone before `pip install
     sys.path.insert(0, str(SRC))
 
 from bitnet import status  # noqa: E402
+from bitnet.cli import status as status_cli  # noqa: E402
 
 T0 = 1_700_000_000.0
 NUM_STEPS = 1000
@@ -135,7 +136,7 @@ def test_gap_computed_when_missing(tmp_path):
 
 
 def test_text_screen(run, capsys):
-    assert status.main([str(run)]) == 0
+    assert status_cli.main([str(run)]) == 0
     out = capsys.readouterr().out
     assert "demo-run" in out and "step 100 / 1,000 (10.00%)" in out and "3.3M" in out
     assert "5.4750 (mean of last 20 rows)" in out
@@ -146,7 +147,7 @@ def test_text_screen(run, capsys):
 
 
 def test_smoothing_flag_and_json(run, capsys):
-    assert status.main([str(run), "--json", "--smoothing", "5"]) == 0
+    assert status_cli.main([str(run), "--json", "--smoothing", "5"]) == 0
     s = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * 98)  # mean over steps 96..100
     assert s["pct_done"] == pytest.approx(10.0) and s["eta_s"] == pytest.approx(225.0)
@@ -160,12 +161,12 @@ def test_torn_last_lines_are_skipped(run, capsys):
     s = status.summarize(run)
     assert s["step"] == 100 and s["rows"] == N_ROWS and s["eval"]["step"] == 100
     assert s["samples"]["step"] == 100 and s["quant"]["latest_step"] == 100
-    assert status.main([str(run)]) == 0
+    assert status_cli.main([str(run)]) == 0
 
 
 def test_missing_optional_files(tmp_path, capsys):
     run = make_run(tmp_path, evals=False, samples=False, quant=False, anomalies=False, checkpoints=False)
-    assert status.main([str(run)]) == 0
+    assert status_cli.main([str(run)]) == 0
     out = capsys.readouterr().out
     for topic in ("eval", "samples", "quant", "anomalies", "checkpoint"):
         assert re.search(rf"^{topic}\s+none yet", out, re.M), topic
@@ -174,11 +175,11 @@ def test_missing_optional_files(tmp_path, capsys):
 def test_run_just_started(tmp_path, capsys):
     run = make_run(tmp_path, scalars=False, evals=False, samples=False, quant=False, anomalies=False,
                    checkpoints=False)
-    assert status.main([str(run)]) == 0
+    assert status_cli.main([str(run)]) == 0
     assert "no scalar rows yet" in capsys.readouterr().out
-    assert status.main([str(run), "--json"]) == 0
+    assert status_cli.main([str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] is None
-    assert status.main([str(run), "--plot", str(tmp_path / "empty.png")]) == 0
+    assert status_cli.main([str(run), "--plot", str(tmp_path / "empty.png")]) == 0
 
 
 def test_odd_values_do_not_crash(tmp_path, capsys):
@@ -195,11 +196,11 @@ def test_odd_values_do_not_crash(tmp_path, capsys):
     s = status.summarize(run)
     assert s["step"] == 101 and s["loss"] is None and s["lr"] is None
     assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * 91)  # last 20 rows, the NaN one left out
-    assert status.main([str(run)]) == 0
+    assert status_cli.main([str(run)]) == 0
     assert "nan (last)" in capsys.readouterr().out
-    assert status.main([str(run), "--json"]) == 0
+    assert status_cli.main([str(run), "--json"]) == 0
     json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
-    assert status.main([str(run), "--plot", str(tmp_path / "odd.png")]) == 0
+    assert status_cli.main([str(run), "--plot", str(tmp_path / "odd.png")]) == 0
 
 
 def test_resumed_steps_keep_the_last_row(tmp_path):
@@ -214,9 +215,9 @@ def test_resumed_steps_keep_the_last_row(tmp_path):
 def test_plot_png_and_html(run, tmp_path):
     out_png, out_html = tmp_path / "out" / "dash.png", tmp_path / "out" / "dash.html"
     out_png.parent.mkdir()
-    assert status.main([str(run), "--plot", str(out_png)]) == 0
+    assert status_cli.main([str(run), "--plot", str(out_png)]) == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert status.main([str(run), "--plot", str(out_html)]) == 0
+    assert status_cli.main([str(run), "--plot", str(out_html)]) == 0
     page = out_html.read_text()
     b64 = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
     assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n" and "demo-run" in page
@@ -225,10 +226,10 @@ def test_plot_png_and_html(run, tmp_path):
 
 def test_status_never_writes_into_the_run(run, tmp_path, capsys):
     before = snapshot(run)
-    assert status.main([str(run)]) == 0
-    assert status.main([str(run), "--json"]) == 0
-    assert status.main([str(run), "--plot", str(tmp_path / "outside.png")]) == 0
-    assert status.main([str(run), "--plot", str(tmp_path / "outside.html")]) == 0
+    assert status_cli.main([str(run)]) == 0
+    assert status_cli.main([str(run), "--json"]) == 0
+    assert status_cli.main([str(run), "--plot", str(tmp_path / "outside.png")]) == 0
+    assert status_cli.main([str(run), "--plot", str(tmp_path / "outside.html")]) == 0
     assert status.watch(lambda: status.render_text(status.summarize(run)), 0.01, max_iterations=2,
                         sleep=lambda _: None) == 0
     assert snapshot(run) == before
@@ -237,7 +238,7 @@ def test_status_never_writes_into_the_run(run, tmp_path, capsys):
 @pytest.mark.parametrize("inside", ["dash.png", "metrics/dash.html", "."])
 def test_plot_inside_the_run_is_refused(run, capsys, inside):
     before = snapshot(run)
-    assert status.main([str(run), "--plot", str(run / inside)]) == 2
+    assert status_cli.main([str(run), "--plot", str(run / inside)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: refusing") and err.count("\n") == 1
     assert snapshot(run) == before
@@ -246,7 +247,7 @@ def test_plot_inside_the_run_is_refused(run, capsys, inside):
 def test_plot_refused_through_a_relative_path(run, capsys, monkeypatch):
     monkeypatch.chdir(run / "metrics")
     before = snapshot(run)
-    assert status.main([str(run), "--plot", "../x.png"]) == 2
+    assert status_cli.main([str(run), "--plot", "../x.png"]) == 2
     assert snapshot(run) == before
 
 
@@ -255,7 +256,7 @@ def test_plot_refused_through_a_relative_path(run, capsys, monkeypatch):
 def test_bad_input_is_one_line_exit_2(tmp_path, run, capsys, argv):
     (tmp_path / "file").write_text("x")
     argv = [a.format(tmp=tmp_path, run=run) for a in argv]
-    assert status.main(argv) == 2
+    assert status_cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and captured.out == ""
 
@@ -264,10 +265,10 @@ def test_watch_stops_cleanly_on_ctrl_c(run, capsys, monkeypatch):
     def interrupt(_seconds):
         raise KeyboardInterrupt
     monkeypatch.setattr(status.time, "sleep", interrupt)
-    assert status.main([str(run), "--watch", "0.01"]) == 0
+    assert status_cli.main([str(run), "--watch", "0.01"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("\033[2J\033[H") and "step 100 / 1,000" in out
-    assert status.main(["--watch", str(run)]) == 0  # default interval, run dir after a bare --watch
+    assert status_cli.main(["--watch", str(run)]) == 0  # default interval, run dir after a bare --watch
     assert "refresh every 10s" in capsys.readouterr().out
 
 
@@ -277,7 +278,7 @@ def test_watch_max_iterations_and_json_lines(run, capsys, monkeypatch):
     assert status.watch(lambda: calls.append(1) or "frame", 0.01, max_iterations=3) == 0
     assert len(calls) == 3 and capsys.readouterr().out.count("\033[2J") == 3
     monkeypatch.setattr(status.time, "sleep", lambda _s: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert status.main([str(run), "--watch", "1", "--json"]) == 0
+    assert status_cli.main([str(run), "--watch", "1", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[0])["step"] == 100 and "\033" not in lines[0]
 

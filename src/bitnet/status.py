@@ -5,10 +5,10 @@ run, refreshing with --watch. Standard library only (matplotlib is imported lazi
 never writes inside the run directory and it tolerates files a live trainer is appending to.
 
     python scripts/check_training_status.py runs/<id> [--watch [SECONDS]] [--json] [--plot OUT.png]
+The command line (bitnet-status) is bitnet/cli/status.py.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -413,11 +413,6 @@ def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> d
 
 # ---------------------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise StatusError(message)
-
-
 def watch(render, interval_s: float, max_iterations: int | None = None, sleep=None, clear: bool = True,
           stream=None) -> int:
     """Call render() and print it every interval_s until Ctrl-C (exit 0); errors show on screen
@@ -440,50 +435,3 @@ def watch(render, interval_s: float, max_iterations: int | None = None, sleep=No
     except KeyboardInterrupt:
         stream.write("\n")
     return 0
-
-
-def main(argv=None) -> int:
-    """Entry point of scripts/check_training_status.py; returns the exit code (2 on bad input)."""
-    ap = _Parser(description="Read-only monitor of one bitnet run directory.")
-    ap.add_argument("run_dir", nargs="?", help="runs/<id>")
-    ap.add_argument("--watch", nargs="?", const="10", metavar="SECONDS", help="refresh every SECONDS (default 10)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object (JSON lines under --watch)")
-    ap.add_argument("--plot", metavar="OUT", help="write a dashboard PNG, or HTML embedding it if OUT ends in .html")
-    ap.add_argument("--smoothing", type=int, default=20, metavar="N", help="loss moving-average window in rows")
-    try:
-        args = ap.parse_args(argv)
-        # `--watch runs/x`: argparse hands the run dir to --watch's optional value.
-        if args.watch is not None and args.run_dir is None:
-            args.run_dir, args.watch = args.watch, "10"
-        if args.run_dir is None:
-            raise StatusError("the following arguments are required: run_dir")
-        try:
-            interval_s = None if args.watch is None else float(args.watch)
-        except ValueError:
-            interval_s = math.nan
-        if interval_s is not None and not 0 < interval_s < math.inf:
-            raise StatusError(f"--watch expects a positive number of seconds, got {args.watch!r}")
-        if args.smoothing < 1:
-            raise StatusError("--smoothing must be >= 1")
-        if args.plot:
-            _refuse_inside(Path(args.run_dir), Path(args.plot))
-
-        def render() -> str:
-            if args.plot:
-                s = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s)
-                return f"wrote {args.plot} (step {_f(s['step'], ',')})"
-            s = summarize(args.run_dir, args.smoothing)
-            return json.dumps(_json_safe(s), allow_nan=False) if args.json else render_text(s)
-
-        if interval_s is None:
-            print(render())
-            return 0
-        summarize(args.run_dir, args.smoothing)  # a wrong path fails now with exit 2, not on screen forever
-        return watch(render, interval_s, clear=not args.json)
-    except (StatusError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

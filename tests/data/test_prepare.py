@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bitnet.data import prepare as prepare_module
-from bitnet.data.prepare import main, prepare
+from bitnet.cli.prepare import main
+from bitnet.data.prepare import prepare
 from bitnet.data.shards import open_shard, sha256_file
 from tests.data.conftest import DOCS, framed
 

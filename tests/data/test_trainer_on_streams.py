@@ -5,7 +5,7 @@ Shards and the embedded corpus share WindowLoader, whose trainer resume tests/tr
 
 import json
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from tests.conftest import fast_args, read_rows
 
 

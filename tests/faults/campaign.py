@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitnet.export.cli import main as export_main
-from bitnet.generation import main as generate_main
-from bitnet.status import main as status_main
+from bitnet.cli.export import main as export_main
+from bitnet.cli.generate import main as generate_main
+from bitnet.cli.status import main as status_main
 from bitnet.model import checkpoint_fit
 from bitnet.run import checkpoint, layout
 from bitnet.run.directory import lock_run_dir
@@ -108,7 +108,7 @@ class Material:
 
 def run_tool(tool: str, argv: list[str]) -> tuple[int | None, str, str, str]:
     """(exit status or None, stdout, stderr, traceback text if an exception escaped)."""
-    mains = {"train": __import__("bitnet.cli", fromlist=["train_main"]).train_main, "generate": generate_main,
+    mains = {"train": __import__("bitnet.cli.train", fromlist=["train_main"]).train_main, "generate": generate_main,
              "export": export_main, "status": status_main}
     out, err = io.StringIO(), io.StringIO()
     tb = ""

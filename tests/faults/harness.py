@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_CHECKPOINT_S = 2.0

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bitnet import exits
-from bitnet.export.cli import main as export_main
-from bitnet.generation import main as generate_main
-from bitnet.status import main as status_main
+from bitnet.cli.export import main as export_main
+from bitnet.cli.generate import main as generate_main
+from bitnet.cli.status import main as status_main
 from bitnet.model import checkpoint_fit
 from bitnet.run import checkpoint
 from bitnet.run.directory import lock_run_dir

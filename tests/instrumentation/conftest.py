@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:  # also runs from a fresh clone before `pip install -e .`
     sys.path.insert(0, str(SRC))
 
-from bitnet.cli import resolve_config  # noqa: E402
+from bitnet.cli.train import resolve_config  # noqa: E402
 from bitnet.train.loop import train  # noqa: E402
 
 # Small but real: the tiny preset on the embedded corpus, 32-token sequences, 4 sequences a step.

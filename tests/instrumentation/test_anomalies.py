@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from bitnet.instrumentation.anomalies import AnomalyHook
 from bitnet.run.jsonl import read_jsonl
 from bitnet.instrumentation.quant_stats import QuantStatsHook

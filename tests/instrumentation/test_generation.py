@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from bitnet.generation import (MODES, Mode, generate, generate_batch, main, max_repetition, sample_token, stable_seed,
+from bitnet.cli.generate import main
+from bitnet.generation import (MODES, Mode, generate, generate_batch, max_repetition, sample_token, stable_seed,
                                unique_ratio)
 from bitnet.model import PRESETS, KVCache, Transformer
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from bitnet.model import checkpoint_fit
 from bitnet.run import checkpoint
 from tests.conftest import fast_args

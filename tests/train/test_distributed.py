@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from bitnet.model import checkpoint_fit
 from bitnet.run import checkpoint, layout
 from bitnet.train import parallel

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 from bitnet.model import checkpoint_fit
 from bitnet.run import checkpoint
 from tests.conftest import fast_args, read_rows

@@ -8,10 +8,9 @@ The first `--eval-docs` documents go to eval.bin (the frozen eval set; training 
 the rest fill train_000000.bin, ... of about `--shard-tokens` tokens each, cut at document ends.
 Documents are tokenized by `--workers` processes. After every shard, manifest.json records it
 (sha256, tokens) with the source position after it, so an interrupted run, rerun with the same
-command, skips the finished shards and writes identical files.
+command, skips the finished shards and writes identical files. The command line is bitnet/cli/prepare.py.
 """
 
-import argparse
 import os
 import sys
 from collections import deque
@@ -177,31 +176,3 @@ def _progress(enabled: bool, initial: int):
     from tqdm import tqdm
     return tqdm(unit="tok", unit_scale=True, initial=initial, disable=not enabled, desc="tokenizing",
                 dynamic_ncols=True, smoothing=0.1)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bitnet-prepare-data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="source: fineweb-edu, hf:<repo>[:<config>], embedded, "
-                        "or local .txt/.jsonl/.jsonl.gz/.parquet files, a directory or a glob")
-    parser.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
-    parser.add_argument("--tokenizer", default="llama2", help="llama2 (vendored), tokenizer.json/.model, dir or hub name")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (cut at a document end)")
-    parser.add_argument("--eval-docs", type=int, default=1000, help="first N documents held out as eval.bin")
-    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all CPU cores)")
-    parser.add_argument("--verify", action="store_true", help="re-hash already finished shards against the manifest")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args.data, args.out, args.tokenizer, args.shard_tokens, args.eval_docs, args.workers,
-                           progress=not args.no_progress, verify=args.verify)
-    except ValueError as e:
-        print(f"bitnet-prepare-data: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['train_tokens']:,} training tokens "
-          f"({manifest['train_docs']:,} documents), eval {manifest['eval']['tokens']:,} tokens "
-          f"({manifest['eval']['docs']} documents)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

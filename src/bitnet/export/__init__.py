@@ -2,14 +2,13 @@
 
   bitnet-export CHECKPOINT --format packed --out DIR   # 2-bit ternary safetensors; load_packed(DIR)
   bitnet-export CHECKPOINT --format hf --out DIR       # transformers BitNetForCausalLM + tokenizer
-See docs/export.md for the formats and the parity measurements.
+The command line is bitnet/cli/export.py. See docs/export.md for the formats and the parity measurements.
 """
 
-from bitnet.export.cli import main, model_from_checkpoint
 from bitnet.export.files import ExportError
 from bitnet.export.hf import export_hf
 from bitnet.export.packed import export_ternary, load_packed
 from bitnet.export.ternary import TernaryLinear, pack_ternary, to_ternary_inference, unpack_ternary
 
-__all__ = ["ExportError", "TernaryLinear", "export_hf", "export_ternary", "load_packed", "main",
-           "model_from_checkpoint", "pack_ternary", "to_ternary_inference", "unpack_ternary"]
+__all__ = ["ExportError", "TernaryLinear", "export_hf", "export_ternary", "load_packed", "pack_ternary",
+           "to_ternary_inference", "unpack_ternary"]

@@ -1,7 +1,7 @@
 """Writing an export directory atomically, and the export's one-line error type.
 
 An export is written into a hidden sibling `.<name>.tmp-<pid>/` and renamed into place at the
-end, like checkpoints (train/checkpoint.py): a crash never leaves a half export under the name.
+end, like checkpoints (bitnet/run/checkpoint.py): a crash never leaves a half export under the name.
 """
 
 import json

@@ -13,7 +13,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bitnet.cli import train_main
+from bitnet.cli.train import train_main
 
 
 @record

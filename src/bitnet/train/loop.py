@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bitnet.data import build_data, load_tokenizer
+from bitnet.device import pick_device
 from bitnet.instrumentation.samples import load_prompts
 from bitnet.instrumentation.tensorboard import require_tensorboard
 from bitnet.model import ModelConfig
@@ -47,18 +48,6 @@ class RunResult:
     """Stopped by a hook's policy (exit 3), not by a signal (exit 0)."""
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # e.g. "cuda:x"
-        raise ValueError(f"unsupported --device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported --device {name!r} (use auto, cpu, cuda or cuda:N)")
-    return device
 
 
 class GracefulStop:

@@ -1,4 +1,5 @@
-"""Command-line entry points. `bitnet-train --help` lists every flag.
+"""`bitnet-train`: flags and config files into a TrainConfig, then the training loop
+(docs/design.md, section "command-line tools"). `bitnet-train --help` lists every flag.
 
 Values layer as: TrainConfig defaults < the preset's train defaults < the resumed checkpoint's
 config < --config FILE (TOML or YAML, parsed, never evaluated) < flags given on the command line.
@@ -12,22 +13,12 @@ import warnings
 from pathlib import Path
 
 from bitnet import exits
-from bitnet.fileio import os_error_message
+from bitnet.cli.args import OneLineParser, UserError
+from bitnet.run.files import os_error_message
 from bitnet.model.config import PRESETS, ModelConfig
 from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names, fit_default_warmup
 
 NOT_FROM_CHECKPOINT = {"run_id", "overwrite", "resume_from", "runs_dir"}
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as a UserError (one line) instead of usage + exit."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,14 +106,15 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | No
     resume, ckpt_train, ckpt_model = None, {}, None
     resume_from = args.get("resume_from") or file_values.get("resume_from")
     if resume_from:
-        from bitnet.train import checkpoint
+        from bitnet.model import checkpoint_fit
+        from bitnet.run import checkpoint
 
         with one_line_warnings():  # e.g. "skipping checkpoint: ... corrupt or truncated"
             try:
                 if resume_from in ("auto", "latest"):
                     resume_from, args["run_id"], resume = find_auto_resume(args, file_values)
                 else:
-                    pt, resume = checkpoint.load_with_path(resume_from, need="resume")
+                    pt, resume = checkpoint_fit.load_with_path(resume_from, need="resume")
                     if checkpoint.run_dir_of(resume_from) is not None:  # name the checkpoint the run dir gave
                         resume_from = str(pt.parent)
                 args["resume_from"] = resume_from
@@ -136,7 +128,7 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | No
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError(f"{resume_from} holds no usable training config") from None
         if not (args.get("run_id") or file_values.get("run_id")):  # a resume's default id: <run>_r<step>
-            from bitnet.train.run_dir import continuation_id
+            from bitnet.run.directory import continuation_id
 
             runs_dir = args.get("runs_dir") or file_values.get("runs_dir") or TrainConfig.runs_dir
             with contextlib.suppress(ValueError):  # a recorded id that is no valid id: the default name
@@ -161,7 +153,7 @@ def resolve_config(argv: list[str]) -> tuple[TrainConfig, ModelConfig, dict | No
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
     if cfg.run_id:  # a bad or taken run id fails now, not after minutes of data setup
-        from bitnet.train.run_dir import check_run_dir
+        from bitnet.run.directory import check_run_dir
 
         check_run_dir(cfg.runs_dir, cfg.run_id, cfg.overwrite)
     return cfg, model_cfg, resume, quiet
@@ -183,12 +175,13 @@ def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str, dict]:
     """--resume-from auto|latest: (newest checkpoint of --run-id's family that loads, the new run's id,
     its contents).
 
-    The family is run X and its continuations X_r<step>[-n] (run_dir.py), so the same command line
+    The family is run X and its continuations X_r<step>[-n] (bitnet/run/directory.py), so the same command line
     resumes a run however often it was killed; each resume starts a new directory X_r<step>.
     Checkpoints that fail their checksum or cannot be used are skipped with a warning each.
     """
-    from bitnet.train import checkpoint
-    from bitnet.train.run_dir import check_run_id, continuation_id, live_run, run_family
+    from bitnet.model import checkpoint_fit
+    from bitnet.run import checkpoint
+    from bitnet.run.directory import check_run_id, continuation_id, live_run, run_family
 
     run_id = args.get("run_id") or file_values.get("run_id")
     runs_dir = args.get("runs_dir") or file_values.get("runs_dir") or TrainConfig.runs_dir
@@ -207,7 +200,7 @@ def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str, dict]:
         raise UserError(f"no intact checkpoint of run {run_id!r} (or its continuations) in {runs_dir}")
     found.sort(reverse=True)
     try:
-        step_dir, state = checkpoint.load_newest([d for _, _, d in found], need="resume",
+        step_dir, state = checkpoint_fit.load_newest([d for _, _, d in found], need="resume",
                                                  where=f"run {run_id!r} (or its continuations) in {runs_dir}")
     except checkpoint.CheckpointError as e:
         raise UserError(str(e)) from None

@@ -4,22 +4,21 @@
   bitnet-export runs/demo/checkpoints/step_000500 --format hf --out exports/demo-hf
   bitnet-export exports/demo-packed --format hf --out exports/demo-hf   # from a packed export
 Bad input (missing or non-BitNet checkpoint, unknown format, unwritable output) prints one line
-and exits 2.
+and exits 2. The formats live in bitnet/export/; docs/design.md, section "command-line tools".
 """
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from bitnet import exits
+from bitnet.cli.args import OneLineParser, parse_or_exit
+from bitnet.cli.load import load_source
 from bitnet.data.tokenizer import VENDORED
 from bitnet.export.files import ExportError, check_writable, dir_size_bytes
 from bitnet.export.hf import HF_WEIGHTS, export_hf
-from bitnet.export.packed import CONFIG_FILE, export_ternary, load_packed, read_config
-from bitnet.model import checkpoint_fit
-from bitnet.model.config import ModelConfig
+from bitnet.export.packed import export_ternary
 from bitnet.model.llama import Transformer
 from bitnet.run.checkpoint import CheckpointError
 from bitnet.run.files import os_error_message
@@ -27,37 +26,8 @@ from bitnet.run.files import os_error_message
 FORMATS = ("packed", "hf")
 
 
-def model_from_checkpoint(state: dict, where: str = "checkpoint") -> Transformer:
-    """The BitNet Transformer of a loaded training checkpoint (eval mode); ExportError if it is not one."""
-    model_cfg = (state.get("config") or {}).get("model")
-    if not isinstance(model_cfg, dict):
-        raise ExportError(f"{where} has no model config (config.model): not a bitnet-train checkpoint")
-    try:
-        cfg = ModelConfig.from_dict(model_cfg)
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{where} has an unusable model config: {e}") from None
-    if cfg.quantization != "bitnet":
-        raise ExportError(f"{where} holds a quantization={cfg.quantization!r} model, not a BitNet one: "
-                          "it has no ternary weights to export")
-    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:  # torch lists every bad key on lines after a header line
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:200]
-        raise ExportError(f"{where}: weights do not fit its model config: {detail}") from None
-    return model.eval()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bitnet-export", description="Export a BitNet checkpoint: 'packed' (2-bit ternary "
+    p = OneLineParser(prog="bitnet-export", description="Export a BitNet checkpoint: 'packed' (2-bit ternary "
                 "safetensors, load with bitnet.export.load_packed) or 'hf' (transformers BitNetForCausalLM).")
     p.add_argument("checkpoint", help="checkpoint.pt, its step directory, a run directory (latest checkpoint), "
                    "or a packed export directory")
@@ -71,17 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
-
-
-def load_source(path: str) -> tuple[Transformer, dict]:
-    """(model, source info) of a training checkpoint, or of a packed export (to re-export it as hf)."""
-    if (Path(path) / CONFIG_FILE).is_file():
-        return load_packed(path), read_config(path)["source"]
-    pt, state = checkpoint_fit.load_with_path(path, need="model")  # a run dir: its newest checkpoint that loads
-    model = model_from_checkpoint(state, str(pt))
-    tokenizer = ((state.get("config") or {}).get("train") or {}).get("tokenizer")
-    return model, {"checkpoint": str(pt), "step": state.get("step"), "tokens": state.get("tokens"),
-                   "tokenizer": tokenizer}
 
 
 def run(args: argparse.Namespace) -> str:
@@ -108,7 +67,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`bitnet-export`: exit 0 on success, 2 on bad input."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_or_exit(build_parser(), sys.argv[1:] if argv is None else argv)
     exits.one_line_warnings()
     try:
         with torch.no_grad():
