@@ -291,19 +291,26 @@ def llama_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[:len(ids)], dtype=np.float32)
 
 
+@pytest.fixture(scope="module")
+def random_gguf(tmp_path_factory):
+    """A WIDE model with random weights: enough for everything that does not read the logits."""
+    return export_gguf(make_model(**WIDE), tmp_path_factory.mktemp("random") / "m.gguf").path
+
+
 @needs_llama
-def test_llama_cpp_tokenizes_like_us(llama_files):
+def test_llama_cpp_tokenizes_like_us(random_gguf):
     tok = load_tokenizer("llama2")
     texts = corpus_texts(12, 2000) + [
         "Hello world", " leading space", "two  spaces and\ttab\nnewline\n\n", "1776 and 2024: 3.14159",
-        "caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \ud83c\udf89 \u2014 dashes \u2013", "   ", "",
+        "caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \U0001f389 \u2014 dashes \u2013", "   ", "",
         "ALL CAPS, MixedCase, snake_case", "http://example.com/a?b=c&d=e"]
     n = 0
-    with Llama(llama_files / "tq2_0.gguf") as llm:
+    with Llama(random_gguf) as llm:
         for text in texts:
             theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
             assert theirs == tok.encode(text, add_bos=True), text
-            assert llm.detokenize(theirs[1:]).decode("utf-8") == tok.decode(theirs)
+            # llama.cpp keeps the space prefix when it decodes without the BOS; ours strips it
+            assert llm.detokenize(theirs[1:]).decode("utf-8").removeprefix(" ") == tok.decode(theirs)
             n += len(theirs)
     assert n > 4000
 
