@@ -5,6 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
+source "$ROOT/scripts/export_tools.sh"  # lm-eval, and llama-cpp-python from a cached wheel (opt-in build)
 python -m pytest -q "$@"
 if [[ $# -eq 0 ]]; then
   # triton 3.6 is the GPU machines' version; its interpreter trips on numpy 2.4's scalar conversion.

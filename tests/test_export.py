@@ -351,8 +351,8 @@ def test_missing_checkpoint(tmp_path, capsys):
 
 
 def test_wrong_format_name(ckpt, tmp_path, capsys):
-    rc, _, err = run_cli(capsys, ckpt, "--format", "gguf", "--out", tmp_path / "o")
-    assert_one_line_error(rc, err, "unknown format 'gguf'")
+    rc, _, err = run_cli(capsys, ckpt, "--format", "onnx", "--out", tmp_path / "o")
+    assert_one_line_error(rc, err, "unknown format 'onnx'")
     rc, _, err = run_cli(capsys, ckpt, "--format", "hf", "--hf-weights", "int4", "--out", tmp_path / "o")
     assert_one_line_error(rc, err, "int4")
 
