@@ -207,8 +207,10 @@ def continuation_text(tok, prompt_ids: list[int], ids: list[int]) -> str:
 
 
 def sample_metrics(gen: Generation) -> dict:
+    """The seed's sample metrics: mean entropy, max repetition and unique tokens (a count; the ratio beside it)."""
     return {"mean_entropy": sum(gen.entropies) / len(gen.entropies) if gen.entropies else math.nan,
-            "max_repetition": max_repetition(gen.token_ids), "unique_ratio": unique_ratio(gen.token_ids)}
+            "max_repetition": max_repetition(gen.token_ids), "unique_tokens": len(set(gen.token_ids)),
+            "unique_ratio": unique_ratio(gen.token_ids)}
 
 
 # ---------------------------------------------------------------------------- command line
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n\n[{len(gen.token_ids)} tokens in {gen.seconds:.2f} s (prompt included): {gen.tokens_per_s:.1f} tok/s | "
           f"mode {args.mode} | "
           f"seed {args.seed} | mean entropy {m['mean_entropy']:.2f} nats | max repetition {m['max_repetition']} | "
-          f"unique {m['unique_ratio']:.2f} | {device}]", file=sys.stderr)
+          f"unique tokens {m['unique_tokens']} ({m['unique_ratio']:.2f}) | {device}]", file=sys.stderr)
     return 0
 
 

@@ -72,6 +72,12 @@ def _num(x):
     return float(x)
 
 
+def _int(x):
+    """x as an int (counts: steps, tokens), else None."""
+    x = _num(x)
+    return None if x is None else int(x)
+
+
 def _dict(x) -> dict:
     return x if isinstance(x, dict) else {}
 
@@ -163,7 +169,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     s.update({
         "step": step, "num_steps": num_steps, "rows": len(rows),
         "pct_done": 100.0 * step / num_steps if num_steps and step is not None else None,
-        "tokens": _num(last.get("tokens")),
+        "tokens": _int(last.get("tokens")),
         "loss": _num(last.get("loss")), "loss_raw": repr(last.get("loss")) if "loss" in last else None,
         "loss_smoothed": statistics.fmean(losses[-smoothing:]) if losses else None,
         "lr": _num(last.get("lr")), "wd": _num(last.get("wd")), "grad_norm": _num(last.get("grad_norm")),
@@ -201,7 +207,8 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
                 by_mode.setdefault(str(r.get("mode")), r)
         s["samples"] = {"step": int(newest), "modes": [
             {"mode": mode, "prompt": r.get("prompt"), "text": "" if r.get("text") is None else str(r["text"]),
-             **{k: _num(r.get(k)) for k in ("mean_entropy", "max_repetition", "unique_ratio")}}
+             **{k: _num(r.get(k)) for k in ("mean_entropy", "max_repetition", "unique_ratio")},
+             "unique_tokens": _int(r.get("unique_tokens"))}
             for mode, r in by_mode.items()]}
 
     quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / "metrics/quant.jsonl"))]
@@ -295,7 +302,8 @@ def render_text(s: dict) -> str:
     sm = s["samples"]
     lines.append("samples    none yet" if sm is None else f"samples    step {sm['step']:,}")
     for r in (sm or {}).get("modes", []):
-        lines.append(f"  {r['mode']:<8} ent {_f(r['mean_entropy'], '.2f')} uniq {_f(r['unique_ratio'], '.2f')}  "
+        uniq = f"{r['unique_tokens']} " if r["unique_tokens"] is not None else ""
+        lines.append(f"  {r['mode']:<8} ent {_f(r['mean_entropy'], '.2f')} uniq {uniq}({_f(r['unique_ratio'], '.2f')})  "
                      f"{json.dumps(_one_line(r['text'], SAMPLE_CHARS), ensure_ascii=False)}")
     q = s["quant"]
     if q is None:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from bitnet.generation import (MODES, Mode, generate, generate_batch, main, max_repetition, sample_token, stable_seed,
-                               unique_ratio)
+from bitnet.generation import (MODES, Generation, Mode, generate, generate_batch, main, max_repetition, sample_metrics,
+                               sample_token, stable_seed, unique_ratio)
 from bitnet.model import PRESETS, KVCache, Transformer
 
 PROMPT = [1, 450, 2106, 310, 278]  # BOS + "The state of the"
@@ -121,6 +121,8 @@ def test_repetition_and_unique_ratio():
     assert max_repetition([5, 1, 2, 3, 1, 2, 3, 8]) == 2
     assert unique_ratio([1, 1, 2, 3]) == 0.75
     assert math.isnan(unique_ratio([]))
+    m = sample_metrics(Generation(prompt_ids=[1], token_ids=[5, 5, 6, 7, 5], entropies=[1.0, 2.0, 3.0, 2.0, 2.0]))
+    assert m == {"mean_entropy": 2.0, "max_repetition": 2, "unique_tokens": 3, "unique_ratio": 0.6}
 
 
 def test_stable_seed_is_fixed_across_processes():

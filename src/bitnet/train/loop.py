@@ -251,6 +251,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     try:
         for hook in hooks:
             hook.on_train_start(state)
+        if state.step == 0:  # the initial weights (checkpoints/step_000000, as the seed's tree lists it), kept
+            save(milestone=True, must_succeed=True)
         with GracefulStop() as stop:
             for step in range(state.step + 1, cfg.num_steps + 1):
                 lr, wd = lr_at(step, cfg, boundary), wd_at(step, cfg, boundary)
