@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The seed's 10-step test (./test_training_10steps.sh from the repository root): ten real training
-# steps of the tiny preset on the embedded corpus, checkpoints at 0, 5 and 10, eval, samples and
+# steps of the tiny preset on the embedded corpus, checkpoints at 0, 5 and 10 (and 4, the step before
+# the stage boundary at 5, a milestone like the seed's step_029999), eval, samples and
 # ternary stats at 5 and 10. Then it checks what the seed says it verifies: config, provenance and
 # dataset fingerprint; checkpoints that load; samples in all three modes with their metrics; the
 # ternary metrics; the status checker reading the run; and a git status the run left unchanged.
@@ -30,7 +31,7 @@ fi
   --eval-interval 5 --eval-sequences 8 --sample-interval 5 --sample-max-tokens 16 --quant-interval 5 --quiet \
   || fail "training exited with status $?"
 
-"$PY" "$ROOT/scripts/check_run_tree.py" "$RUN" --steps 10 --checkpoints 0,5,10 --samples 5,10 \
+"$PY" "$ROOT/scripts/check_run_tree.py" "$RUN" --steps 10 --checkpoints 0,4,5,10 --samples 5,10 \
   || fail "the run directory $RUN is incomplete (see the FAIL lines above)"
 
 status_out="$("$PY" "$ROOT/check_training_status.py" "$RUN" 2>&1)" \
@@ -47,4 +48,4 @@ if [[ $in_git -eq 1 ]]; then
 else
   echo "note  git         $ROOT is not a git checkout: git status not checked"
 fi
-echo "OK: 10 steps, checkpoints at 0, 5 and 10, every check passed: $RUN"
+echo "OK: 10 steps, checkpoints at 0, 4, 5 and 10, every check passed: $RUN"

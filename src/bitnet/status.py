@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+MAX_SMOOTHING = 20  # default loss moving-average window in rows: a fifth of the rows, at most this
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
 STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is flagged "stalled?"
 STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
@@ -130,8 +131,15 @@ def _anomalies(run: Path) -> list[tuple[int, str, Path]]:
 
 # ---------------------------------------------------------------------------- summary
 
-def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
-    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known)."""
+def auto_smoothing(n_rows: int) -> int:
+    """Moving-average window for a run of n_rows scalar rows: a fifth of them, 1..MAX_SMOOTHING.
+    A fixed 20-row window would lag far behind the loss of a 30-row run."""
+    return max(1, min(MAX_SMOOTHING, n_rows // 5))
+
+
+def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -> dict:
+    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known).
+    smoothing: the loss moving-average window in rows (None: auto_smoothing of the run's rows)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise StatusError(f"no such run directory: {run}" if not run.exists() else f"not a directory: {run}")
@@ -140,13 +148,15 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     config, prov = load_json(run / "meta/config.json"), load_json(run / "meta/provenance.json")
     train_cfg, model_cfg = _dict(config.get("train")), _dict(config.get("model"))
-    s = {"run_id": run.resolve().name, "run_dir": str(run), "now": now, "smoothing": smoothing,
+    s = {"run_id": run.resolve().name, "run_dir": str(run), "now": now,
          "provenance": {k: prov.get(k) for k in _PROVENANCE_KEYS},
          "model": {k: v for k, v in model_cfg.items() if isinstance(v, (int, float, str, bool))},
          "train_config": {k: train_cfg.get(k) for k in ("num_steps", "batch_size", "seq_len", "grad_accum")}}
 
     # Training scalars. Progress counts optimizer steps, so gradient accumulation cannot distort it.
     rows = _by_step(load_jsonl(run / "metrics/scalars.jsonl"))
+    smoothing = auto_smoothing(len(rows)) if smoothing is None else smoothing
+    s["smoothing"] = smoothing
     recent = rows[-RECENT_ROWS:]
     last = rows[-1] if rows else {}
     step = last.get("step")
@@ -344,13 +354,14 @@ def _refuse_inside(run: Path, out: Path) -> None:
         raise StatusError(f"refusing to write {out} inside the run directory {run} (status is read-only)")
 
 
-def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> dict:
+def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = None) -> dict:
     """Write a 2x3 dashboard as PNG, or as HTML embedding the PNG when `out` ends in .html
     (refresh_s adds an auto-reload for --watch). Uses the Agg canvas directly, never pyplot, so no
     global backend state changes. Returns the summary it drew."""
     run, out = Path(run_dir), Path(out)
     _refuse_inside(run, out)
     s = summarize(run, smoothing)
+    smoothing = s["smoothing"]
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -445,9 +456,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def watch(render, interval_s: float, max_iterations: int | None = None, sleep=None, clear: bool = True,
-          stream=None) -> int:
-    """Call render() and print it every interval_s until Ctrl-C (exit 0); errors show on screen
-    instead of ending the loop, since a run dir can briefly look odd while files are replaced."""
+          stream=None, finished=None) -> int:
+    """Call render() and print it every interval_s until Ctrl-C (exit 0), or until finished() says the
+    run is done (after showing it once more). Errors show on screen instead of ending the loop,
+    since a run dir can briefly look odd while files are replaced."""
     stream, sleep = stream or sys.stdout, sleep or time.sleep
     done = 0
     try:
@@ -456,11 +468,15 @@ def watch(render, interval_s: float, max_iterations: int | None = None, sleep=No
                 text = render()
             except (StatusError, OSError) as e:
                 text = f"error: {e}"
+            over = finished is not None and finished()
             stream.write(("\033[2J\033[H" if clear else "") + text + "\n")
             if clear:
-                stream.write(f"\n(refresh every {interval_s:g}s, Ctrl-C to quit)\n")
+                stream.write("\n(the run has finished; stopped watching)\n" if over else
+                             f"\n(refresh every {interval_s:g}s, Ctrl-C to quit)\n")
             stream.flush()
             done += 1
+            if over:
+                break
             if max_iterations is None or done < max_iterations:
                 sleep(interval_s)
     except KeyboardInterrupt:
@@ -468,47 +484,63 @@ def watch(render, interval_s: float, max_iterations: int | None = None, sleep=No
     return 0
 
 
+USAGE = "%(prog)s RUN_DIR [--watch [SECONDS]] [--json] [--plot OUT.png|OUT.html] [--smoothing N]"
+
+
 def main(argv=None) -> int:
-    """Entry point of scripts/check_training_status.py; returns the exit code (2 on bad input)."""
-    ap = _Parser(description="Read-only monitor of one bitnet run directory.")
-    ap.add_argument("run_dir", nargs="?", help="runs/<id>")
-    ap.add_argument("--watch", nargs="?", const="10", metavar="SECONDS", help="refresh every SECONDS (default 10)")
+    """Entry point of bitnet-status and check_training_status.py; returns the exit code (2 on bad input)."""
+    ap = _Parser(prog="bitnet-status", usage=USAGE, description="Read-only monitor of one bitnet run directory.")
+    ap.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the run directory, runs/<id> (required)")
+    ap.add_argument("--watch", nargs="?", const="10", metavar="SECONDS",
+                    help="refresh every SECONDS (default 10) until Ctrl-C or the run finishes")
     ap.add_argument("--json", action="store_true", help="print one JSON object (JSON lines under --watch)")
     ap.add_argument("--plot", metavar="OUT", help="write a dashboard PNG, or HTML embedding it if OUT ends in .html")
-    ap.add_argument("--smoothing", type=int, default=20, metavar="N", help="loss moving-average window in rows")
+    ap.add_argument("--smoothing", type=int, default=None, metavar="N",
+                    help=f"loss moving-average window in rows (default: a fifth of the rows, at most {MAX_SMOOTHING})")
     try:
         args = ap.parse_args(argv)
-        # `--watch runs/x`: argparse hands the run dir to --watch's optional value.
-        if args.watch is not None and args.run_dir is None:
+        # `--watch runs/x`: argparse hands the run dir to --watch's optional value; `--watch 10` alone
+        # names no run (a number is an interval unless such a directory exists).
+        if args.watch is not None and args.run_dir is None and (not _is_number(args.watch) or Path(args.watch).is_dir()):
             args.run_dir, args.watch = args.watch, "10"
         if args.run_dir is None:
-            raise StatusError("the following arguments are required: run_dir")
+            raise StatusError("a run directory is required: bitnet-status runs/<id> [--watch [SECONDS]] [--json] "
+                              "[--plot OUT]")
         try:
             interval_s = None if args.watch is None else float(args.watch)
         except ValueError:
             interval_s = math.nan
         if interval_s is not None and not 0 < interval_s < math.inf:
             raise StatusError(f"--watch expects a positive number of seconds, got {args.watch!r}")
-        if args.smoothing < 1:
+        if args.smoothing is not None and args.smoothing < 1:
             raise StatusError("--smoothing must be >= 1")
         if args.plot:
             _refuse_inside(Path(args.run_dir), Path(args.plot))
+        last = {}
 
         def render() -> str:
             if args.plot:
-                s = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s)
+                s = last["s"] = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s)
                 return f"wrote {args.plot} (step {_f(s['step'], ',')})"
-            s = summarize(args.run_dir, args.smoothing)
+            s = last["s"] = summarize(args.run_dir, args.smoothing)
             return json.dumps(_json_safe(s), allow_nan=False) if args.json else render_text(s)
 
         if interval_s is None:
             print(render())
             return 0
         summarize(args.run_dir, args.smoothing)  # a wrong path fails now with exit 2, not on screen forever
-        return watch(render, interval_s, clear=not args.json)
+        return watch(render, interval_s, clear=not args.json, finished=lambda: last.get("s", {}).get("finished"))
     except (StatusError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
