@@ -291,3 +291,48 @@ def test_imports_only_the_standard_library():
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     assert roots(tree.body) <= stdlib, roots(tree.body)
     assert roots(ast.walk(tree)) <= stdlib | {"matplotlib"}, roots(ast.walk(tree))
+
+
+@pytest.mark.parametrize("argv", [["--watch", "10"], ["--json"], ["--watch"]])
+def test_no_run_dir_is_one_clear_error(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)  # no directory named "10" here
+    assert status.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("error: a run directory is required: bitnet-status runs/<id> [--watch [SECONDS]] "
+                            "[--json] [--plot OUT]\n") and captured.out == ""
+
+
+def test_usage_line_shows_the_run_dir_as_required(capsys):
+    with pytest.raises(SystemExit):
+        status.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith("usage: bitnet-status RUN_DIR [--watch [SECONDS]]") and "[RUN_DIR]" not in usage
+
+
+def test_watch_stops_on_a_finished_run(tmp_path, capsys, monkeypatch):
+    done = make_run(tmp_path, n_rows=NUM_STEPS)
+    sleeps = []
+    monkeypatch.setattr(status.time, "sleep", sleeps.append)
+    assert status.main([str(done), "--watch", "5"]) == 0
+    out = capsys.readouterr().out
+    assert sleeps == [] and out.count("\033[2J") == 1  # one frame, then it returns
+    assert "FINISHED" in out and "the run has finished; stopped watching" in out
+    assert status.main([str(done), "--watch", "5", "--json"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 and sleeps == []
+
+
+def test_json_tokens_is_an_integer(run, capsys):
+    assert status.main([str(run), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["tokens"] == 100 * TOKENS_PER_STEP and type(s["tokens"]) is int and type(s["step"]) is int
+
+
+@pytest.mark.parametrize("n_rows, window", [(3, 1), (30, 6), (100, 20), (1000, 20)])
+def test_smoothing_window_scales_with_the_run(tmp_path, n_rows, window, capsys):
+    run = make_run(tmp_path, n_rows=n_rows)
+    s = status.summarize(run)
+    assert s["smoothing"] == window
+    assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * (n_rows - (window - 1) / 2))  # mean of the last `window`
+    assert status.summarize(run, smoothing=2)["smoothing"] == 2  # --smoothing wins
+    assert status.main([str(run)]) == 0
+    assert f"(mean of last {window} rows)" in capsys.readouterr().out

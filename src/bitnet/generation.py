@@ -215,16 +215,12 @@ def sample_metrics(gen: Generation) -> dict:
 
 # ---------------------------------------------------------------------------- command line
 
-def load_model(checkpoint_path: str, device: torch.device) -> tuple[Transformer, dict]:
-    """The model of a training checkpoint (file, step dir or run dir) and the run's saved config."""
-    from bitnet.model import ModelConfig
-    from bitnet.train import checkpoint
+def load_model(checkpoint_path: str, device: torch.device) -> tuple[Transformer, str | None]:
+    """(model, tokenizer spec or None) of a training checkpoint (file, step dir or run dir) or of a
+    packed or Hugging Face export directory (bitnet-export)."""
+    from bitnet.export.load import load_for_inference
 
-    ckpt = checkpoint.load(checkpoint_path)
-    config = ckpt["config"]
-    model = Transformer(ModelConfig.from_dict(config["model"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
+    return load_for_inference(checkpoint_path, device)
 
 
 def pick_device(name: str) -> torch.device:
@@ -258,8 +254,10 @@ class _Streamer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bitnet-generate", description="Generate text from a bitnet-train checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, its step directory, or a run directory (latest)")
+    p = argparse.ArgumentParser(prog="bitnet-generate", description="Generate text from a bitnet-train checkpoint or a bitnet-export directory (packed or hf).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint.pt, its step directory, a run directory (latest), or an export directory "
+                        "of bitnet-export (packed or hf)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--mode", default="typical", choices=list(MODES), help="decoding mode (default: typical)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default: 100)")
@@ -269,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from bitnet.data import load_tokenizer
+    from bitnet.export.files import ExportError
     from bitnet.train.checkpoint import CheckpointError
 
     try:
         device = pick_device(args.device)
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be positive")
-        model, config = load_model(args.checkpoint, device)
-        tok = load_tokenizer(args.tokenizer or config["train"].get("tokenizer", "llama2"))
+        model, tokenizer = load_model(args.checkpoint, device)
+        tok = load_tokenizer(args.tokenizer or tokenizer or "llama2")
         autocast = (contextlib.nullcontext if device.type != "cuda" else
                     lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         prompt_ids = tok.encode(args.prompt, add_bos=True)
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(args.prompt)
         gen = generate(model, prompt_ids, args.mode, max_new, seed=args.seed, eos_id=tok.eos_id, autocast=autocast,
                        vocab_limit=tok.vocab_size, on_token=_Streamer(tok, prompt_ids, sys.stdout))
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ExportError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = sample_metrics(gen)
