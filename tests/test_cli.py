@@ -139,7 +139,7 @@ def test_help_prints_each_default_once_with_the_tiny_preset_beside_it():
     assert doubled == []
     assert "(default: )" not in " ".join(entries.values())
     assert entries["--batch-size"].endswith("(default: 32; tiny: 8)")
-    assert entries["--num-steps"].endswith("(default: 400000; tiny: 300)")
+    assert entries["--num-steps"].endswith("(default: 400000; tiny: 150)")
     assert entries["--data"].endswith("(default: fineweb-edu; tiny: embedded)")
     assert entries["--seed"].endswith("(default: 42)")  # the same for both presets
     epilog = " ".join(build_parser().epilog.split())

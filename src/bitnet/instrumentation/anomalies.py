@@ -27,7 +27,13 @@ from bitnet.instrumentation.base import Hook
 from bitnet.instrumentation.jsonl import _clean
 
 MIN_HISTORY = 20
-"""Finite values needed in the window before spikes are judged."""
+"""Finite post-warmup values needed in the window before spikes are judged."""
+LOSS_MIN_JUMP = 1.0
+"""A loss spike is at least this many nats above the window's median, however quiet the window."""
+GRAD_MIN_RATIO = 5.0
+"""A grad-norm spike is at least this many times the window's median grad norm, however quiet the window."""
+MAD_TO_STD = 1.4826
+"""Median absolute deviation -> standard deviation of a normal distribution."""
 COLLAPSE_ZERO_FRAC = 0.9
 """A BitLinear layer with more zeros than this among its ternary weights has collapsed."""
 MAX_DUMPS = 20
@@ -44,25 +50,34 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
-def zscore(value: float, history) -> tuple[float, float, float] | None:
-    """(z, mean, std) of value against the history, or None while the history is too short.
-    The std is floored at 0.1% of |mean| so a nearly constant history cannot make z explode."""
+def spike_test(value: float, history, threshold: float, min_jump: float) -> tuple[float, float, float] | None:
+    """(robust z, median, robust std) of value against the history, or None while it is too short.
+
+    Median and MAD, not mean and std: early gradient norms are heavy-tailed, and one large value in
+    the window must neither make the next ordinary step look small nor a similar one look huge. A
+    spike needs z > threshold AND value - median > min_jump, so a nearly constant window (tiny MAD)
+    cannot turn noise into a spike: the scale is floored at min_jump / threshold, so z > threshold
+    implies both conditions.
+    """
     n = len(history)
     if n < MIN_HISTORY:
         return None
-    mean = sum(history) / n
-    # plain sums: statistics.pstdev is exact but ~50x slower, and this runs twice per step at log steps
-    std = max(math.sqrt(sum((x - mean) ** 2 for x in history) / n), 1e-3 * abs(mean), 1e-12)
-    return (value - mean) / std, mean, std
+    ordered = sorted(history)
+    median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+    deviations = sorted(abs(x - median) for x in history)
+    mad = deviations[n // 2] if n % 2 else 0.5 * (deviations[n // 2 - 1] + deviations[n // 2])
+    scale = max(MAD_TO_STD * mad, min_jump / threshold, 1e-12)
+    return (value - median) / scale, median, scale
 
 
 class AnomalyHook(Hook):
     def __init__(self, run_dir: Path, model, policy: str = "warn", window: int = 100, zscore_threshold: float = 6.0,
-                 log=None):
+                 log=None, warmup_steps: int = 0):
         if policy not in ("warn", "skip", "stop"):
             raise ValueError(f"anomaly policy must be warn, skip or stop, got {policy!r}")
         self.dir = Path(run_dir) / "anomalies"
         self.policy, self.threshold = policy, zscore_threshold
+        self.warmup_steps = warmup_steps  # spikes are judged after warmup only, against post-warmup steps
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.param_names = [name for name, _ in model.named_parameters()]
         self.pending = []  # per-step records since the last check (device tensors + CPU batch)
@@ -141,13 +156,24 @@ class AnomalyHook(Hook):
                 self.in_nonfinite_run = True
                 continue
             self.in_nonfinite_run = False
+            if rec["step"] <= self.warmup_steps:  # warmup: LR and grad norms still ramping; not judged, not kept
+                continue
+            # the loss in nats; the grad norm in log space, where its heavy right tail is closer to symmetric
             for name, value, history in (("loss", loss, self.losses), ("grad_norm", grad_norm, self.grad_norms)):
-                z = zscore(value, history)
+                if name == "loss":
+                    z = spike_test(value, history, self.threshold, LOSS_MIN_JUMP)
+                    median = z and z[1]
+                else:
+                    z = spike_test(math.log(max(value, 1e-30)), [math.log(max(g, 1e-30)) for g in history],
+                                   self.threshold, math.log(GRAD_MIN_RATIO))
+                    median = z and math.exp(z[1])
                 if z is not None and z[0] > self.threshold:
                     event = "loss_spike" if name == "loss" else "grad_spike"
-                    self.report(state, rec, event, f"{name} {value:.4g} is {z[0]:.1f} std above the mean "
-                                f"{z[1]:.4g} of the last {len(history)} steps",
-                                {"zscore": z[0], "window_mean": z[1], "window_std": z[2], "threshold": self.threshold})
+                    unit = "robust std" if name == "loss" else "robust std of log(grad norm)"
+                    self.report(state, rec, event, f"{name} {value:.4g} is {z[0]:.1f} {unit} above the median "
+                                f"{median:.4g} of the last {len(history)} steps",
+                                {"zscore": z[0], "window_median": median, "window_scale": z[2],
+                                 "threshold": self.threshold})
                 history.append(value)
 
     def check_ternary(self, state, layers: dict[str, dict]) -> None:

@@ -188,7 +188,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     anomalies = None
     if world.is_main:
         anomalies = AnomalyHook(run_dir, model, cfg.anomaly_policy, cfg.anomaly_window, cfg.anomaly_zscore,
-                                log=progress.write)
+                                log=progress.write, warmup_steps=cfg.warmup_steps)
         if state.anomaly:  # resumed: the spike windows continue where the checkpoint left them
             anomalies.load_state_dict(state.anomaly)
         hooks.append(anomalies)
