@@ -1,5 +1,6 @@
 """CLI: bad input gives one line, non-zero exit, no traceback, nothing written or overwritten."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bitnet.cli import build_parser, train_main
-from tests.conftest import fast_args
+from tests.conftest import fast_args, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,12 @@ def test_existing_run_is_not_overwritten(runs, capsys):
     assert train_main(fast_args(runs, "keep", steps=2)) == 2
     assert "already exists" in capsys.readouterr().err
     assert tree(runs / "keep") == before
-    assert train_main(fast_args(runs, "keep", steps=2, overwrite=True)) == 0
+    capsys.readouterr()
+    assert train_main(fast_args(runs, "keep", steps=3, overwrite=True)) == 0
+    # replaced, not appended to: only the new run's rows and config remain
+    assert [r["step"] for r in read_rows(runs / "keep" / "metrics" / "scalars.jsonl")] == [1, 2, 3]
+    assert json.loads((runs / "keep" / "meta" / "config.json").read_text())["train"]["num_steps"] == 3
+    assert tree(runs / "keep") != before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

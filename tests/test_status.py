@@ -178,6 +178,8 @@ def test_run_just_started(tmp_path, capsys):
     assert status.main([str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] is None
     assert status.main([str(run), "--plot", str(tmp_path / "empty.png")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'empty.png'} (step n/a)\n"
+    assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # panels say "no data yet"
 
 
 def test_odd_values_do_not_crash(tmp_path, capsys):
@@ -199,6 +201,8 @@ def test_odd_values_do_not_crash(tmp_path, capsys):
     assert status.main([str(run), "--json"]) == 0
     json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert status.main([str(run), "--plot", str(tmp_path / "odd.png")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'odd.png'} (step 101)\n"
+    assert (tmp_path / "odd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resumed_steps_keep_the_last_row(tmp_path):
