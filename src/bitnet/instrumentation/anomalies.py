@@ -29,11 +29,13 @@ from bitnet.instrumentation.jsonl import _clean
 MIN_HISTORY = 20
 """Finite post-warmup values needed in the window before spikes are judged."""
 LOSS_MIN_JUMP = 1.0
-"""A loss spike is at least this many nats above the window's median, however quiet the window."""
+"""A loss spike is at least this many nats above the recent median, however quiet the window."""
 GRAD_MIN_RATIO = 5.0
-"""A grad-norm spike is at least this many times the window's median grad norm, however quiet the window."""
+"""A grad-norm spike is at least this many times the recent median grad norm, however quiet the window."""
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
+CENTER_STEPS = 5
+"""A step is compared with the median of this many steps before it."""
 COLLAPSE_ZERO_FRAC = 0.9
 """A BitLinear layer with more zeros than this among its ternary weights has collapsed."""
 MAX_DUMPS = 20
@@ -50,24 +52,31 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
-def spike_test(value: float, history, threshold: float, min_jump: float) -> tuple[float, float, float] | None:
-    """(robust z, median, robust std) of value against the history, or None while it is too short.
+def _median(xs: list[float]) -> float:
+    ordered, n = sorted(xs), len(xs)
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
-    Median and MAD, not mean and std: early gradient norms are heavy-tailed, and one large value in
-    the window must neither make the next ordinary step look small nor a similar one look huge. A
-    spike needs z > threshold AND value - median > min_jump, so a nearly constant window (tiny MAD)
-    cannot turn noise into a spike: the scale is floored at min_jump / threshold, so z > threshold
-    implies both conditions.
+
+def spike_test(value: float, history, threshold: float, min_jump: float) -> tuple[float, float, float] | None:
+    """(robust z, center, scale) of value against the history (oldest first), or None while it is too short.
+
+    center: the median of the last CENTER_STEPS values, so a loss that is still falling fast is
+    compared with where it is now, not with the window's older, higher values. scale: the step-to-step
+    noise, 1.4826 x the MAD of successive differences / sqrt(2), which a trend does not inflate and
+    one large value cannot (early gradient norms are heavy-tailed). The scale is floored at
+    min_jump / threshold, so z > threshold also means value - center > min_jump: a nearly constant
+    window cannot turn noise into a spike.
     """
     n = len(history)
     if n < MIN_HISTORY:
         return None
-    ordered = sorted(history)
-    median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-    deviations = sorted(abs(x - median) for x in history)
-    mad = deviations[n // 2] if n % 2 else 0.5 * (deviations[n // 2 - 1] + deviations[n // 2])
-    scale = max(MAD_TO_STD * mad, min_jump / threshold, 1e-12)
-    return (value - median) / scale, median, scale
+    values = list(history)
+    center = _median(values[-CENTER_STEPS:])
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    mid = _median(diffs)
+    noise = MAD_TO_STD * _median([abs(d - mid) for d in diffs]) / math.sqrt(2)
+    scale = max(noise, min_jump / threshold, 1e-12)
+    return (value - center) / scale, center, scale
 
 
 class AnomalyHook(Hook):
@@ -162,17 +171,17 @@ class AnomalyHook(Hook):
             for name, value, history in (("loss", loss, self.losses), ("grad_norm", grad_norm, self.grad_norms)):
                 if name == "loss":
                     z = spike_test(value, history, self.threshold, LOSS_MIN_JUMP)
-                    median = z and z[1]
+                    center = z and z[1]
                 else:
                     z = spike_test(math.log(max(value, 1e-30)), [math.log(max(g, 1e-30)) for g in history],
                                    self.threshold, math.log(GRAD_MIN_RATIO))
-                    median = z and math.exp(z[1])
+                    center = z and math.exp(z[1])
                 if z is not None and z[0] > self.threshold:
                     event = "loss_spike" if name == "loss" else "grad_spike"
-                    unit = "robust std" if name == "loss" else "robust std of log(grad norm)"
+                    unit = "x its step-to-step noise" if name == "loss" else "x the noise of log(grad norm)"
                     self.report(state, rec, event, f"{name} {value:.4g} is {z[0]:.1f} {unit} above the median "
-                                f"{median:.4g} of the last {len(history)} steps",
-                                {"zscore": z[0], "window_median": median, "window_scale": z[2],
+                                f"{center:.4g} of the last {CENTER_STEPS} steps (noise from the last {len(history)})",
+                                {"zscore": z[0], "window_median": center, "window_scale": z[2],
                                  "threshold": self.threshold})
                 history.append(value)
 
