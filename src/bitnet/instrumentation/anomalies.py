@@ -30,8 +30,13 @@ MIN_HISTORY = 20
 """Finite post-warmup values needed in the window before spikes are judged."""
 LOSS_MIN_JUMP = 1.0
 """A loss spike is at least this many nats above the recent median, however quiet the window."""
-GRAD_MIN_RATIO = 5.0
-"""A grad-norm spike is at least this many times the recent median grad norm, however quiet the window."""
+GRAD_MIN_RATIO = 100.0
+"""A grad-norm spike is at least this many times the recent median grad norm, however quiet the window.
+High on purpose: with gradient clipping a large norm alone does not harm the update, and healthy tiny
+runs reached 70x (docs/anomalies.md); broken batches and LR spikes show up in the loss."""
+WEIGHT_JUMP = 3.0
+"""A parameter whose RMS moved by more than this many times the summed LR since the last check moved
+further than AdamW can move it (|update| <= ~lr per element): something else wrote it."""
 MAD_TO_STD = 1.4826
 """Median absolute deviation -> standard deviation of a normal distribution."""
 CENTER_STEPS = 5
@@ -89,6 +94,8 @@ class AnomalyHook(Hook):
         self.warmup_steps = warmup_steps  # spikes are judged after warmup only, against post-warmup steps
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.param_names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.weight_rms = None  # per-parameter RMS at the last check (not checkpointed: re-measured after a resume)
         self.pending = []  # per-step records since the last check (device tensors + CPU batch)
         self.last_record = None
         self.losses, self.grad_norms = deque(maxlen=window), deque(maxlen=window)  # finite values only
@@ -184,6 +191,36 @@ class AnomalyHook(Hook):
                                 {"zscore": z[0], "window_median": center, "window_scale": z[2],
                                  "threshold": self.threshold})
                 history.append(value)
+        self.check_weights(state, pending[-1], sum(float(r["lr"]) for r in pending))
+
+    @torch.no_grad()
+    def _weight_rms(self) -> list[float]:
+        """RMS of every parameter (one foreach norm, one transfer); under FSDP2 of this rank's shard."""
+        local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.params]
+        if not local:
+            return []
+        norms = torch.stack([n.float() for n in torch._foreach_norm(local)])
+        return (norms / torch.tensor([max(t.numel(), 1) ** 0.5 for t in local], device=norms.device)).tolist()
+
+    def on_train_start(self, state):
+        self.weight_rms = self._weight_rms()
+
+    def check_weights(self, state, rec: dict, lr_sum: float) -> None:
+        """weight_jump: parameters whose RMS changed by more than WEIGHT_JUMP x the LR summed over the
+        steps since the last check (at a log step, where the loop has synced anyway)."""
+        rms = self._weight_rms()
+        previous, self.weight_rms = self.weight_rms, rms
+        if previous is None or len(previous) != len(rms):
+            return
+        limit = WEIGHT_JUMP * lr_sum
+        # non-finite weights follow a non-finite update, which is reported as such
+        jumped = [(name, a, b) for name, a, b in zip(self.param_names, previous, rms)
+                  if math.isfinite(a) and math.isfinite(b) and abs(b - a) > limit]
+        if jumped:
+            detail = ", ".join(f"{n} {a:.3g} -> {b:.3g}" for n, a, b in jumped[:5])
+            self.report(state, rec, "weight_jump", f"weight RMS moved more than {WEIGHT_JUMP:g} x the summed LR "
+                        f"({limit:.3g}) since the last check: {detail}",
+                        {"layers": {n: {"rms_before": a, "rms_after": b} for n, a, b in jumped}, "limit": limit})
 
     def check_ternary(self, state, layers: dict[str, dict]) -> None:
         """Called with each quant row's per-layer stats: a layer newly past 90% zeros is an event."""
