@@ -2,7 +2,8 @@
 runs and detection of injected faults, on the real trainer (CPU, tiny preset).
 
     python benchmarks/anomaly_calibration.py                     # ~20 min on 2 busy CPU cores
-    python benchmarks/anomaly_calibration.py --out benchmarks/results/anomaly_calibration.json
+    python benchmarks/anomaly_calibration.py --only quickstart     # the quick start's own run, ~150 steps
+    python benchmarks/anomaly_calibration.py --report              # the tables of every saved part
 
 Healthy runs: the tiny preset (150 steps, warmup 15) at 4 x 64 tokens a step, seeds 1, 2, 3, 4.
 Faults, each injected at step FAULT_STEP of the same run with seed 42 (which then stops AFTER_FAULT
@@ -37,6 +38,7 @@ positives) at a cost a busy 2-core machine can pay for eight runs. The quick sta
 scripts/quickstart.sh (docs/anomalies.md)."""
 SCALED_WEIGHT = "layers.0.mlp.down_proj.weight"
 HEALTHY = {"tiny 4x64 seed 1": 1, "tiny 4x64 seed 2": 2, "tiny 4x64 seed 3": 3, "tiny 4x64 seed 4": 4}
+QUICKSTART = "quick start (tiny preset as is: 8x128, seed 42)"
 FAULTS = ["lr_spike", "corrupted_batches", "nan_grads", "weight_x100"]
 
 
@@ -93,11 +95,11 @@ def instrument(fault: str | None, trace: list):
     return lambda: setattr(loop, "lr_at", real_lr) or setattr(loop, "train_step", real_step)
 
 
-def run(runs: Path, name: str, seed: int, fault: str | None) -> dict:
+def run(runs: Path, name: str, seed: int, fault: str | None, shape: list[str] = SHAPE) -> dict:
     trace = []
     restore = instrument(fault, trace)
     run_id = name.replace(" ", "_")
-    flags = ["--preset", "tiny", *SHAPE, "--seed", str(seed), "--runs-dir", str(runs), "--run-id", run_id, "--quiet"]
+    flags = ["--preset", "tiny", *shape, "--seed", str(seed), "--runs-dir", str(runs), "--run-id", run_id, "--quiet"]
     if fault is not None:
         flags += ["--sample-interval", "0"]
     t0 = time.perf_counter()
@@ -134,22 +136,32 @@ def tables(results: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "anomaly_calibration.json"))
-    ap.add_argument("--only", choices=["healthy", "faults"], help="run one half")
+    ap.add_argument("--only", choices=["healthy", "faults", "quickstart"],
+                    help="run one part (the quick start's own run is a part of its own: 150 steps of 8 x 128)")
+    ap.add_argument("--report", action="store_true", help="print the tables of every saved part, run nothing")
     args = ap.parse_args()
+    results_dir = Path(__file__).parent / "results"
+    if args.report:
+        saved = [json.loads(p.read_text()) for p in sorted(results_dir.glob("anomaly_calibration*.json"))]
+        print(tables([r for part in saved for r in part["results"]]))
+        return 0
+    out = results_dir / f"anomaly_calibration{'_' + args.only if args.only else ''}.json"
     torch.set_num_threads(1)  # one core each for this and whatever else runs: less contention on 2 cores
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only != "healthy":
+        if args.only in (None, "faults"):
             for fault in FAULTS:
                 results.append(run(Path(tmp), f"fault {fault}", 42, fault))
                 print(f"{fault}: {results[-1]['events']} ({results[-1]['seconds']:.0f} s)", flush=True)
-        if args.only != "faults":
+        if args.only == "quickstart":
+            results.append(run(Path(tmp), QUICKSTART, 42, None, shape=[]))
+            print(f"quick start: {results[-1]['events']} ({results[-1]['seconds']:.0f} s)", flush=True)
+        if args.only in (None, "healthy"):
             for name, seed in HEALTHY.items():
                 results.append(run(Path(tmp), name, seed, None))
                 print(f"{name}: {results[-1]['events']} ({results[-1]['seconds']:.0f} s)", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared)",
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared)",
                                           "torch": torch.__version__, "fault_step": FAULT_STEP,
                                           "results": results}, indent=1) + "\n")
     print(tables(results))

@@ -4,7 +4,7 @@ Prints a text summary, one JSON object (--json) or a dashboard plot (--plot OUT.
 run, refreshing with --watch. Standard library only (matplotlib is imported lazily by plot()), it
 never writes inside the run directory and it tolerates files a live trainer is appending to.
 
-    python scripts/check_training_status.py runs/<id> [--watch [SECONDS]] [--json] [--plot OUT.png]
+    python check_training_status.py runs/<id> [--watch [SECONDS]] [--json] [--plot OUT.png]
 """
 from __future__ import annotations
 

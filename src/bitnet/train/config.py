@@ -72,9 +72,10 @@ class TrainConfig:
                                      "checkpoint, exit)", choices=("warn", "skip", "stop"))
     anomaly_window: int = _f(100, "recent post-warmup steps whose loss and grad norm a step is compared against "
                                   "(spikes are judged after warmup, with >= 20 of them; docs/anomalies.md)")
-    anomaly_zscore: float = _f(6.0, "robust z-score (median / MAD; log scale for grad norms) above which a step's "
+    anomaly_zscore: float = _f(6.0, "robust z-score (against the median of the last 5 steps, in units of the "
+                                    "window's step-to-step noise; log scale for grad norms) above which a step's "
                                     "loss or grad norm counts as a spike; a spike also needs loss +1 nat or grad "
-                                    "norm x5 over the window's median")
+                                    "norm x100 over that median")
     tensorboard: bool = _f(False, "also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)")
     checkpoint_interval: int = _f(10_000, "save a checkpoint every N steps")
     keep_last: int = _f(3, "checkpoints kept besides milestones (boundary, final, keep_every)")
