@@ -17,6 +17,7 @@ rule) would have flagged on the same steps.
 import argparse
 import json
 import math
+import re
 import signal
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def instrument(fault: str | None, trace: list):
 def run(runs: Path, name: str, seed: int, fault: str | None, shape: list[str] = SHAPE) -> dict:
     trace = []
     restore = instrument(fault, trace)
-    run_id = name.replace(" ", "_")
+    run_id = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")  # a valid run id
     flags = ["--preset", "tiny", *shape, "--seed", str(seed), "--runs-dir", str(runs), "--run-id", run_id, "--quiet"]
     if fault is not None:
         flags += ["--sample-interval", "0"]
