@@ -19,12 +19,14 @@ Prints a table last (ratios against inductor); writes JSON (--out).
 
 import argparse
 import json
+from dataclasses import asdict, replace
 
 import torch
 from triton.testing import do_bench
 
-from bitnet.model import kernels
-from bitnet.model.bitlinear import EPS, swiglu_norm_act_quant_reference
+from bitnet.model.kernels import CrossEntropyLaunch, SwigluLaunch, cross_entropy, swiglu
+from bitnet.model.kernels.common import available
+from bitnet.model.kernels.references import EPS, swiglu_norm_act_quant_reference
 
 
 def timed(fn, grads=None) -> float:
@@ -41,13 +43,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=32 * 1024)
     p.add_argument("--width", type=int, default=3072)
-    p.add_argument("--sweep", action="store_true", help="also time other launch settings (kernels.SWIGLU_LAUNCH)")
+    p.add_argument("--sweep", action="store_true", help="also time other launch settings (SwigluLaunch)")
     p.add_argument("--bwd-sweep", action="store_true", help="time the backward kernel alone over launch settings")
     p.add_argument("--ce-sweep", action="store_true", help="time the cross entropy kernel instead")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--out", default="")
     a = p.parse_args()
-    if not kernels.available():
+    if not available():
         raise SystemExit("kernel_speed.py needs CUDA and triton")
     if a.ce_sweep:
         return cross_entropy_sweep(a.tokens, a.vocab, a.out)
@@ -60,24 +62,24 @@ def main() -> None:
     elem = dy.numel() * dy.element_size()
     fwd_bytes, bwd_bytes = 3 * elem, 3 * elem + 5 * elem  # forward + backward (dy, gate, up in; dg, du out)
 
-    def triton_fn(gu, ww):
-        return kernels.swiglu_norm_act_quant(gu, ww, EPS, torch.bfloat16)
+    def triton_fn(launch):
+        return lambda gu, ww: swiglu.swiglu_norm_act_quant(gu, ww, EPS, torch.bfloat16, launch)
 
     inductor_fn = torch.compile(lambda gu, ww: swiglu_norm_act_quant_reference(gu, ww, EPS, torch.bfloat16))
     rows = []
 
-    def measure(name, fn, launch=None):
+    def measure(name, fn, launch: dict):
         with torch.no_grad():
             f = timed(lambda: fn(gate_up, w))
         fb = timed(lambda: fn(gate_up, w).backward(dy), grads=(gate_up, w))
-        rows.append({"impl": name, "launch": dict(kernels.SWIGLU_LAUNCH if launch is None else launch),
+        rows.append({"impl": name, "launch": launch,
                      "fwd_ms": round(f, 4), "fwd_bwd_ms": round(fb, 4),
                      "fwd_TBps": round(fwd_bytes / f / 1e9, 2), "fwd_bwd_TBps": round(bwd_bytes / fb / 1e9, 2)})
 
     measure("inductor (torch.compile of the fallback)", inductor_fn, launch={})
-    measure("triton (shipped settings)", triton_fn)
+    shipped = SwigluLaunch()
+    measure("triton (shipped settings)", triton_fn(shipped), asdict(shipped))
     if a.sweep:
-        shipped = dict(kernels.SWIGLU_LAUNCH)
         for name, change in [  # alternatives tried on the H100 (benchmarks/NOTES.md, run 4)
             ("fwd 1 row 4 warps", {"fwd_warps": 4}),
             ("fwd 1 row 16 warps", {"fwd_warps": 16}),
@@ -88,9 +90,8 @@ def main() -> None:
             ("bwd 2 rows 16 warps, 16 programs/SM", {"bwd_warps": 16}),
             ("bwd 2 rows 8 warps, 4 programs/SM", {"bwd_programs_per_sm": 4}),
         ]:
-            kernels.SWIGLU_LAUNCH.update(shipped | change)
-            measure(f"triton, {name}", triton_fn)
-        kernels.SWIGLU_LAUNCH.update(shipped)
+            launch = replace(shipped, **change)
+            measure(f"triton, {name}", triton_fn(launch), asdict(launch))
     result_bwd = backward_sweep(*gate_up.detach().chunk(2, dim=-1), w, dy) if a.bwd_sweep else []
     base = rows[0]
     for r in rows:
@@ -126,14 +127,14 @@ def backward_sweep(gate, up, w, dy) -> list[dict]:
     M, N = g2.shape
     y = torch.empty_like(g2)
     rstd = torch.empty(M, device=g2.device)
-    kernels.launch_swiglu_forward(g2, u2, w.detach(), y, rstd, EPS)
-    shipped = dict(kernels.SWIGLU_LAUNCH)
+    swiglu.launch_swiglu_forward(g2, u2, w.detach(), y, rstd, EPS)
+    shipped = SwigluLaunch()
 
     def run(launch):
-        programs, per = kernels.swiglu_backward_programs(M, g2.device, launch)
+        programs, per = swiglu.swiglu_backward_programs(M, g2.device, launch)
         dg, du = torch.empty_like(g2), torch.empty_like(u2)
         dw_partial = torch.empty(programs, N, device=g2.device)
-        call = lambda: kernels.launch_swiglu_backward(dy2, g2, u2, w.detach(), rstd, dg, du, dw_partial, per, launch)  # noqa: E731
+        call = lambda: swiglu.launch_swiglu_backward(dy2, g2, u2, w.detach(), rstd, dg, du, dw_partial, per, launch)  # noqa: E731
         call()
         return do_bench(call, warmup=25, rep=200), (dg, du, dw_partial.sum(0))
 
@@ -142,15 +143,15 @@ def backward_sweep(gate, up, w, dy) -> list[dict]:
     for rows_, warps, per_sm, prefetch, stages in itertools.product((1, 2), (4, 8, 16), (2, 4, 16), (False, True), (1, 2)):
         if prefetch and stages > 1:
             continue
-        launch = shipped | {"bwd_rows": rows_, "bwd_warps": warps, "bwd_programs_per_sm": per_sm,
-                            "bwd_prefetch": prefetch, "bwd_stages": stages}
+        launch = replace(shipped, bwd_rows=rows_, bwd_warps=warps, bwd_programs_per_sm=per_sm,
+                         bwd_prefetch=prefetch, bwd_stages=stages)
         try:
             ms, out = run(launch)
         except Exception as e:  # e.g. out of shared memory or registers for this combination
             print(f"[bwd-sweep] {launch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, base_out))
-        rows.append({"launch": launch, "ms": round(ms, 4), "TBps": round(5 * g2.numel() * 2 / ms / 1e9, 2),
+        rows.append({"launch": asdict(launch), "ms": round(ms, 4), "TBps": round(5 * g2.numel() * 2 / ms / 1e9, 2),
                      "vs_shipped": round(base_ms / ms, 3), "max_abs_diff": diff})
     return rows
 
@@ -171,23 +172,23 @@ def cross_entropy_sweep(tokens: int, vocab: int, out: str) -> None:
     base_ms = timed(lambda: compiled_ce(ref_logits).backward(), grads=(ref_logits,))
     compiled_ce(ref_logits).backward()
     want = ref_logits.grad
-    shipped = dict(kernels.CE_LAUNCH)
+    shipped = CrossEntropyLaunch()
     rows = [{"impl": "inductor: compile(F.cross_entropy(fp32)) fwd+bwd", "launch": {}, "ms": round(base_ms, 4)}]
     loss_rows = torch.empty(tokens, device="cuda")
     logits = logits0.clone()
     for block, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
-        kernels.CE_LAUNCH.update(block=block, warps=warps)
+        launch = CrossEntropyLaunch(block=block, warps=warps)
         try:
-            ms = do_bench(lambda: kernels.launch_cross_entropy(logits, t, count, loss_rows), warmup=10, rep=100)
+            ms = do_bench(lambda: cross_entropy.launch_cross_entropy(logits, t, count, loss_rows, launch),
+                          warmup=10, rep=100)
             logits.copy_(logits0)
-            kernels.launch_cross_entropy(logits, t, count, loss_rows)
+            cross_entropy.launch_cross_entropy(logits, t, count, loss_rows, launch)
         except Exception as e:  # e.g. too many registers for this combination
-            print(f"[ce-sweep] {kernels.CE_LAUNCH}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"[ce-sweep] {launch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         diff = (logits.float() - want).abs().max().item()
-        rows.append({"impl": "triton" + (" (shipped)" if kernels.CE_LAUNCH == shipped else ""),
-                     "launch": dict(kernels.CE_LAUNCH), "ms": round(ms, 4), "max_abs_diff_grad": diff})
-    kernels.CE_LAUNCH.update(shipped)
+        rows.append({"impl": "triton" + (" (shipped)" if launch == shipped else ""),
+                     "launch": asdict(launch), "ms": round(ms, 4), "max_abs_diff_grad": diff})
     for r in rows:
         r["TBps"] = round(moved / r["ms"] / 1e9, 2)
         r["vs_inductor"] = round(base_ms / r["ms"], 3)

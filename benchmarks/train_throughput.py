@@ -19,6 +19,8 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
   bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
                  on --data token data: the median tok_s of its scalars.jsonl
   bitnet-train-* the same with one process-wide switch changed (see TRAINER_VARIANTS)
+A row's "kernels" tweak is a `bitnet.model.kernels.KernelChoice` (as a dict of its fields): each fused op's
+Triton kernel or its PyTorch reference ("torch"), and the kernels' launch settings.
 MFU = model.flops_per_token(seq_len) * tok/s / peak, where flops_per_token = 6 * (matmul params incl.
 the tied head) + 12 * n_layers * dim * seq_len = 648 MFLOP/token for 95m; peaks: 989 TFLOP/s (H100 dense
 bf16 datasheet) and the bf16 GEMM rate measured in this run (8192^3, random data).
@@ -43,29 +45,30 @@ from pathlib import Path
 
 VARIANTS = {
     # name: (quantization, formulation, compile, tweaks)
-    "eager-ref": ("bitnet", "ref", "none", {"loss_impl": "torch", "embed_impl": "torch"}),
-    "compile-ref": ("bitnet", "ref", "model", {"loss_impl": "torch", "embed_impl": "torch"}),
+    "eager-ref": ("bitnet", "ref", "none", {"kernels": {"loss": "torch", "embedding": "torch"}}),
+    "compile-ref": ("bitnet", "ref", "model", {"kernels": {"loss": "torch", "embedding": "torch"}}),
     "fast": ("bitnet", "project", "project", {}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
-    "fast-torchce": ("bitnet", "project", "project", {"loss_impl": "torch"}),  # F.cross_entropy on fp32 logits
+    "fast-torchce": ("bitnet", "project", "project", {"kernels": {"loss": "torch"}}),  # F.cross_entropy, fp32 logits
     "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
-    "fast-nofuse-qkv": ("bitnet", "project", "project", {"fused_attention": False}),  # q, k, v: a GEMM each
+    "fast-nofuse-qkv": ("bitnet", "project", "project", {"kernels": {"rope_qkv": "torch"}}),  # q, k, v: a GEMM each
     "fast-combo": ("bitnet", "project", "project", {"inductor": {"combo_kernels": True}}),  # small kernels merged
-    "fast-torchembed": ("bitnet", "project", "project", {"embed_impl": "torch"}),  # aten's sort-based backward
+    "fast-torchembed": ("bitnet", "project", "project", {"kernels": {"embedding": "torch"}}),  # aten's sorted bwd
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
     "fast-unfused": ("bitnet", "ref", "project", {}),            # the reference formulation on the fast path
-    "bf16-compile-ref": ("none", "ref", "model", {"loss_impl": "torch", "embed_impl": "torch"}),  # bf16 twin under compile(model)
+    # the bf16 twin under compile(model)
+    "bf16-compile-ref": ("none", "ref", "model", {"kernels": {"loss": "torch", "embedding": "torch"}}),
     "fast-cdt": ("bitnet", "project", "project", {"coordinate_descent_tuning": True}),  # inductor tunes its kernels
     "fast-nograph": ("bitnet", "project", "project", {"cuda_graphs": False}),  # the step launched op by op
-    "fast-torchswiglu": ("bitnet", "project", "project", {"swiglu_impl": "torch"}),  # inductor's SwiGLU+norm+quant
+    "fast-torchswiglu": ("bitnet", "project", "project", {"kernels": {"swiglu_norm_quant": "torch"}}),  # inductor's
     "fast-swiglu-run4": ("bitnet", "project", "project",  # the SwiGLU backward as in run 4: 2 rows, no prefetch
-                         {"swiglu_launch": {"bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
-                                            "bwd_prefetch": False}}),
+                         {"kernels": {"swiglu_launch": {"bwd_rows": 2, "bwd_warps": 8, "bwd_programs_per_sm": 16,
+                                                        "bwd_prefetch": False}}}),
 }
 # the real trainer, as shipped and with one library switch changed (apply_tweaks)
 TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"combo_kernels": True}},
-                    "bitnet-train-torchembed": {"embed_impl": "torch"}}
+                    "bitnet-train-torchembed": {"kernels": {"embedding": "torch"}}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 
@@ -135,15 +138,14 @@ class TorchLoss:
         return self.model.parameters()
 
     def __call__(self, idx, targets=None):
+        from dataclasses import replace
+
         import torch.nn.functional as F
 
-        from bitnet.model import llama
+        from bitnet.model.kernels import current_kernels, use_kernels
 
-        saved, llama.EMBED_IMPL = llama.EMBED_IMPL, "torch"
-        try:
+        with use_kernels(replace(current_kernels(), embedding="torch")):
             logits = self.model(idx)
-        finally:
-            llama.EMBED_IMPL = saved
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -153,15 +155,12 @@ def apply_tweaks(tweaks: dict) -> None:
     """Process-wide switches of one exploration row (each row runs in its own process)."""
     import torch._inductor.config
 
-    from bitnet.model import bitlinear, kernels, llama
+    from bitnet.model.kernels import KernelChoice, set_kernels
 
     torch._inductor.config.coordinate_descent_tuning = tweaks.get("coordinate_descent_tuning", False)
     for key, value in tweaks.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
-    llama.LOSS_IMPL = tweaks.get("loss_impl", "auto")
-    llama.EMBED_IMPL = tweaks.get("embed_impl", "auto")
-    bitlinear.SWIGLU_NORM_QUANT_IMPL = tweaks.get("swiglu_impl", "auto")
-    kernels.SWIGLU_LAUNCH.update(tweaks.get("swiglu_launch", {}))
+    set_kernels(KernelChoice.from_dict(tweaks.get("kernels", {})))
 
 
 def uses_graphs(how: str, tweaks: dict, device) -> bool:
@@ -247,12 +246,10 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
-    from bitnet.model.llama import MLP, Attention
+    from bitnet.model.llama import MLP
 
-    for m in model.modules():  # per instance: q/k/v and gate/up as one GEMM each (fused_linear) or apart
-        if isinstance(m, Attention) and "fused_attention" in tweaks:
-            m.fused_projections = tweaks["fused_attention"]
-        elif isinstance(m, MLP) and "fused_mlp" in tweaks:
+    for m in model.modules():  # per instance: gate and up as one GEMM (fused_linear) or apart
+        if isinstance(m, MLP) and "fused_mlp" in tweaks:
             m.fused_projections = tweaks["fused_mlp"]
     graphs = uses_graphs(how, tweaks, device)
     step_model, step = make_step(model, how, device, graphs)
@@ -409,9 +406,11 @@ def check_cross_entropy(dev) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from bitnet.model import kernels
+    from bitnet.model.kernels.common import INTERPRET, triton
+    from bitnet.model.kernels.cross_entropy import launch_cross_entropy
+    from bitnet.model.kernels.references import IGNORE_INDEX
 
-    if not (kernels.triton is not None and (dev.type == "cuda" or kernels._INTERPRET)):
+    if not (triton is not None and (dev.type == "cuda" or INTERPRET)):
         return {"skipped": True}
     rows, ok = [], True
     g = torch.Generator(device=dev).manual_seed(0)
@@ -419,13 +418,13 @@ def check_cross_entropy(dev) -> dict:
         for dt in (torch.bfloat16, torch.float32):
             logits = (torch.randn(m, v, device=dev, generator=g) * 3).to(dt)
             t = torch.randint(0, v, (m,), device=dev, generator=g)
-            t[::5] = kernels.IGNORE_INDEX
+            t[::5] = IGNORE_INDEX
             ref_rows = F.cross_entropy(logits.double(), t, reduction="none")
             ref = logits.float().requires_grad_()
             F.cross_entropy(ref, t).backward()
             loss_rows = torch.full((m,), float("nan"), device=dev)
-            count = (t != kernels.IGNORE_INDEX).sum().clamp(min=1).float()
-            kernels.launch_cross_entropy(logits, t, count, loss_rows)  # logits -> their gradient
+            count = (t != IGNORE_INDEX).sum().clamp(min=1).float()
+            launch_cross_entropy(logits, t, count, loss_rows)  # logits -> their gradient
             r = {"m": m, "v": v, "dtype": str(dt)[6:], "loss_rel": rel(loss_rows, ref_rows),
                  "grad_rel": rel(logits, ref.grad), "nan": int(loss_rows.isnan().sum() + logits.isnan().sum())}
             r["ok"] = r["nan"] == 0 and r["loss_rel"] < 1e-5 and r["grad_rel"] < (1e-2 if dt == torch.bfloat16 else 1e-5)
@@ -440,10 +439,11 @@ def check_cross_entropy(dev) -> dict:
 def check_kernels(dev) -> dict:
     import torch
 
-    from bitnet.model import kernels
-    from bitnet.model.bitlinear import norm_act_quant_reference
+    from bitnet.model.kernels import rmsnorm
+    from bitnet.model.kernels.common import INTERPRET, triton
+    from bitnet.model.kernels.references import norm_act_quant_reference
 
-    if not (kernels.triton is not None and (dev.type == "cuda" or kernels._INTERPRET)):
+    if not (triton is not None and (dev.type == "cuda" or INTERPRET)):
         print("[check] Triton kernels not runnable here: skipped")
         return {"skipped": True}
     shapes = [(1, 768), (37, 768), (4096, 768), (2, 1024, 768), (2, 513, 3072), (8192, 3072), (5, 64), (3, 1000)]
@@ -458,15 +458,15 @@ def check_kernels(dev) -> dict:
             x2 = x.reshape(-1, n)
             y = torch.full(x2.shape, float("nan"), device=dev, dtype=odt)
             rstd = torch.full((x2.shape[0],), float("nan"), device=dev)
-            kernels.launch_forward(x2, w, y, rstd, 1e-5)
+            rmsnorm.launch_forward(x2, w, y, rstd, 1e-5)
             xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
             y_ref = norm_act_quant_reference(xr, wr, 1e-5, odt)
             dy = torch.randn(shape, device=dev, generator=g).to(odt)
             y_ref.backward(dy)
-            programs, per = kernels.backward_programs(x2.shape[0], kernels._rows_and_warps(n)[1], dev)
+            programs, per = rmsnorm.backward_programs(x2.shape[0], rmsnorm.rows_and_warps(n)[1], dev)
             dx = torch.full(x2.shape, float("nan"), device=dev, dtype=xdt)
             dwp = torch.full((programs, n), float("nan"), device=dev)
-            kernels.launch_backward(dy.reshape(-1, n), x2, w, rstd, dx, dwp, per)
+            rmsnorm.launch_backward(dy.reshape(-1, n), x2, w, rstd, dx, dwp, per)
             r = {"shape": list(shape), "x": str(xdt)[6:], "out": str(odt)[6:],
                  "y_rel": rel(y, y_ref.detach().reshape(x2.shape)),
                  "y_mismatch_frac": (y != y_ref.detach().reshape(x2.shape)).float().mean().item(),

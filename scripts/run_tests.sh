@@ -17,5 +17,5 @@ if [[ $# -eq 0 ]]; then
     pip install -q --target "$TRITON_DIR" "triton==3.6.0" "numpy<2.4"
   fi
   # triton's interpreter raises numpy/torch deprecation warnings that are not ours
-  PYTHONPATH="$TRITON_DIR" TRITON_INTERPRET=1 python -m pytest -q -W ignore::DeprecationWarning tests/model/test_kernels.py
+  PYTHONPATH="$TRITON_DIR" TRITON_INTERPRET=1 python -m pytest -q -W ignore::DeprecationWarning tests/model/kernels
 fi

@@ -40,10 +40,12 @@ def test_quickstart_preset_defaults_write_the_whole_run_dir(runs):
 
 
 def test_first_logged_step_uses_the_first_warmup_lr_and_loss_near_ln_vocab(runs):
-    assert train_main(["--preset", "tiny", "--runs-dir", str(runs), "--run-id", "w", "--num-steps", "3",
-                       "--log-interval", "1", "--warmup-steps", "100", "--no-eval", "--quiet"]) == 0
+    # (a warmup must end before the stage boundary: 4 steps with the boundary at 3 allow 2)
+    assert train_main(["--preset", "tiny", "--runs-dir", str(runs), "--run-id", "w", "--num-steps", "4",
+                       "--stage-boundary", "0.75", "--log-interval", "1", "--warmup-steps", "2", "--no-eval",
+                       "--quiet"]) == 0
     rows = read_rows(runs / "w" / "metrics" / "scalars.jsonl")
-    assert rows[0]["step"] == 1 and rows[0]["lr"] == 1.5e-3 / 100
+    assert rows[0]["step"] == 1 and rows[0]["lr"] == 1.5e-3 / 2
     assert abs(rows[0]["loss"] - 10.3735) < 0.5
     assert not list((runs / "w" / "eval").iterdir())  # --no-eval
 

@@ -11,9 +11,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from bitnet import exits
 from bitnet.fileio import os_error_message
 from bitnet.model.config import PRESETS, ModelConfig
-from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names
+from bitnet.train.config import PRESET_TRAIN_DEFAULTS, TrainConfig, field_names, fit_default_warmup
 
 NOT_FROM_CHECKPOINT = {"run_id", "overwrite", "resume_from", "runs_dir"}
 
@@ -66,7 +67,10 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         if p.suffix == ".toml":
             try:
@@ -85,6 +89,10 @@ def read_config_file(path: str) -> dict:
         raise UserError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a table of keys")
+    for table in [data] + [v for v in data.values() if isinstance(v, dict)]:
+        bad = [k for k in table if not isinstance(k, str)]
+        if bad:
+            raise UserError(f"config file {path}: key {bad[0]!r} is a {type(bad[0]).__name__}, keys must be names")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -121,11 +129,14 @@ def resolve_config(argv: list[str], prog: str = "bitnet-train") -> tuple[TrainCo
         from bitnet.train import checkpoint
 
         with one_line_warnings():  # e.g. "skipping checkpoint: ... corrupt or truncated"
-            if resume_from in ("auto", "latest"):
-                resume_from, args["run_id"] = find_auto_resume(args, file_values)
-                args["resume_from"] = resume_from
             try:
-                resume = checkpoint.load(resume_from)
+                if resume_from in ("auto", "latest"):
+                    resume_from, args["run_id"], resume = find_auto_resume(args, file_values)
+                else:
+                    pt, resume = checkpoint.load_with_path(resume_from, need="resume")
+                    if checkpoint.run_dir_of(resume_from) is not None:  # name the checkpoint the run dir gave
+                        resume_from = str(pt.parent)
+                args["resume_from"] = resume_from
             except checkpoint.CheckpointError as e:
                 raise UserError(str(e)) from None
         try:  # a checkpoint is data from elsewhere: its config gets the same checks as a config file
@@ -149,6 +160,7 @@ def resolve_config(argv: list[str], prog: str = "bitnet-train") -> tuple[TrainCo
         raise UserError(f"--preset {preset} conflicts with the checkpoint's preset {ckpt_train.get('preset')}")
 
     values = {**PRESET_TRAIN_DEFAULTS[preset], **ckpt_train, **file_values, **args, "preset": preset}
+    values = fit_default_warmup(values, given={*ckpt_train, *file_values, *args})
     cfg = TrainConfig(**values)
     try:
         if ckpt_model is not None:
@@ -175,17 +187,19 @@ def one_line_warnings():
             yield
         finally:
             for w in caught:
-                print(f"warning: {w.message}", file=sys.stderr)
+                print(exits.warning_line(w.message), file=sys.stderr)
 
 
-def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str]:
-    """--resume-from auto|latest: (newest intact checkpoint of --run-id's family, the new run's id).
+def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str, dict]:
+    """--resume-from auto|latest: (newest checkpoint of --run-id's family that loads, the new run's id,
+    its contents).
 
     The family is run X and its continuations X_r<step>[-n] (run_dir.py), so the same command line
     resumes a run however often it was killed; each resume starts a new directory X_r<step>.
+    Checkpoints that fail their checksum or cannot be used are skipped with a warning each.
     """
     from bitnet.train import checkpoint
-    from bitnet.train.run_dir import check_run_id, continuation_id, run_family
+    from bitnet.train.run_dir import check_run_id, continuation_id, live_run, run_family
 
     run_id = args.get("run_id") or file_values.get("run_id")
     runs_dir = args.get("runs_dir") or file_values.get("runs_dir") or TrainConfig.runs_dir
@@ -194,19 +208,27 @@ def find_auto_resume(args: dict, file_values: dict) -> tuple[str, str]:
     check_run_id(run_id)
     found = []
     for run in run_family(runs_dir, run_id):
-        step_dir = checkpoint.latest(run)  # warns about, and skips, incomplete or corrupt checkpoints
-        if step_dir is not None:
-            step = int(checkpoint.STEP_DIR.match(step_dir.name).group(1))
+        busy = live_run(run)
+        if busy:  # its trainer still holds the run's lock: two resumes of one run would race
+            raise UserError(f"another run of {run_id!r} is in progress in {run} ({busy}); wait for it to end "
+                            f"or stop it, then resume again")
+        for step, step_dir in checkpoint.list_checkpoints(run):
             found.append((step, step_dir.stat().st_mtime_ns, step_dir))
     if not found:
         raise UserError(f"no intact checkpoint of run {run_id!r} (or its continuations) in {runs_dir}")
-    step, _, step_dir = max(found)
-    return str(step_dir), continuation_id(runs_dir, run_id, step)
+    found.sort(reverse=True)
+    try:
+        step_dir, state = checkpoint.load_newest([d for _, _, d in found], need="resume",
+                                                 where=f"run {run_id!r} (or its continuations) in {runs_dir}")
+    except checkpoint.CheckpointError as e:
+        raise UserError(str(e)) from None
+    return str(step_dir), continuation_id(runs_dir, run_id, state["step"]), state
 
 
 def train_main(argv: list[str] | None = None, prog: str = "bitnet-train") -> int:
-    """`bitnet-train`: exit 0 on success (or a graceful stop), 2 on bad input, 1 on a failure mid-run."""
+    """`bitnet-train`: the exit statuses of bitnet/exits.py (README "Exit codes")."""
     argv = sys.argv[1:] if argv is None else argv
+    exits.one_line_warnings()
     try:
         cfg, model_cfg, resume, quiet = resolve_config(argv, prog)
         from bitnet.train.loop import train
@@ -214,23 +236,37 @@ def train_main(argv: list[str] | None = None, prog: str = "bitnet-train") -> int
         result = train(cfg, model_cfg, resume=resume, resumed_from=cfg.resume_from or None, quiet=quiet)
     except (UserError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     except OSError as e:
         print(f"error: {os_error_message(e)}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
     except Exception as e:  # a failure mid-run with a one-line reason (disk full); any other error raises
         from bitnet.train.loop import TrainingFailed
 
+        if isinstance(e, (MemoryError, torch_oom())):  # while setting up (the loop names its step itself)
+            print(f"error: out of memory while setting up the run; lower --micro-batch-size, --batch-size or "
+                  f"--seq-len", file=sys.stderr)
+            return exits.FAILED
         if not isinstance(e, TrainingFailed):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exits.FAILED
+    if result.stopped_by_policy:
+        print(f"stopped: {result.stop_reason}; checkpoint of step {result.step} saved in {result.run_dir} "
+              f"(exit {exits.STOPPED_BY_POLICY})", file=sys.stderr)
+        return exits.STOPPED_BY_POLICY
     if not quiet:
         print(f"done: {result.run_dir} at step {result.step} ({result.tokens:,} tokens), last loss {result.last_loss:.4f}")
-    return 0
+    return exits.DONE
+
+
+def torch_oom() -> type:
+    import torch
+
+    return torch.OutOfMemoryError
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bitnet import exits
 from bitnet.model import KVCache, Transformer
 
 
@@ -254,7 +255,8 @@ class _Streamer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bitnet-generate", description="Generate text from a bitnet-train checkpoint or a bitnet-export directory (packed or hf).")
+    p = argparse.ArgumentParser(prog="bitnet-generate", description="Generate text from a bitnet-train checkpoint "
+                                "or a bitnet-export directory (packed or hf).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint.pt, its step directory, a run directory (latest), or an export directory "
                         "of bitnet-export (packed or hf)")
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the one the run trained with)")
     args = p.parse_args(argv)
+    exits.one_line_warnings()
 
     from bitnet.data import load_tokenizer
     from bitnet.export.files import ExportError

@@ -86,7 +86,7 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path):
     from bitnet.train.config import TrainConfig
     from bitnet.train.loop import train
     cfg = TrainConfig(preset="tiny", data="embedded", runs_dir=str(tmp_path), run_id="r", device="cpu",
-                      compile="off", num_steps=2, batch_size=2, seq_len=16, eval_sequences=2)
+                      compile="off", num_steps=2, warmup_steps=0, batch_size=2, seq_len=16, eval_sequences=2)
     with pytest.raises(ValueError, match="32000 tokens, more than the model's vocab_size 1000"):
         train(cfg, replace(PRESETS["tiny"], vocab_size=1000), quiet=True)
     assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -44,7 +44,7 @@ BAD = [
     ("zero log interval", dict(log_interval=0), "--log-interval must be positive"),
     ("zero checkpoint interval", dict(checkpoint_interval=0), "--checkpoint-interval must be positive"),
     ("negative grad clip", dict(grad_clip=-1), "--grad-clip must be >= 0"),
-    ("stage boundary 0", dict(stage_boundary=0), "--stage-boundary must be in (0, 1]"),
+    ("stage boundary 0", dict(stage_boundary=0), "--stage-boundary must be in (0, 1)"),
     ("seq-len above the context", dict(seq_len=257), "--seq-len 257 exceeds the model's context of 256"),
     # wrong types
     ("text for an int", dict(num_steps="ten"), "argument --num-steps: invalid int value: 'ten'"),

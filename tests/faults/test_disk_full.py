@@ -45,7 +45,7 @@ def test_failed_checkpoint_stops_with_one_line_and_keeps_the_previous(how, monke
     reason = "No space left on device" if how == "disk full" else "Read-only file system"
     kept = runs / "full" / "checkpoints" / "step_000004"
     assert err == (f"error: checkpoint of step 8 could not be written ({reason}); newest intact checkpoint: {kept}; "
-                   f"resume with: bitnet-train --resume-from {kept}\n")
+                   f"resume with: bitnet-train --resume-from {kept} --runs-dir {runs}\n")
     assert sorted(os.listdir(runs / "full" / "checkpoints")) == ["step_000000", "step_000004"]  # no half step_000008(.tmp)
     assert logged_steps(runs / "full") == list(range(1, 9))  # it stopped at once
     survivor, want = checkpoint.load(kept), checkpoint.load(reference / "checkpoints" / "step_000004")

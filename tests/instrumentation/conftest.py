@@ -24,6 +24,8 @@ BASE_ARGS = {"preset": "tiny", "seq_len": 32, "batch_size": 4, "warmup_steps": 2
 
 def _argv(**overrides) -> list[str]:
     argv = []
+    if "num_steps" in overrides and "warmup_steps" not in overrides:  # warmup ends before the stage boundary
+        overrides["warmup_steps"] = min(2, max(round(overrides["num_steps"] * 0.5), 1) - 1)
     for key, value in {**BASE_ARGS, **overrides}.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

@@ -35,8 +35,10 @@ GRAD_NORM_RTOL = 1e-4  # a sum of 26 squared norms, reduced in a different order
 
 def args(runs: Path, run_id: str, **extra) -> list[str]:
     """Global batch 8 x 32 tokens, LR in warmup, checkpoints at 3 and 6, eval at the last step."""
-    return fast_args(runs, run_id, steps=STEPS, batch_size=8, warmup_steps=30, checkpoint_interval=3,
-                     quant_interval=0, **extra)
+    # warmup 5 steps to 2.5e-4, 3e-4 at step 6 (the stage boundary): 5e-5 x step, as a 30-step warmup at
+    # the default peak gave, but with the warmup ending before the stage boundary (config.py)
+    return fast_args(runs, run_id, steps=STEPS, batch_size=8, warmup_steps=5, stage_boundary=0.99, lr_peak=2.5e-4,
+                     lr_stage1_end=3e-4, checkpoint_interval=3, quant_interval=0, **extra)
 
 
 def torchrun(argv: list[str], cwd: Path, script: Path | None = None, nproc: int = 2,
@@ -94,7 +96,14 @@ def one(runs):
             raise AssertionError("a world of one started a process group")
 
         mp.setattr(dist, "init_process_group", forbidden)
-        assert train_main(args(runs, "one")) == 0
+        # torchrun runs each rank with OMP_NUM_THREADS=1; the CPU kernels split their reductions by
+        # thread count, so the bitwise world-of-one comparison needs the same count here
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert train_main(args(runs, "one")) == 0
+        finally:
+            torch.set_num_threads(threads)
     return runs / "one"
 
 

@@ -50,6 +50,10 @@ class WindowLoader:
             self.index += take
         return ids
 
+    def next_batches(self, count: int, global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`count` micro-batches of one step (the loop's call; StreamLoader's can fail and rewind)."""
+        return [self.next_batch(global_batch) for _ in range(count)]
+
     def next_batch(self, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next global batch: x, y of shape (global_batch // world, seq_len)."""
         ids = self._next_window_ids(global_batch)[self.rank::self.world_size]

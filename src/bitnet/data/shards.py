@@ -106,9 +106,12 @@ def read_manifest(directory: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # invalid JSON or not UTF-8
         raise ValueError(f"corrupt {path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"corrupt {path}: not a JSON object")
+    return manifest
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

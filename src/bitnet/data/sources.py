@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from pathlib import Path
 
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
@@ -34,6 +35,15 @@ def _suffix(path: Path) -> str:
 
 def _looks_like_path(spec: str) -> bool:
     return any(c in spec for c in "/\\*?[") or _suffix(Path(spec)) != "" or spec.startswith(".")
+
+
+def _text(value, where: str) -> str:
+    """A document's text: a string (None counts as empty); anything else is bad input naming where it is."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {TEXT!r} is a {type(value).__name__}, not a string")
+    return value
 
 
 def next_documents(docs, reader, n: int) -> tuple[list[str], list]:
@@ -152,26 +162,35 @@ class _FileReader:
             self.file, self.offset = self.file + 1, 0
 
     def _jsonl(self, path: Path):
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        gz = path.name.lower().endswith(".gz")
+        opener = gzip.open if gz else open
         start = self.offset
         found = False
-        with opener(path, "rb") as f:
-            f.seek(start)
-            for line in f:
-                offset = self.offset + len(line)
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: invalid JSON at byte {self.offset}: {e.msg}") from None
-                    if not isinstance(row, dict) or TEXT not in row:
-                        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                        raise ValueError(f"{path}: row at byte {self.offset} has no {TEXT!r} field (has {keys})")
-                    found = True
-                    self.offset = offset
-                    yield row[TEXT] or ""
-                else:
-                    self.offset = offset
+        try:
+            with opener(path, "rb") as f:
+                f.seek(start)
+                for line in f:
+                    offset = self.offset + len(line)
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except UnicodeDecodeError as e:
+                            raise ValueError(f"{path}: row at byte {self.offset} is not UTF-8 text ({e.reason})") from None
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path}: invalid JSON at byte {self.offset}: {e.msg}") from None
+                        if not isinstance(row, dict) or TEXT not in row:
+                            keys = sorted(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                            raise ValueError(f"{path}: row at byte {self.offset} has no {TEXT!r} field (has {keys})")
+                        text = _text(row[TEXT], f"{path}: row at byte {self.offset}")
+                        found = True
+                        self.offset = offset
+                        yield text
+                    else:
+                        self.offset = offset
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a .gz cut short or garbled
+            what = "uncompressed byte" if gz else "byte"
+            raise ValueError(f"{path}: truncated or corrupt {'compressed ' if gz else ''}file after {what} "
+                             f"{self.offset} ({' '.join(str(e).split()) or type(e).__name__})") from None
         if start == 0 and not found:
             raise ValueError(f"empty file: {path} has no JSON rows")
 
@@ -185,11 +204,16 @@ class _FileReader:
             if first + rows <= self.offset:
                 first += rows
                 continue
-            table = pf.read_row_group(group, columns=[TEXT])
+            try:
+                table = pf.read_row_group(group, columns=[TEXT])
+            except Exception as e:  # a truncated or corrupt row group
+                raise ValueError(f"{path}: cannot read row group {group} (rows from {first}): "
+                                 f"{' '.join(str(e).split())[:200] or type(e).__name__}") from None
             texts = table.column(0).to_pylist()
             for text in texts[self.offset - first:]:
+                text = _text(text, f"{path}: row {self.offset}")
                 self.offset += 1
-                yield text or ""
+                yield text
             first += rows
 
     def position(self) -> dict:
@@ -198,6 +222,7 @@ class _FileReader:
 
 def _parquet_file(path: Path):
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow") from None
@@ -208,6 +233,9 @@ def _parquet_file(path: Path):
     names = pf.schema_arrow.names
     if TEXT not in names:
         raise ValueError(f"{path}: no {TEXT!r} column (columns: {', '.join(names)})")
+    kind = pf.schema_arrow.field(TEXT).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise ValueError(f"{path}: the {TEXT!r} column holds {kind}, not strings")
     return pf
 
 
@@ -278,8 +306,9 @@ class _HFReader:
             self.started = True
             if TEXT not in row:
                 raise ValueError(f"HF dataset {self.name} has no {TEXT!r} column (columns: {', '.join(row)})")
+            text = _text(row[TEXT], f"HF dataset {self.name}: row {self.docs}")
             self.docs += 1
-            yield row[TEXT] or ""
+            yield text
 
     def position(self) -> dict | None:
         if not self.started:

@@ -147,6 +147,16 @@ class StreamLoader:
             filled += k
         return out
 
+    def next_batches(self, count: int, global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`count` micro-batches of one step. If reading fails (a bad row reached by the prefetch thread),
+        the position goes back to where this step began, so a checkpoint saved now resumes here."""
+        mark = (self.epoch, self.block, self._start, self.taken, self._windows, self._skip)
+        try:
+            return [self.next_batch(global_batch) for _ in range(count)]
+        except BaseException:
+            self.epoch, self.block, self._start, self.taken, self._windows, self._skip = mark
+            raise
+
     def next_batch(self, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next global batch: x, y of shape (global_batch // world, seq_len)."""
         rows = self._take(global_batch)[self.rank::self.world_size].astype(np.int64)

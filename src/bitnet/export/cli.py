@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from bitnet import exits
 from bitnet.data.tokenizer import VENDORED
 from bitnet.fileio import os_error_message
 from bitnet.export.files import ExportError, check_writable, dir_size_bytes
@@ -76,8 +77,7 @@ def load_source(path: str) -> tuple[Transformer, dict]:
     """(model, source info) of a training checkpoint, or of a packed export (to re-export it as hf)."""
     if (Path(path) / CONFIG_FILE).is_file():
         return load_packed(path), read_config(path)["source"]
-    pt = checkpoint.resolve(path)
-    state = checkpoint.load(pt)
+    pt, state = checkpoint.load_with_path(path, need="model")  # a run dir: its newest checkpoint that loads
     model = model_from_checkpoint(state, str(pt))
     tokenizer = ((state.get("config") or {}).get("train") or {}).get("tokenizer")
     return model, {"checkpoint": str(pt), "step": state.get("step"), "tokens": state.get("tokens"),
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`bitnet-export`: exit 0 on success, 2 on bad input."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    exits.one_line_warnings()
     try:
         with torch.no_grad():
             summary = run(args)

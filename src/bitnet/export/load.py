@@ -84,7 +84,7 @@ def load_for_inference(path: str | Path, device: torch.device) -> tuple[Transfor
     if p.is_dir() and not (p / "checkpoint.pt").is_file() and not (p / "checkpoints").is_dir():
         raise ExportError(f"{path} is neither a checkpoint, a run directory nor an export directory "
                           f"(packed: {CONFIG_FILE}; hf: config.json + model.safetensors)")
-    state = checkpoint.load(p)
+    state = checkpoint.load(p, need="model")
     model = Transformer(ModelConfig.from_dict(state["config"]["model"]))
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), state["config"]["train"].get("tokenizer")
+    return model.to(device).eval(), (state["config"].get("train") or {}).get("tokenizer")

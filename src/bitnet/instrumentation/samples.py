@@ -22,6 +22,8 @@ def load_prompts(path: str = "") -> list[str]:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ValueError(f"cannot read --sample-prompts {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--sample-prompts {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     else:
         text = resources.files("bitnet").joinpath("prompts.txt").read_text(encoding="utf-8")
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EPS = 1e-5
+from bitnet.model.kernels import choice
+from bitnet.model.kernels.references import EPS  # the quantizers' clamp, shared with the kernels
 
 
 def weight_scale(w: torch.Tensor) -> torch.Tensor:
@@ -63,57 +64,13 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def norm_act_quant_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                             out_dtype: torch.dtype) -> torch.Tensor:
-    """RMSNorm, then per-token absmax 8-bit fake quantization with STE, in plain PyTorch.
-
-    The same function as the model's `RMSNorm` (fp32 math, result rounded to x's dtype) followed by
-    `ste(y, activation_quant(y))`, written as one expression so torch.compile fuses it into one
-    kernel; the STE makes the backward exactly the RMSNorm backward.
-    """
-    x32 = x.float()
-    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype).float()
-    s = 127.0 / y.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    y_q = (y * s).round().clamp(-128, 127) / s
-    return (y + (y_q - y).detach()).to(out_dtype)
-
-
-def swiglu_norm_act_quant_reference(gate_up: torch.Tensor, weight: torch.Tensor, eps: float,
-                                    out_dtype: torch.dtype) -> torch.Tensor:
-    """`norm_act_quant_reference` of the SwiGLU product silu(gate) * up: the FFN's sub-norm input.
-
-    gate_up (..., 2 * ffn): gate in the first half of the last dim, up in the second (one GEMM's output).
-    """
-    gate, up = gate_up.chunk(2, dim=-1)
-    return norm_act_quant_reference(F.silu(gate) * up, weight, eps, out_dtype)
-
-
-# "auto": the Triton kernel (model/kernels.py) for CUDA tensors in eager mode; the PyTorch
-# formulation on the CPU and inside torch.compile, where inductor fuses it with its neighbours
-# (silu * up, the residual add), which measured faster than the standalone kernel on an H100
-# (54.1 vs 59.0 ms per 95m step, benchmarks/NOTES.md). "torch": the PyTorch formulation always.
-NORM_QUANT_IMPL = "auto"
-
-
 def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in the dtype of the next matmul.
 
-    What `RMSNorm` followed by BitLinear's input quantization computes, in one pass over each row.
+    What `RMSNorm` followed by BitLinear's input quantization computes, in one pass over each row
+    (the Triton kernel or its reference, as `kernels.choice` picks).
     """
-    out_dtype = matmul_dtype(x)
-    if x.is_cuda and NORM_QUANT_IMPL == "auto" and not torch.compiler.is_compiling():
-        from bitnet.model import kernels  # imported here: Triton is needed (and loaded) on CUDA only
-
-        if kernels.available():
-            return kernels.rmsnorm_act_quant(x, weight, eps, out_dtype)
-    return norm_act_quant_reference(x, weight, eps, out_dtype)
-
-
-# "auto": the Triton kernels (model/kernels.py) for CUDA tensors, in eager mode and inside torch.compile:
-# the gate/up GEMMs before them and the down GEMM after leave inductor nothing to fuse them with, and
-# their forward runs in half of inductor's time: the 95m step is 1.0 ms faster on an H100
-# (benchmarks/NOTES.md, run 4). "torch": the PyTorch formulation always.
-SWIGLU_NORM_QUANT_IMPL = "auto"
+    return choice.norm_act_quant(x, weight, eps, matmul_dtype(x))
 
 
 def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,13 +78,7 @@ def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: floa
 
     gate_up (..., 2 * ffn): gate and up side by side in the last dim, as `fused_linear` returns them.
     """
-    out_dtype = matmul_dtype(gate_up)
-    if gate_up.is_cuda and SWIGLU_NORM_QUANT_IMPL == "auto":
-        from bitnet.model import kernels
-
-        if kernels.available():
-            return kernels.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype)
-    return swiglu_norm_act_quant_reference(gate_up, weight, eps, out_dtype)
+    return choice.swiglu_norm_act_quant(gate_up, weight, eps, matmul_dtype(gate_up))
 
 
 _weights_generation = 0

@@ -10,7 +10,8 @@ How it differs from plain LLaMA:
 - input and output embeddings are one tensor (tied);
 - `quantization='none'` builds the identical network with plain linears (the bf16 twin).
 Training on CUDA runs q/k/v as one GEMM and gate/up as one (`fused_linear`), each weight quantized alone;
-the kernels after them (`kernels.rope_qkv`, `kernels.swiglu_norm_act_quant`) write the stacked gradients.
+the kernels after them (`kernels/rope.py`, `kernels/swiglu.py`) write the stacked gradients; which
+fused op runs its kernel and which its PyTorch reference, `kernels.KernelChoice` says.
 `forward(idx)` returns logits; `forward(idx, targets=...)` the mean next-token loss, which on CUDA
 never hands the logits out (`head_cross_entropy`).
 """
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from bitnet.model.bitlinear import fused_linear, make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
 from bitnet.model.config import ModelConfig
+from bitnet.model.kernels import choice
+from bitnet.model.kernels.references import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -54,27 +57,6 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head, the HF LLaMA convention. x: (B, H, T, D)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d].float(), x[..., d:].float()
-    cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D/2)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
-
-
-def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
-                       n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, heads, T, D) from stacked projections qkv (B, T, (H + 2 Hkv) D), RoPE on q and k."""
-    B, T, width = qkv.shape
-    D = width // (n_heads + 2 * n_kv_heads)
-    q, k, v = qkv.split((n_heads * D, n_kv_heads * D, n_kv_heads * D), dim=-1)
-    q = q.reshape(B, T, n_heads, D).transpose(1, 2)
-    k = k.reshape(B, T, n_kv_heads, D).transpose(1, 2)
-    v = v.reshape(B, T, n_kv_heads, D).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
 @dataclass
 class KVCache:
     """Per-layer key/value buffers for incremental decoding. k, v: (B, n_kv_heads, max_len, head_dim)."""
@@ -103,20 +85,18 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, q, quantized_input=True)
         self.attn_sub_norm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.o_proj = make_linear(cfg.n_heads * cfg.head_dim, cfg.dim, q, quantized_input=True)
-        # under autograd on CUDA, q/k/v as one GEMM (`fused_linear`), split and rotated by one Triton kernel
-        # whose backward writes their stacked gradient in place (kernels.rope_qkv). Stacked with inductor's
-        # RoPE instead, the step measured slower (benchmarks/NOTES.md, run 6). False: three GEMMs.
+        # under autograd, where the rope kernel runs (`KernelChoice.rope_qkv`), q/k/v as one GEMM
+        # (`fused_linear`), split and rotated by the kernel, whose backward writes their stacked gradient in
+        # place. Stacked with inductor's RoPE instead, the step measured slower (benchmarks/NOTES.md, run 6).
+        # False: three GEMMs.
         self.fused_projections = True
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        if self.fused_projections and x.is_cuda and torch.is_grad_enabled() and cache is None:
-            from bitnet.model import kernels  # imported here: Triton is needed (and loaded) on CUDA only
-
-            if kernels.available():  # training: one GEMM for q/k/v, one kernel to split and rotate them
-                qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-                q, k, v = kernels.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)
-                return self._attend(q, k, v, cache, layer)
+        if self.fused_projections and torch.is_grad_enabled() and cache is None and choice.stacks_qkv(x):
+            qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # training: one GEMM, one kernel
+            q, k, v = choice.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)
+            return self._attend(q, k, v, cache, layer)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -183,59 +163,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# "auto": on CUDA, the head and the loss as one function whose forward also makes the logits' gradient
-# (kernels.linear_cross_entropy): a read and a write of the 2 GiB logits fewer per 95m step.
-# "torch": F.cross_entropy over fp32 logits, what the reference rows of benchmarks/ run.
-LOSS_IMPL = "auto"
-
-
-def head_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 dtype: torch.dtype) -> torch.Tensor:
-    """F.cross_entropy over the fp32 logits x @ weight^T (the matmul in dtype); -100 targets do not count."""
-    logits = F.linear(x.to(dtype), weight.to(dtype))
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-
-
 def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of the tied head's logits x @ weight^T against targets (-100: not counted)."""
-    dtype = matmul_dtype(x)
-    if x.is_cuda and LOSS_IMPL == "auto":
-        from bitnet.model import kernels  # imported here: Triton is needed (and loaded) on CUDA only
-
-        if kernels.available():
-            return kernels.linear_cross_entropy(x, weight, targets, dtype)
-    return head_cross_entropy_reference(x, weight, targets, dtype)
-
-
-# "auto": on CUDA, the embedding's backward adds each token's gradient rows into the table with index_add_
-# (atomic adds, so the order of a repeated token's sum varies from run to run) instead of aten's sort-based
-# reduction (0.27 ms per 95m step on an H100), unless torch.use_deterministic_algorithms is on.
-# "torch": F.embedding's own backward (deterministic).
-EMBED_IMPL = "auto"
-
-
-class _ScatterAddEmbedding(torch.autograd.Function):
-    """weight[idx]; backward: zeros.index_add_(0, idx, grad), one pass with atomics instead of a sort."""
-
-    @staticmethod
-    def forward(ctx, idx, weight):
-        ctx.save_for_backward(idx)
-        ctx.weight_shape = weight.shape
-        return F.embedding(idx, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        grad_weight = grad.new_zeros(ctx.weight_shape)
-        return None, grad_weight.index_add_(0, idx.reshape(-1), grad.reshape(-1, grad.shape[-1]))
-
-
-def embed(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The token embedding weight[idx] (B, T, C)."""
-    if (weight.is_cuda and EMBED_IMPL == "auto" and torch.is_grad_enabled()
-            and not torch.are_deterministic_algorithms_enabled()):
-        return _ScatterAddEmbedding.apply(idx, weight)
-    return F.embedding(idx, weight)
+    """Mean cross entropy of the tied head's logits x @ weight^T against targets (-100: not counted);
+    on CUDA the head and the loss as one kernel whose forward also makes the logits' gradient."""
+    return choice.head_cross_entropy(x, weight, targets, matmul_dtype(x))
 
 
 class Transformer(nn.Module):
@@ -275,7 +206,7 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = embed(idx, self.embed_tokens.weight)  # (B, T, C)
+        x = choice.embedding(idx, self.embed_tokens.weight)  # (B, T, C)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
         if cache is not None:

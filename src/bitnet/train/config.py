@@ -98,6 +98,28 @@ PRESET_TRAIN_DEFAULTS = {
 }
 
 
+SEED_MAX = 2**32 - 1
+
+
+def stage_boundary_step(num_steps: int, stage_boundary: float) -> int:
+    """The last step of stage 1."""
+    return max(1, int(round(num_steps * stage_boundary)))
+
+
+def fit_default_warmup(values: dict, given: set[str]) -> dict:
+    """A warmup nobody asked for (the preset's) ends before the stage boundary of a short run: the
+    default is the preset's warmup, at most the steps before the boundary. A --warmup-steps that was
+    given is left alone (resolve_derived refuses it if it contradicts the boundary)."""
+    if "warmup_steps" in given:
+        return values
+    cfg = TrainConfig(**values)
+    if isinstance(cfg.num_steps, int) and isinstance(cfg.stage_boundary, float) and cfg.num_steps > 0:
+        if 0.0 < cfg.stage_boundary < 1.0:
+            boundary = stage_boundary_step(cfg.num_steps, cfg.stage_boundary)
+            return {**values, "warmup_steps": min(cfg.warmup_steps, boundary - 1)}
+    return values
+
+
 def field_names() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
 
@@ -120,8 +142,10 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
     for name in ["lr_peak", "lr_stage1_end", "lr_stage2_start"]:
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0.0 < cfg.stage_boundary <= 1.0:
-        raise ValueError(f"--stage-boundary must be in (0, 1], got {cfg.stage_boundary}")
+    if not 0 <= cfg.seed <= SEED_MAX:  # torch.manual_seed and the data order's seeds overflow beyond it
+        raise ValueError(f"--seed must be in [0, {SEED_MAX}], got {cfg.seed}")
+    if not 0.0 < cfg.stage_boundary < 1.0:
+        raise ValueError(f"--stage-boundary must be in (0, 1), got {cfg.stage_boundary}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ValueError("--beta1 and --beta2 must be in [0, 1)")
     if cfg.seq_len > max_seq_len:
@@ -144,6 +168,10 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
     if per_rank % micro:
         raise ValueError(f"per-rank batch {per_rank} (--batch-size {cfg.batch_size} / {world_size} ranks) is not "
                          f"divisible by --micro-batch-size {micro}")
-    boundary = max(1, int(round(cfg.num_steps * cfg.stage_boundary)))
+    boundary = stage_boundary_step(cfg.num_steps, cfg.stage_boundary)
+    if cfg.warmup_steps >= boundary:
+        raise ValueError(f"--warmup-steps {cfg.warmup_steps} does not end before the stage boundary at step {boundary} "
+                         f"(--stage-boundary {cfg.stage_boundary} of --num-steps {cfg.num_steps}): the LR would still "
+                         f"climb in stage 2; use --warmup-steps below {boundary}, or more --num-steps")
     return {"world_size": world_size, "micro_batch_size": micro, "grad_accum": per_rank // micro,
             "tokens_per_step": cfg.batch_size * cfg.seq_len, "stage_boundary_step": boundary}

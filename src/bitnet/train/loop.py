@@ -9,9 +9,11 @@ step's LR/WD, fetch the batch, `train_step`, log (the only host sync), hooks, ch
 
 import contextlib
 import math
+import shlex
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,8 +33,9 @@ from bitnet.model import ModelConfig, Transformer
 from bitnet.train import checkpoint, parallel
 from bitnet.train.config import TrainConfig, resolve_derived
 from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
+from bitnet.train.memory import check_fits, out_of_memory_message
 from bitnet.train.optim import build_optimizer, set_schedule
-from bitnet.train.run_dir import create_run_dir, default_run_id, write_json
+from bitnet.train.run_dir import create_run_dir, default_run_id, lock_run_dir, write_json
 from bitnet.train.schedule import lr_at, wd_at
 from bitnet.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from bitnet.train.step import compile_step, train_step
@@ -45,10 +48,22 @@ class RunResult:
     tokens: int
     last_loss: float
     stopped_early: bool = False
+    stop_reason: str = ""
+    """Why the run stopped early: a signal's name, or a hook's reason (--anomaly-policy stop)."""
+    stopped_by_policy: bool = False
+    """Stopped by a hook's policy (exit 3), not by a signal (exit 0)."""
 
 
 class TrainingFailed(Exception):
     """The run failed mid-way for a reason the user can act on (disk full, unwritable): one line, exit 1."""
+
+
+def resume_command(cfg: TrainConfig, checkpoint_dir) -> str:
+    """The command that continues from `checkpoint_dir` in the same run family and runs directory."""
+    cmd = f"bitnet-train --resume-from {shlex.quote(str(checkpoint_dir))}"
+    if cfg.runs_dir != TrainConfig.runs_dir:
+        cmd += f" --runs-dir {shlex.quote(str(cfg.runs_dir))}"
+    return cmd
 
 
 def pick_device(name: str) -> torch.device:
@@ -120,6 +135,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     boundary, accum, micro = derived["stage_boundary_step"], derived["grad_accum"], derived["micro_batch_size"]
+    check_fits(cfg, model_cfg, micro, device)  # absurd sizes are refused before anything is allocated
     seed_everything(cfg.seed)
     prompts = load_prompts(cfg.sample_prompts) if cfg.sample_interval else []
     if cfg.tensorboard:
@@ -159,8 +175,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     # the micro-batch instead of inheriting the old per-rank one
     full_config = {"model": model_cfg.to_dict(), "train": {**derived, **cfg.to_dict(), "run_id": run_id},
                    "data": data.fingerprint}
+    lock = None
     if world.is_main:
-        run_dir = create_run_dir(cfg.runs_dir, run_id, cfg.overwrite)
+        run_dir = create_run_dir(cfg.runs_dir, run_id, cfg.overwrite, resumed_from)
+        lock = lock_run_dir(run_dir)  # held until the process ends: auto-resume refuses a live run
         write_json(run_dir / "meta" / "config.json", full_config)
         write_json(run_dir / "meta" / "provenance.json", provenance(cfg.seed, device, resumed_from, world.world_size))
         write_json(run_dir / "meta" / "dataset_fingerprint.json", data.fingerprint)
@@ -227,7 +245,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
             if cfg.on_checkpoint_error == "continue" and not must_succeed:
                 progress.write(f"warning: {problem}; training goes on (--on-checkpoint-error continue)")
                 return None
-            resume = f"; resume with: bitnet-train --resume-from {kept}" if kept else ""
+            resume = f"; resume with: {resume_command(cfg, kept)}" if kept else ""
             raise TrainingFailed(problem + resume) from None
 
     milestones = {boundary - 1, boundary, cfg.num_steps}
@@ -248,6 +266,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     steps_since_log = 0
     loss_sum = torch.zeros((), device=device)
     voted_stop = None  # under torchrun: why all ranks agreed to stop (at a log step)
+    voted_by_policy = False  # ... and whether a hook's policy (not a signal) asked for it: exit 3 on every rank
+    stop_reason, stopped_by_policy = "", False
+    start_step = state.step
     try:
         for hook in hooks:
             hook.on_train_start(state)
@@ -257,7 +278,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
             for step in range(state.step + 1, cfg.num_steps + 1):
                 lr, wd = lr_at(step, cfg, boundary), wd_at(step, cfg, boundary)
                 set_schedule(optimizer, lr, wd)
-                micro_batches = [data.train.next_batch(micro * world.world_size) for _ in range(accum)]
+                try:  # a failure leaves the loader where this step began, so the checkpoint below resumes here
+                    micro_batches = data.train.next_batches(accum, micro * world.world_size)
+                except (ValueError, UnicodeDecodeError, EOFError) as e:  # bad data reached mid-run (prefetch thread)
+                    raise TrainingFailed(data_failure(e, save, state, start_step, run_dir, cfg)) from None
                 out = step_fn(micro_batches, lr=lr, wd=wd)
                 out = parallel.full_tensors(out, world)  # FSDP2 returns its grad norms as DTensors
                 state.step, state.tokens = step, state.tokens + derived["tokens_per_step"]
@@ -271,13 +295,17 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                     step_ms = (now - t_last - excluded_s) * 1000 / steps_since_log
                     # One all-reduce per log interval, never per step: losses averaged over ranks, tokens
                     # summed, and a stop vote (signal or hook) so that every rank stops at this same step.
-                    wants_stop = bool(stop.signal_name) or any(h.stop_requested for h in hooks)
+                    by_policy = any(h.stop_requested for h in hooks)
+                    wants_stop = bool(stop.signal_name) or by_policy
                     local_tokens = steps_since_log * derived["tokens_per_step"] // world.world_size
                     stats = torch.cat([torch.stack([out.loss, loss_sum]).double(),
-                                       torch.tensor([local_tokens, wants_stop], dtype=torch.float64, device=device)])
-                    loss_total, loss_sum_total, tokens_logged, stop_votes = parallel.all_reduce_sum(stats, world).tolist()
+                                       torch.tensor([local_tokens, wants_stop, by_policy], dtype=torch.float64,
+                                                    device=device)])
+                    loss_total, loss_sum_total, tokens_logged, stop_votes, policy_votes = (
+                        parallel.all_reduce_sum(stats, world).tolist())
                     last_loss = loss_total / world.world_size
                     if stop_votes and world.distributed:
+                        voted_by_policy = bool(policy_votes)
                         voted_stop = stop.signal_name or next((h.stop_reason for h in hooks if h.stop_requested),
                                                               "stop requested on another rank")
                     row = {"step": step, "tokens": state.tokens, "loss": last_loss,
@@ -318,21 +346,48 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                     if halt and not stopping:
                         save(milestone=True, must_succeed=True)
                     if world.is_main:
+                        ckpt = run_dir / "checkpoints" / checkpoint.step_dir_name(step)
                         progress.write(f"stopped at step {step} ({reason}); checkpoint saved. Resume with:\n"
-                                       f"  bitnet-train --resume-from {run_dir / 'checkpoints' / checkpoint.step_dir_name(step)}")
-                    stopped_early = True
+                                       f"  {resume_command(cfg, ckpt)}")
+                    stopped_early, stop_reason = True, reason
+                    stopped_by_policy = voted_by_policy if world.distributed else not stop.signal_name
                     break
         for hook in hooks:
             hook.on_train_end(state)
     except OSError as e:  # disk full or unwritable outside a checkpoint write (scalars, eval, dumps)
         where = f" ({e.filename})" if e.filename else ""
         raise TrainingFailed(f"{e.strerror or e}{where} at step {state.step}; newest intact checkpoint: "
-                             f"{checkpoint.latest(run_dir) if world.is_main else 'on rank 0'}") from None
+                             f"{newest_checkpoint(run_dir, world)}") from None
+    except torch.OutOfMemoryError:  # no checkpoint: the step's state is half-updated; the last one stays intact
+        raise TrainingFailed(out_of_memory_message(state.step + 1, device, cfg, micro)
+                             + f"; newest intact checkpoint: {newest_checkpoint(run_dir, world)}") from None
     finally:
         for hook in hooks:
-            hook.close()
+            with contextlib.suppress(OSError):  # a full disk fails the last flush too; the error above says it
+                hook.close()
+        if lock is not None:
+            lock.close()
     return RunResult(run_dir=run_dir, step=state.step, tokens=state.tokens, last_loss=last_loss,
-                     stopped_early=stopped_early)
+                     stopped_early=stopped_early, stop_reason=stop_reason, stopped_by_policy=stopped_by_policy)
+
+
+def newest_checkpoint(run_dir: Path, world: parallel.World) -> str:
+    if not world.is_main:
+        return "on rank 0"
+    with warnings.catch_warnings():  # a skipped corrupt one needs no warning here
+        warnings.simplefilter("ignore")
+        return str(checkpoint.latest(run_dir) or "none")
+
+
+def data_failure(error: Exception, save, state: TrainState, start_step: int, run_dir: Path, cfg: TrainConfig) -> str:
+    """Bad data reached mid-run (a row of the wrong type, a truncated file): checkpoint the steps done, and
+    say which file and row, and how to go on once the file is fixed."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if state.step > start_step:
+        path = save(milestone=True, must_succeed=True)
+        return (f"bad training data at step {state.step + 1}: {reason}; checkpoint of step {state.step} saved; "
+                f"fix or remove the file, then resume with: {resume_command(cfg, path)}")
+    return f"bad training data at step {state.step + 1}: {reason}; no step trained since the start, nothing saved"
 
 
 def peak_flops(device: torch.device) -> float:

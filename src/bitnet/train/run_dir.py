@@ -35,14 +35,71 @@ def check_run_dir(runs_dir: str, run_id: str, overwrite: bool) -> Path:
     return run_dir
 
 
-def create_run_dir(runs_dir: str, run_id: str, overwrite: bool) -> Path:
-    """Make runs_dir/run_id with its subdirectories; refuses to reuse one unless overwrite is set."""
+def create_run_dir(runs_dir: str, run_id: str, overwrite: bool, resumed_from: str | None = None) -> Path:
+    """Make runs_dir/run_id with its subdirectories; refuses to reuse one unless overwrite is set.
+
+    The directory itself is made with one mkdir that fails if it exists: of two processes that chose
+    the same name (two auto-resumes of one run), the loser says so instead of sharing it.
+    """
+    def raced() -> FileExistsError:
+        return FileExistsError(f"another resume of run {base_run_id(run_id)!r} is in progress: it created "
+                               f"{Path(runs_dir) / run_id} "
+                               f"while this one was setting up; let it run (or stop it first)")
+
+    if resumed_from and not overwrite and (Path(runs_dir) / run_id).exists():
+        raise raced()
     run_dir = check_run_dir(runs_dir, run_id, overwrite)
     if run_dir.exists():  # --overwrite of a run directory
         shutil.rmtree(run_dir)
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        if resumed_from:
+            raise raced() from None
+        raise FileExistsError(f"run directory {run_dir} was created by another process while this one was "
+                              f"setting up; pick another --run-id") from None
     for sub in ("meta", "checkpoints", "metrics", "eval", "samples", "anomalies"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+LOCK = "meta/lock"
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on <run>/meta/lock (with this pid in it) until the returned file is closed
+    or the process ends, however it ends; None where file locks are unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, no live-run check
+        return None
+    f = open(Path(run_dir) / LOCK, "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def live_run(run_dir: Path) -> str | None:
+    """'pid N' if a trainer holds run_dir's lock now (the run is in progress), else None."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(Path(run_dir) / LOCK)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "a running process"
+        except OSError:
+            return None
+    return None
 
 
 def write_json(path: Path, obj: dict) -> None:

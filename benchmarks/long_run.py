@@ -1,0 +1,655 @@
+"""The main job for real (issue 24): the 95m recipe on one GPU, corpus build included, killed and resumed.
+
+One command per model, each fits one 10-minute GPU job (corpus build, compile, a SIGKILL mid-run and
+`--resume-from auto` included); it prints the table last and leaves one archive of the run's files:
+
+    PYTHONPATH=src python benchmarks/long_run.py run --kind bitnet --steps 5400 --out $OUT
+    PYTHONPATH=src python benchmarks/long_run.py run --kind bf16 --steps 5400 --out $OUT
+    # here, from the two archives: benchmarks/results/long_run.json, the plot and the table
+    python benchmarks/long_run.py report A/long_run_bitnet.tar.gz B/long_run_bf16.tar.gz
+
+What `run` does:
+1. Corpus: every *.py, *.pyi, *.rst, *.md, *.txt and *.h under the interpreter's site-packages,
+   /usr/lib/python3* and /usr/share/doc (symlinks resolved, exact duplicates and non-UTF-8 files
+   dropped), shuffled with a fixed seed and packed one file a line into corpus.jsonl, then tokenized
+   by `bitnet-prepare-data` on every core. The first documents (about 2M characters) are the
+   held-out eval set. It is mostly Python code and documentation, not FineWeb-Edu. A complete
+   corpus left by an earlier call on the same machine is reused.
+2. Training: `bitnet-train --preset 95m --data shards:...`, 32 x 1024, the seed's two-stage schedule
+   compressed to --steps (warmup 375 steps as the seed's, boundary at 50%; both milestone checkpoints
+   are written), eval ~20 times, samples 5 times, quant stats ~20 times. The bf16 twin runs with a
+   config file holding `[model] quantization = "none"`.
+3. Kill and resume: --kill-after steps past the stage boundary (whose checkpoint is then the newest)
+   the trainer gets SIGKILL, and `bitnet-train --resume-from auto --run-id <id>` continues it in
+   <id>_r<step>. The steps between the checkpoint and the kill run twice: their losses are compared.
+4. A wall-clock guard: past --budget-s minus 40 s the trainer gets SIGTERM (it checkpoints and
+   exits), 25 s later SIGKILL, so that the report and the archive are always written.
+
+The trainer runs in a child process (`_train`) that times every hook at its event steps and every
+checkpoint write into timings.jsonl, line by line, so a SIGKILL loses none of it.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import platform
+import random
+import signal
+import site
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+from pathlib import Path
+
+SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt", ".h")
+MAX_FILE_BYTES = 8 << 20  # larger files (data tables) are skipped
+EVAL_CHARS = 2_000_000  # held-out documents: the first ones reaching this many characters
+SEED_WARMUP = 375  # the seed's warmup, in steps: about the start's stability, not the run's length
+SEED_STEPS = 400_000  # the seed's run: 400k steps x 32 x 1024 = 13.1B tokens
+SEED_TOKENS = SEED_STEPS * 32 * 1024
+SEED_HOURS = 28.0
+PROMPTS = Path(__file__).with_name("long_run_prompts.txt")
+
+
+# ------------------------------------------------------------------ corpus
+
+def default_roots() -> list[str]:
+    roots = list(site.getsitepackages()) + [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    roots += sorted(glob.glob("/usr/lib/python3*")) + ["/usr/share/doc"]
+    return list(dict.fromkeys(roots))  # files are deduplicated by real path anyway
+
+
+def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed: int = 0) -> dict:
+    """Write corpus.jsonl (one file a line, shuffled); returns counts and the held-out document count."""
+    t0 = time.time()
+    seen_paths, files = set(), []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, names in os.walk(root):
+            for name in names:
+                if name.endswith(SUFFIXES):
+                    real = os.path.realpath(os.path.join(dirpath, name))
+                    if real not in seen_paths and os.path.isfile(real):
+                        seen_paths.add(real)
+                        files.append(real)
+    files.sort()
+    skipped = {"too_large": 0, "not_utf8": 0, "empty": 0, "duplicate": 0}
+    seen_hashes, docs, total_bytes = set(), [], 0
+    for f in files:
+        try:
+            data = Path(f).read_bytes()
+        except OSError:
+            continue
+        if len(data) > MAX_FILE_BYTES:
+            skipped["too_large"] += 1
+            continue
+        if not data.strip():
+            skipped["empty"] += 1
+            continue
+        digest = hashlib.sha1(data).digest()
+        if digest in seen_hashes:
+            skipped["duplicate"] += 1
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["not_utf8"] += 1
+            continue
+        seen_hashes.add(digest)
+        docs.append(text)
+        total_bytes += len(data)
+    random.Random(seed).shuffle(docs)
+    chars, eval_docs = 0, 0
+    while eval_docs < len(docs) and chars < eval_chars:
+        chars += len(docs[eval_docs])
+        eval_docs += 1
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in docs:
+            f.write(json.dumps({"text": text}, ensure_ascii=False))
+            f.write("\n")
+    os.replace(tmp, path)
+    by_suffix = {}
+    for f in files:
+        s = os.path.splitext(f)[1]
+        by_suffix[s] = by_suffix.get(s, 0) + 1
+    return {"roots": [r for r in roots if os.path.isdir(r)], "files_found": len(files), "files_by_suffix": by_suffix,
+            "documents": len(docs), "bytes": total_bytes, "skipped": skipped, "eval_docs": eval_docs,
+            "eval_chars": chars, "shuffle_seed": seed, "pack_s": time.time() - t0,
+            "jsonl_bytes": path.stat().st_size}
+
+
+def build_corpus(work: Path, roots: list[str], workers: int, eval_chars: int = EVAL_CHARS) -> dict:
+    """corpus.jsonl + token shards under work/ (reused when complete); returns what the report records."""
+    from bitnet.data.prepare import main as prepare_main
+    from bitnet.data.shards import read_manifest
+
+    work.mkdir(parents=True, exist_ok=True)
+    info_path, jsonl, shards = work / "corpus_info.json", work / "corpus.jsonl", work / "shards"
+    manifest = read_manifest(shards) if shards.is_dir() else None
+    if info_path.exists() and jsonl.exists() and manifest and manifest.get("complete"):
+        info = json.loads(info_path.read_text())
+        info["reused"] = True
+        return info
+    info = pack_corpus(roots, jsonl, eval_chars)
+    t0 = time.time()
+    code = prepare_main(["--data", str(jsonl), "--out", str(shards), "--eval-docs", str(info["eval_docs"]),
+                         "--workers", str(workers), "--no-progress"])
+    if code:
+        raise SystemExit(f"error: bitnet-prepare-data exited {code}")
+    info["prepare_s"] = time.time() - t0
+    info["workers"] = workers or os.cpu_count()
+    manifest = read_manifest(shards)
+    info.update(train_tokens=manifest["train_tokens"], train_docs=manifest["train_docs"],
+                eval_tokens=manifest["eval"]["tokens"], shards=len(manifest["shards"]),
+                manifest_sha256=hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest(),
+                jsonl_sha256=sha256_path(jsonl), reused=False)
+    info_path.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ the trainer, timed (child process)
+
+def train_timed(argv: list[str]) -> int:
+    """bitnet-train with every hook event and checkpoint write timed into the file argv[0]."""
+    path, flags = argv[0], argv[1:]
+    log = open(path, "a", buffering=1)
+
+    def emit(**row):
+        log.write(json.dumps({"t": time.time(), "pid": os.getpid(), **row}) + "\n")
+        log.flush()
+
+    emit(ev="proc_start")
+    import bitnet.train.loop  # noqa: F401  (imports every hook class)
+    from bitnet.instrumentation.base import Hook
+    from bitnet.train import checkpoint
+
+    first = {"done": False}
+
+    def timed(cls, name, fn):
+        def wrapper(self, state, *args):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, state, *args)
+            finally:
+                dt = time.perf_counter() - t0
+                step = getattr(state, "step", -1)
+                if name == "on_step_end" and not first["done"]:
+                    first["done"] = True
+                    emit(ev="first_step", step=step)
+                works = name != "on_step_end" or cls.works_at is not Hook.works_at and self.works_at(step)
+                if (name not in ("on_step_end", "on_log") or works or dt > 0.05) and dt > 1e-4:
+                    emit(ev="hook", hook=cls.__name__, fn=name, step=step, s=dt)
+        return wrapper
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for cls in set(subclasses(Hook)):
+        for name in ("on_train_start", "on_step_end", "on_log", "on_checkpoint", "on_train_end"):
+            if name in vars(cls):
+                setattr(cls, name, timed(cls, name, vars(cls)[name]))
+    save = checkpoint.save
+
+    def timed_save(run_dir, step, state, milestone=False):
+        t0 = time.perf_counter()
+        out = save(run_dir, step, state, milestone=milestone)
+        emit(ev="checkpoint", step=step, s=time.perf_counter() - t0, milestone=milestone,
+             bytes=(Path(out) / "checkpoint.pt").stat().st_size)
+        return out
+
+    checkpoint.save = timed_save
+    from bitnet.cli import train_main
+    code = train_main(flags)
+    emit(ev="exit", rc=code)
+    return code
+
+
+# ------------------------------------------------------------------ the driver
+
+def read_rows(path: Path) -> list[dict]:
+    rows = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return rows
+
+
+def newest(paths) -> Path:
+    paths = sorted(paths, key=lambda p: p.stat().st_mtime)
+    return paths[-1] if paths else Path("/nonexistent")
+
+
+def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_start: float) -> dict:
+    """Wait for the trainer; SIGKILL it at kill_step, SIGTERM it past guard_at (SIGKILL 25 s later)."""
+    last_print, killed_at, termed_at = 0.0, None, None
+    while proc.poll() is None:
+        time.sleep(0.25)
+        rows = read_rows(scalars())
+        step = rows[-1]["step"] if rows else 0
+        now = time.time()
+        if kill_step is not None and killed_at is None and step >= kill_step:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = {"step": step, "t": now}
+            print(f"[{now - t_start:6.1f}s] {label}: SIGKILL at step {step}", flush=True)
+        if termed_at is None and now > guard_at:
+            proc.send_signal(signal.SIGTERM)
+            termed_at = {"step": step, "t": now}
+            print(f"[{now - t_start:6.1f}s] {label}: wall-clock guard, SIGTERM at step {step}", flush=True)
+        if termed_at is not None and now > termed_at["t"] + 25 and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        if now - last_print > 30 and rows:
+            r = rows[-1]
+            print(f"[{now - t_start:6.1f}s] {label}: step {r['step']} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+                  f"tok/s {r['tok_s']:,.0f} mem {r['mem_gib']:.2f} GiB", flush=True)
+            last_print = now
+    return {"rc": proc.returncode, "killed": killed_at, "guard_sigterm": termed_at, "end": time.time()}
+
+
+def run(args) -> int:
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device", file=sys.stderr)
+        return 2
+    if args.steps < 40 or args.kill_after >= args.steps // 2:
+        print("error: --steps must be >= 40 and --kill-after < --steps / 2", file=sys.stderr)
+        return 2
+    info = {"kind": args.kind, "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
+            "host": platform.node(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "budget_s": args.budget_s, "argv": sys.argv}
+    roots = args.roots.split(",") if args.roots else default_roots()
+    t0 = time.time()
+    corpus = build_corpus(work / "corpus", roots, args.workers, args.eval_chars)
+    corpus["build_s"] = time.time() - t0
+    print(f"[{time.time() - t_start:6.1f}s] corpus: {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:.0f} MB, "
+          f"{corpus['train_tokens']:,} train tokens, {corpus['eval_tokens']:,} eval tokens "
+          f"({corpus['eval_docs']} docs), manifest {corpus['manifest_sha256'][:16]}, "
+          f"{'reused' if corpus['reused'] else 'built'} in {corpus['build_s']:.1f} s", flush=True)
+
+    n = args.steps
+    boundary = max(1, round(n * 0.5))
+    runs = work / "runs"
+    run_id = f"long_{args.kind}"
+    flags = ["--preset", args.preset, "--data", f"shards:{work / 'corpus' / 'shards'}", "--run-id", run_id,
+             "--runs-dir", str(runs), "--overwrite", "--device", args.device, "--batch-size", str(args.batch_size),
+             "--num-steps", str(n), "--warmup-steps", str(min(SEED_WARMUP, max(n // 10, 1))),
+             "--lr-peak", str(args.lr_peak), "--lr-stage1-end", str(args.lr_peak * 2 / 3),
+             "--lr-stage2-start", str(args.lr_peak * 2 / 3), "--lr-end", str(args.lr_peak / 100),
+             "--log-interval", str(args.log_interval), "--eval-interval", str(max(n // 20, 1)),
+             "--eval-sequences", str(args.eval_sequences), "--sample-interval", str(max(n // 5, 1)),
+             "--quant-interval", str(max(n // 20, 1)), "--checkpoint-interval", str(boundary),
+             "--keep-every", "0", "--sample-prompts", str(PROMPTS), "--quiet"]
+    if args.seq_len:
+        flags += ["--seq-len", str(args.seq_len)]
+    if args.kind == "bf16":
+        toml = work / "bf16.toml"
+        toml.write_text('[model]\nquantization = "none"\n')
+        flags += ["--config", str(toml)]
+    flags += args.extra
+    timings = work / f"timings_{args.kind}.jsonl"
+    timings.unlink(missing_ok=True)
+    guard_at = deadline - 40
+    child = [sys.executable, os.path.abspath(__file__), "_train", str(timings)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    print(f"[{time.time() - t_start:6.1f}s] train {run_id}: {' '.join(flags)}", flush=True)
+    proc = subprocess.Popen(child + flags, env=env)
+    first = watch(proc, lambda: runs / run_id / "metrics" / "scalars.jsonl", run_id, boundary + args.kill_after, guard_at,
+                  t_start)
+    legs = [{"run_id": run_id, "start": t_start, **first}]
+    if first["killed"] and time.time() < guard_at:
+        print(f"[{time.time() - t_start:6.1f}s] resume: --resume-from auto --run-id {run_id}", flush=True)
+        t_resume = time.time()
+        proc = subprocess.Popen(child + ["--resume-from", "auto", "--run-id", run_id, "--runs-dir", str(runs),
+                                         "--quiet"], env=env)
+        second = watch(proc, lambda: newest(runs.glob(f"{run_id}_r*")) / "metrics" / "scalars.jsonl", "resumed",
+                       None, guard_at, t_start)  # its directory appears once the trainer set up
+        cont = newest(runs.glob(f"{run_id}_r*"))
+        legs.append({"run_id": cont.name if cont.exists() else None, "start": t_resume, **second})
+    info["legs"] = legs
+    info["corpus"] = corpus
+    info["flags"] = flags
+    info["steps_planned"] = n
+    info["wall_s"] = time.time() - t_start
+
+    final_dir = runs / (legs[-1]["run_id"] or run_id)
+    status = subprocess.run([sys.executable, "-m", "bitnet.status", str(final_dir)], capture_output=True, text=True,
+                            env={**env, "COLUMNS": "120"})
+    (work / f"status_{args.kind}.txt").write_text(status.stdout + status.stderr)
+    (work / f"driver_{args.kind}.json").write_text(json.dumps(info, indent=1))
+    summary = analyze(work, args.kind)
+    (work / f"summary_{args.kind}.json").write_text(json.dumps(summary, indent=1))
+    archive = out / f"long_run_{args.kind}.tar.gz"
+    pack(work, args.kind, archive)
+    print(status.stdout + status.stderr)
+    print(table({args.kind: summary}))
+    print(f"archive {archive} ({archive.stat().st_size / 1e6:.1f} MB), wall {time.time() - t_start:.1f} s")
+    return 0 if summary.get("tokens") else 1
+
+
+def pack(work: Path, kind: str, archive: Path) -> None:
+    """The run's small files (no checkpoints, no corpus) into one archive."""
+    names = [f"driver_{kind}.json", f"summary_{kind}.json", f"status_{kind}.txt", f"timings_{kind}.jsonl",
+             "corpus/corpus_info.json", "corpus/shards/manifest.json"]
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in names:
+            if (work / name).exists():
+                tar.add(work / name, arcname=name)
+        for run_dir in sorted((work / "runs").glob(f"long_{kind}*")):
+            for p in sorted(run_dir.rglob("*")):
+                if p.is_file() and not p.name.endswith((".pt", ".tmp")):
+                    tar.add(p, arcname=str(p.relative_to(work)))
+
+
+# ------------------------------------------------------------------ analysis
+
+def analyze(work: Path, kind: str) -> dict:
+    """Numbers of one model's run from its files (driver, timings, run directories)."""
+    work = Path(work)
+    info = json.loads((work / f"driver_{kind}.json").read_text())
+    legs = info["legs"]
+    dirs = [work / "runs" / leg["run_id"] for leg in legs if leg.get("run_id")]
+    scal = [read_rows(d / "metrics" / "scalars.jsonl") for d in dirs]
+    evals = [read_rows(d / "eval" / "eval_results.jsonl") for d in dirs]
+    quant = [read_rows(d / "metrics" / "quant.jsonl") for d in dirs]
+    samples = [read_rows(d / "samples" / "samples.jsonl") for d in dirs]
+    tim = read_rows(work / f"timings_{kind}.jsonl")
+    pids = []
+    for row in tim:
+        if row["ev"] == "proc_start":
+            pids.append(row["pid"])
+    resume_step = None
+    if len(dirs) > 1:
+        cfg = json.loads((dirs[1] / "meta" / "provenance.json").read_text())
+        resume_step = int(Path(cfg.get("resumed_from") or "step_0").name.split("_")[-1] or 0)
+    # the merged curve: the first leg up to the resume step, then the resumed leg
+    merged = [r for r in scal[0] if resume_step is None or r["step"] <= resume_step] + (scal[1] if len(scal) > 1 else [])
+    merged_eval = [e for e in evals[0] if resume_step is None or e["step"] <= resume_step] + (
+        evals[1] if len(evals) > 1 else [])
+    merged_quant = [q for q in quant[0] if resume_step is None or q["step"] <= resume_step] + (
+        quant[1] if len(quant) > 1 else [])
+    last = merged[-1] if merged else {}
+    tail = [r for r in merged if r["step"] > last.get("step", 0) - 100]  # the rows of the last 100 steps
+    out = {"kind": kind, "gpu": info["gpu"], "started_utc": info["started_utc"], "torch": info["torch"],
+           "steps_planned": info["steps_planned"], "steps": last.get("step", 0), "tokens": last.get("tokens", 0),
+           "epochs": last.get("epoch"), "corpus": info["corpus"],
+           "lr_peak": float(info["flags"][info["flags"].index("--lr-peak") + 1]),
+           "final_train_loss": statistics.fmean(r["loss_avg"] for r in tail) if tail else None,
+           "final_train_loss_last_row": last.get("loss_avg"),
+           "final_eval_loss": merged_eval[-1]["eval_loss"] if merged_eval else None,
+           "final_eval_step": merged_eval[-1]["step"] if merged_eval else None,
+           "peak_gib": max((r.get("mem_gib", 0) for s in scal for r in s), default=None),
+           "run_dirs": [d.name for d in dirs], "resumed_after_kill": len(dirs) > 1 and bool(legs[0].get("killed")),
+           "killed_at_step": (legs[0].get("killed") or {}).get("step"), "resume_step": resume_step,
+           "guard_sigterm": [leg.get("guard_sigterm") for leg in legs], "exit_codes": [leg["rc"] for leg in legs]}
+    # wall time of the trainer processes (process start to exit) and its parts
+    proc_start = {r["pid"]: r["t"] for r in tim if r["ev"] == "proc_start"}
+    legs_wall = [leg["end"] - proc_start.get(pid, leg["start"]) for leg, pid in zip(legs, pids)]
+    trainer_wall = sum(legs_wall)
+    hook_s = {}
+    for r in tim:
+        if r["ev"] == "hook":
+            hook_s.setdefault(r["hook"], []).append(r)
+    ckpts = [r for r in tim if r["ev"] == "checkpoint"]
+
+    def total(name, pid=None):
+        return sum(r["s"] for r in hook_s.get(name, []) if pid is None or r["pid"] == pid)
+
+    step_ms = statistics.median(r["step_ms"] for s in scal for r in s[1:]) if any(len(s) > 1 for s in scal) else 0.0
+    setup, compile_s, steps_s = [], [], 0.0
+    redone_s, redone_steps = 0.0, 0
+    for i, (d, pid, rows) in enumerate(zip(dirs, pids, scal)):
+        if not rows:
+            continue
+        start_step = resume_step if i else 0
+        cfg_t = (d / "meta" / "config.json").stat().st_mtime  # written once data, model and resume are set up
+        setup.append(cfg_t - proc_start[pid])
+        train_start = sum(r["s"] for r in tim if r["ev"] == "hook" and r["pid"] == pid and r["fn"] == "on_train_start")
+        n_first = rows[0]["step"] - start_step
+        # the first row holds the on_train_start hooks, the compile and graph capture, and its steps
+        compile_s.append(max(0.0, rows[0]["time"] - cfg_t - train_start - n_first * step_ms / 1000))
+        prev = rows[0]["step"]
+        steps_s += n_first * step_ms / 1000
+        for r in rows[1:]:
+            n = r["step"] - prev
+            steps_s += n * r["step_ms"] / 1000
+            if i == 0 and resume_step is not None and len(dirs) > 1 and r["step"] > resume_step:
+                redone_s += n * r["step_ms"] / 1000
+                redone_steps += n
+            prev = r["step"]
+    parts = {"setup": sum(setup), "compile": sum(compile_s), "steps": steps_s - redone_s,
+             "steps_redone_after_kill": redone_s, "eval": total("EvalHook"), "samples": total("SampleHook"),
+             "quant_stats": total("QuantStatsHook"), "anomaly_dumps": total("AnomalyHook"),
+             "checkpoints": sum(r["s"] for r in ckpts)}
+    parts["other"] = trainer_wall - sum(parts.values())
+    out["wall"] = {"trainer_s": trainer_wall, "legs_s": legs_wall, "corpus_build_s": info["corpus"].get("build_s"),
+                   "driver_s": info["wall_s"], "parts_s": parts,
+                   "shares": {k: v / trainer_wall for k, v in parts.items()} if trainer_wall else {},
+                   "setup_per_process_s": setup, "compile_per_process_s": compile_s, "redone_steps": redone_steps}
+    out["tok_s_sustained"] = out["tokens"] / trainer_wall if trainer_wall else None
+    out["tok_s_sustained_incl_corpus_build"] = out["tokens"] / info["wall_s"] if info.get("wall_s") else None
+    second_start = (setup[1] + compile_s[1]) if len(setup) > 1 and len(compile_s) > 1 else 0.0
+    uninterrupted = trainer_wall - redone_s - second_start
+    out["tok_s_sustained_without_kill"] = out["tokens"] / uninterrupted if uninterrupted > 0 else None
+    tok_rows = [r["tok_s"] for s in scal for r in s[1:]]
+    out["tok_s_steps_median"] = statistics.median(tok_rows) if tok_rows else None
+    out["step_ms_median"] = step_ms
+    out["events"] = {name: {"count": len(v), "total_s": total(name), "first_s": v[0]["s"],
+                            "steady_median_s": statistics.median(r["s"] for r in v[1:]) if len(v) > 1 else None}
+                     for name, v in hook_s.items()}
+    out["checkpoints"] = [{k: r[k] for k in ("step", "s", "bytes", "milestone")} for r in ckpts]
+    if len(scal) > 1:
+        first_rows = {r["step"]: r for r in scal[0]}
+        both = [(first_rows[r["step"]], r) for r in scal[1] if r["step"] in first_rows]
+        out["resume_compare"] = {
+            "steps": [a["step"] for a, _ in both],
+            "loss_first": [a["loss"] for a, _ in both], "loss_resumed": [b["loss"] for _, b in both],
+            "max_abs_loss_diff": max((abs(a["loss"] - b["loss"]) for a, b in both), default=None),
+            "max_abs_loss_avg_diff": max((abs(a["loss_avg"] - b["loss_avg"]) for a, b in both), default=None),
+            "mean_loss_avg_diff": statistics.fmean(b["loss_avg"] - a["loss_avg"] for a, b in both) if both else None,
+            "tok_s_median_before_kill": statistics.median(r["tok_s"] for r in scal[0][1:]) if len(scal[0]) > 1 else None,
+            "tok_s_median_after_resume": statistics.median(r["tok_s"] for r in scal[1][1:]) if len(scal[1]) > 1 else None,
+            "tok_s_first_row_after_resume": scal[1][0]["tok_s"] if scal[1] else None,
+            "setup_and_compile_after_resume_s": second_start}
+    anomalies = []
+    for d in dirs:
+        if (d / "anomalies").is_dir():
+            for a in sorted((d / "anomalies").iterdir()):
+                anomalies.append(f"{d.name}/{a.name}")
+    out["anomalies"] = anomalies
+    final_samples = samples[-1] if samples and samples[-1] else (samples[0] if samples else [])
+    if final_samples:
+        s_last = max(r["step"] for r in final_samples)
+        out["samples_final"] = [{"prompt": r["prompt"], "mode": r["mode"], "text": r["text"], "step": r["step"]}
+                                for r in final_samples if r["step"] == s_last and r["mode"] == "greedy"]
+    out["curve"] = [{k: r.get(k) for k in ("step", "tokens", "loss", "loss_avg", "lr", "grad_norm", "tok_s")}
+                    for r in merged]
+    out["evals"] = [{k: e.get(k) for k in ("step", "tokens", "eval_loss")} for e in merged_eval]
+    out["quant"] = [{"step": q["step"], "groups": q.get("groups")} for q in merged_quant]
+    out["stage_boundary_step"] = round(info["steps_planned"] * 0.5)
+    out["seed_run_hours_at_sustained"] = SEED_TOKENS / out["tok_s_sustained"] / 3600 if out["tok_s_sustained"] else None
+    out["seed_run_projection"] = seed_projection(out, parts)
+    return out
+
+
+def seed_projection(out: dict, parts: dict) -> dict | None:
+    """The seed's 400k steps at this run's step time and steady per-event costs, at the seed's default
+    intervals (samples and eval every 5000 steps, quant stats every 1000, checkpoints every 10000),
+    plus one setup and compile: a projection, not a measurement."""
+    ev = out.get("events", {})
+    if not out.get("step_ms_median") or "EvalHook" not in ev or "SampleHook" not in ev:
+        return None
+    steps = SEED_STEPS
+    ckpt = statistics.fmean(c["s"] for c in out["checkpoints"]) if out["checkpoints"] else 0.0
+    quant = (ev.get("QuantStatsHook") or {}).get("steady_median_s") or 0.0
+    cost = {"steps": steps * out["step_ms_median"] / 1000, "samples": steps / 5000 * ev["SampleHook"]["steady_median_s"],
+            "eval": steps / 5000 * ev["EvalHook"]["steady_median_s"], "quant_stats": steps / 1000 * quant,
+            "checkpoints": steps / 10000 * ckpt, "setup_and_compile": parts["setup"] / 2 + parts["compile"] / 2}
+    total_s = sum(cost.values())
+    return {"steps": steps, "hours": total_s / 3600, "tok_s": SEED_TOKENS / total_s, "parts_s": cost,
+            "instrumentation_share": (cost["samples"] + cost["eval"] + cost["quant_stats"]) / total_s}
+
+
+def table(summaries: dict) -> str:
+    lines = [f"{'model':<7} {'tokens':>12} {'passes':>6} {'train':>7} {'eval':>7} {'tok/s sust.':>11} "
+             f"{'tok/s steps':>11} {'peak GiB':>8} {'resumed':>7} {'seed run h':>10}"]
+    for kind, s in summaries.items():
+        lines.append(f"{kind:<7} {s['tokens']:>12,} {s['epochs'] or 0:>6.2f} {s['final_train_loss'] or float('nan'):>7.4f} "
+                     f"{s['final_eval_loss'] or float('nan'):>7.4f} {s['tok_s_sustained'] or 0:>11,.0f} "
+                     f"{s['tok_s_steps_median'] or 0:>11,.0f} {s['peak_gib'] or 0:>8.2f} "
+                     f"{str(s['resumed_after_kill']):>7} {s['seed_run_hours_at_sustained'] or 0:>10.1f}")
+    if "bitnet" in summaries and "bf16" in summaries:
+        a, b = summaries["bitnet"]["final_eval_loss"], summaries["bf16"]["final_eval_loss"]
+        if a and b:
+            lines.append(f"eval gap bitnet vs bf16: {(a - b) / b * 100:+.2f}% (goal: within 5%)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ report (here, from the archives)
+
+def report(args) -> int:
+    summaries = {}
+    for archive in args.archives:
+        dest = Path(args.extract_dir) / Path(archive).name.replace(".tar.gz", "")
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+        for kind in ("bitnet", "bf16"):
+            if (dest / f"driver_{kind}.json").exists():
+                summaries[kind] = analyze(dest, kind)
+    result = {"issue": 24, "runs": summaries, "definitions": {
+        "tokens": "training tokens at the last step (both processes of the run)",
+        "final_eval_loss": "held-out loss at the last step (eval set: the first 256 windows of eval.bin)",
+        "final_train_loss": "mean of the scalars rows' loss_avg over the last 100 steps",
+        "tok_s_sustained": "tokens / wall time of the trainer processes (start to exit, both of them): setup, "
+                           "compile, eval, samples, quant stats, checkpoints, kill, resume and redone steps "
+                           "included; the corpus build excluded (tok_s_sustained_incl_corpus_build has it)",
+        "tok_s_steps_median": "median tok_s of the scalars rows after each process's first (step time only)",
+        "peak_gib": "max of torch.cuda.max_memory_allocated over the rows",
+        "resumed_after_kill": "the first trainer process got SIGKILL and --resume-from auto finished the run",
+        "seed_run_projection": "400k steps at this step time and these steady per-event costs at the seed's "
+                               "default intervals: a projection"}}
+    if "bitnet" in summaries and "bf16" in summaries:
+        a, b = summaries["bitnet"]["final_eval_loss"], summaries["bf16"]["final_eval_loss"]
+        result["eval_gap_bitnet_vs_bf16"] = (a - b) / b if a and b else None
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.png:
+        plot(summaries, args.png)
+    print(table(summaries))
+    return 0
+
+
+def plot(summaries: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    colors = {"bitnet": "tab:blue", "bf16": "tab:orange"}
+    for kind, s in summaries.items():
+        c = colors.get(kind)
+        curve = s["curve"]
+        ax1.plot([r["tokens"] / 1e6 for r in curve], [r["loss_avg"] for r in curve], color=c, lw=0.8, alpha=0.8,
+                 label=f"{kind} train (mean of {curve[1]['step'] - curve[0]['step'] if len(curve) > 1 else 1} steps)")
+        ax1.plot([e["tokens"] / 1e6 for e in s["evals"]], [e["eval_loss"] for e in s["evals"]], "o--", color=c, ms=4,
+                 label=f"{kind} eval (held-out)")
+        if s.get("resume_step"):
+            tpk = curve[-1]["tokens"] / curve[-1]["step"]
+            ax1.axvline(s["killed_at_step"] * tpk / 1e6, color=c, ls=":", lw=1.2,
+                        label=f"{kind}: SIGKILL at step {s['killed_at_step']}, resumed from {s['resume_step']}")
+    any_s = next(iter(summaries.values()))
+    tpk = any_s["curve"][-1]["tokens"] / any_s["curve"][-1]["step"]
+    ax1.axvline(any_s["stage_boundary_step"] * tpk / 1e6, color="gray", ls="--", lw=1, label="stage boundary")
+    ax1.set_xlabel("tokens (M)")
+    ax1.set_ylabel("loss")
+    late = [r["loss_avg"] for s in summaries.values() for r in s["curve"][len(s["curve"]) // 20:]]
+    if late:  # the first 5% of the run (loss from 10.4 down) would flatten the rest
+        ax1.set_ylim(min(late) - 0.1, max(late) + 0.2)
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax1.set_title(f"95m, 32 x 1024, {any_s['tokens'] / 1e6:.0f}M tokens of local code + docs ({any_s['gpu']})", fontsize=9)
+    q = summaries.get("bitnet", {}).get("quant") or []
+    styles = {"attn": "-", "ffn": "--"}
+    for group in ("attn", "ffn"):
+        rows = [(r["step"], r["groups"][group]) for r in q if r.get("groups") and group in r["groups"]]
+        if not rows:
+            continue
+        for key, label, c in (("neg", "-1", "tab:red"), ("zero", "0", "tab:gray"), ("pos", "+1", "tab:green")):
+            vals = [g.get(key) for _, g in rows]
+            if vals and vals[0] is not None:
+                ax2.plot([s * tpk / 1e6 for s, _ in rows], vals, styles[group], color=c, label=f"{group} {label}")
+    ax2.axvline(any_s["stage_boundary_step"] * tpk / 1e6, color="gray", ls="--", lw=1)
+    ax2.set_xlabel("tokens (M)")
+    ax2.set_ylabel("share of ternary weights (BitNet)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_train":
+        return train_timed(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="corpus + one model's run, killed and resumed; writes OUT/long_run_<kind>.tar.gz")
+    r.add_argument("--kind", choices=["bitnet", "bf16"], required=True)
+    r.add_argument("--steps", type=int, default=5400, help="optimizer steps (the same for both models)")
+    r.add_argument("--budget-s", type=float, default=585.0, help="wall-clock budget from the script's start")
+    r.add_argument("--kill-after", type=int, default=160, help="SIGKILL this many steps past the stage boundary")
+    r.add_argument("--lr-peak", type=float, default=1.5e-3, help="peak LR; the schedule keeps the seed's ratios")
+    r.add_argument("--preset", default="95m")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
+    r.add_argument("--log-interval", type=int, default=20)
+    r.add_argument("--eval-sequences", type=int, default=256)
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--roots", default="", help="comma-separated corpus roots (default: site-packages, "
+                                                "/usr/lib/python3*, /usr/share/doc)")
+    r.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
+    r.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="held-out documents: the first reaching this")
+    r.add_argument("--work", default="runs/long_run", help="corpus, run directories, timings")
+    r.add_argument("--out", default="runs/long_run/out", help="where the archive goes")
+    r.add_argument("extra", nargs="*", help="more bitnet-train flags (after --)")
+    q = sub.add_parser("report", help="long_run.json, the plot and the table from the archives")
+    q.add_argument("archives", nargs="+")
+    q.add_argument("--json", default="benchmarks/results/long_run.json")
+    q.add_argument("--png", default="benchmarks/long_run.png")
+    q.add_argument("--extract-dir", default="runs/long_run_report")
+    args = p.parse_args(argv)
+    return run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

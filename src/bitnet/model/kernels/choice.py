@@ -1,0 +1,148 @@
+"""The one place that picks, per fused op, its Triton kernel or its PyTorch reference.
+
+`KernelChoice` holds the pick per op ("auto": the kernel where it applies, "torch": the reference) and the
+launch settings of the kernels that have them. One choice is current in the process, `KernelChoice()`
+unless changed: `use_kernels(choice)` changes it for a `with` block, `set_kernels(choice)` until changed
+again (benchmarks' variants). The model calls the functions below, which read the current choice at call
+time; torch.compile guards on it (a changed choice recompiles), a captured CUDA graph replays what it saw.
+The kernels run on CUDA tensors only (and only with Triton installed); elsewhere every op is its reference.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from bitnet.model.kernels import cross_entropy, references, rmsnorm, rope, swiglu
+from bitnet.model.kernels.common import available
+from bitnet.model.kernels.cross_entropy import CrossEntropyLaunch
+from bitnet.model.kernels.embedding import scatter_add_embedding
+from bitnet.model.kernels.swiglu import SwigluLaunch
+
+Impl = Literal["auto", "torch"]
+IMPLS = ("auto", "torch")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Kernel or reference, per op; "auto" runs the kernel where it applies (below), "torch" never.
+
+    norm_quant: RMSNorm + int8 quantization (`rmsnorm`), on CUDA in eager mode only: inside torch.compile
+        inductor fuses the reference with its neighbours (silu * up, the residual add), which measured
+        faster than the standalone kernel (54.1 vs 59.0 ms per 95m step on an H100, benchmarks/NOTES.md).
+    swiglu_norm_quant: silu(gate) * up + sub-norm + int8 quantization (`swiglu`), on CUDA, eager and
+        compiled: the GEMMs around it leave inductor nothing to fuse it with; -1.0 ms per 95m step (run 4).
+    rope_qkv: training's q/k/v as one GEMM split and rotated by the `rope` kernel (CUDA, under autograd, no KV
+        cache); "torch": three GEMMs and `apply_rope` (stacked with inductor's RoPE the step measured
+        slower, run 6).
+    loss: the tied head + cross entropy with the logits' gradient made in the forward (`cross_entropy`), on
+        CUDA: a read and a write of the 2 GiB logits fewer per 95m step; "torch": F.cross_entropy on fp32
+        logits.
+    embedding: the scatter-add embedding backward (`embedding`), on CUDA under autograd unless
+        torch.use_deterministic_algorithms is on; "torch": aten's sort-based (deterministic) backward.
+    """
+
+    norm_quant: Impl = "auto"
+    swiglu_norm_quant: Impl = "auto"
+    rope_qkv: Impl = "auto"
+    loss: Impl = "auto"
+    embedding: Impl = "auto"
+    swiglu_launch: SwigluLaunch = SwigluLaunch()
+    cross_entropy_launch: CrossEntropyLaunch = CrossEntropyLaunch()
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_launch"):
+                if not isinstance(value, f.default.__class__):
+                    raise TypeError(f"KernelChoice.{f.name} must be a {f.default.__class__.__name__}, got {value!r}")
+            elif value not in IMPLS:
+                raise ValueError(f"KernelChoice.{f.name} must be one of {IMPLS}, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelChoice":
+        """A choice from plain values (a benchmark's JSON tweaks): launch settings as dicts of their fields."""
+        d = dict(d)
+        for name, launch in (("swiglu_launch", SwigluLaunch()), ("cross_entropy_launch", CrossEntropyLaunch())):
+            if isinstance(d.get(name), dict):
+                d[name] = replace(launch, **d[name])
+        return cls(**d)
+
+
+_current = KernelChoice()
+
+
+def current_kernels() -> KernelChoice:
+    """The choice the model's fused ops follow now."""
+    return _current
+
+
+def set_kernels(choice: KernelChoice) -> KernelChoice:
+    """Make `choice` current until changed again; returns the one it replaces."""
+    global _current
+    if not isinstance(choice, KernelChoice):
+        raise TypeError(f"set_kernels takes a KernelChoice, got {choice!r}")
+    previous, _current = _current, choice
+    return previous
+
+
+@contextmanager
+def use_kernels(choice: KernelChoice) -> Iterator[KernelChoice]:
+    """`choice` is current inside the block; the previous one is restored after it, however it ends."""
+    previous = set_kernels(choice)
+    try:
+        yield choice
+    finally:
+        set_kernels(previous)
+
+
+def _kernel_applies(impl: Impl, t: torch.Tensor) -> bool:
+    return impl == "auto" and t.is_cuda and available()
+
+
+def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in out_dtype."""
+    if _current.norm_quant == "auto" and x.is_cuda and not torch.compiler.is_compiling() and available():
+        return rmsnorm.rmsnorm_act_quant(x, weight, eps, out_dtype)
+    return references.norm_act_quant_reference(x, weight, eps, out_dtype)
+
+
+def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits (STE), in out_dtype; gate_up
+    (..., 2 * ffn) holds gate and up side by side."""
+    if _kernel_applies(_current.swiglu_norm_quant, gate_up):
+        return swiglu.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype, _current.swiglu_launch)
+    return references.swiglu_norm_act_quant_reference(gate_up, weight, eps, out_dtype)
+
+
+def stacks_qkv(x: torch.Tensor) -> bool:
+    """Whether a training forward of x runs q/k/v as one GEMM split by the rope kernel."""
+    return _kernel_applies(_current.rope_qkv, x)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+             n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, heads, T, D) from the stacked projections qkv (B, T, (H + 2 Hkv) D), RoPE on q and k."""
+    if _kernel_applies(_current.rope_qkv, qkv):
+        return rope.rope_qkv(qkv, cos, sin, n_heads, n_kv_heads)
+    return references.rope_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)
+
+
+def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Mean cross entropy of the logits x @ weight^T (matmul in dtype) against targets (-100: not counted)."""
+    if _kernel_applies(_current.loss, x):
+        return cross_entropy.linear_cross_entropy(x, weight, targets, dtype, _current.cross_entropy_launch)
+    return references.head_cross_entropy_reference(x, weight, targets, dtype)
+
+
+def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The token embedding weight[idx] (..., C)."""
+    if (_current.embedding == "auto" and weight.is_cuda and torch.is_grad_enabled()
+            and not torch.are_deterministic_algorithms_enabled()):
+        return scatter_add_embedding(idx, weight)
+    return F.embedding(idx, weight)

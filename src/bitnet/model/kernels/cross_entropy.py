@@ -1,0 +1,122 @@
+"""The tied head and the next-token cross entropy as one autograd function, around one Triton kernel.
+
+Its forward runs the head GEMM, then one kernel reads each bf16 logits row for an online log-sum-exp and
+again (mostly from L2) to write the gradient over it: the loss's backward is gone, and with it a read and a
+write of the 2 GiB logits (32 x 1024 x 32000 in bf16); no second logits-sized buffer exists. The backward is
+the head's two GEMMs. Reference: `references.head_cross_entropy_reference` (fp32 logits).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from bitnet.model.kernels.common import triton
+from bitnet.model.kernels.references import IGNORE_INDEX
+
+if triton is not None:
+    import triton.language as tl
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_kernel(LOGITS, TARGETS, LOSS, COUNT, V, stride, ignore_index, BLOCK: tl.constexpr):
+        # One row per program. Pass 1: an online log-sum-exp over the vocabulary in BLOCK-wide strips
+        # (each lane keeps its own running max and sum, merged at the end), loss = lse - logit[target].
+        # Pass 2: the gradient of sum(loss) / count, (softmax - onehot(target)) / count, written over the
+        # row; its reads find most of the row in L2, where pass 1 asked to keep it.
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * stride
+        # The target's logit is read first: once any warp of this program reaches pass 2 it overwrites the
+        # row, and warps do not wait for each other between the passes.
+        t = tl.load(TARGETS + row)
+        valid = t != ignore_index
+        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
+        m = tl.full([BLOCK], -1e30, tl.float32)  # finite: masked lanes never make inf - inf
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=-1e30, eviction_policy="evict_last").to(tl.float32)
+            m_new = tl.maximum(m, x)
+            acc = acc * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        mx = tl.max(m, axis=0)
+        lse = mx + tl.log(tl.sum(acc * tl.exp(m - mx), axis=0))
+        tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
+        scale = tl.where(valid, 1.0 / tl.load(COUNT), 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            g = tl.exp(x - lse)
+            g = tl.where(cols == t, g - 1.0, g) * scale
+            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class CrossEntropyLaunch:
+    """Launch settings of the cross entropy kernel; the defaults are the shipped ones.
+
+    On an H100 at 32768 x 32000 bf16 the kernel takes 1.68 ms (2.50 TB/s) against 1.75 with 8 warps and
+    2.12 with the whole row held in registers in one read (benchmarks/kernel_speed.py --ce-sweep;
+    benchmarks/NOTES.md, run 5).
+    """
+
+    block: int = 4096
+    warps: int = 16
+
+
+def launch_cross_entropy(logits2: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, loss_rows: torch.Tensor,
+                         launch: CrossEntropyLaunch = CrossEntropyLaunch()) -> None:
+    """Fill loss_rows (M,) from logits2 (M, V) and targets (M,), then overwrite logits2 with the
+    gradient of loss_rows.sum() / count (count: 0-dim fp32 on the device). Tests poison loss_rows."""
+    M, V = logits2.shape
+    block = min(launch.block, triton.next_power_of_2(V))
+    _cross_entropy_kernel[(M,)](logits2, targets, loss_rows, count, V, logits2.stride(0), IGNORE_INDEX,
+                                BLOCK=block, num_warps=launch.warps)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of the logits x @ weight^T; their gradient is made in the forward, over them.
+
+    The backward only multiplies: grad_x = G @ W and grad_W = G^T @ x, each scaled by the incoming
+    gradient (a number known only then), on the small side of each GEMM. Between the head's GEMMs the
+    logits are read once and written once, where a loss with a backward of its own reads them twice.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, targets, dtype, launch):
+        x_mm, w_mm = x2.to(dtype), weight.to(dtype)
+        logits = x_mm @ w_mm.t()  # (M, V): becomes its own gradient below
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()  # stays on the device: no sync
+        loss_rows = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+        launch_cross_entropy(logits, targets, count, loss_rows, launch)
+        ctx.save_for_backward(logits, x_mm, w_mm)
+        ctx.dtypes = x2.dtype, weight.dtype
+        return loss_rows.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_logits, x_mm, w_mm = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _scale_into(grad_logits @ w_mm, scale, ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_w = _scale_into(grad_logits.t() @ x_mm, scale, ctx.dtypes[1])
+        return grad_x, grad_w, None, None, None
+
+
+def _scale_into(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t * scale as a new tensor of dtype, in one pass (a multiply in place and then a cast would be two)."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
+@torch.compiler.disable  # eager on purpose: its forward writes a gradient into a tensor autograd saved
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                         launch: CrossEntropyLaunch = CrossEntropyLaunch()) -> torch.Tensor:
+    """Mean next-token cross entropy of the logits x @ weight^T (matmul in dtype) against targets: the
+    Triton kernel (CUDA tensors, or CPU ones under Triton's interpreter).
+
+    x (..., D), weight (V, D), targets (...) with IGNORE_INDEX for positions that do not count.
+    """
+    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), dtype, launch)

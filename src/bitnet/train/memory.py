@@ -1,0 +1,76 @@
+"""Will this run fit in memory? A lower-bound estimate checked before anything is allocated, and the
+message for an out-of-memory error that happens anyway.
+
+The estimate counts only what a step cannot do without, so a refusal is never a false alarm:
+weights, gradients and AdamW's two moments (16 bytes a parameter, fp32), the activations the
+backward keeps (about 10 x dim + 3 x ffn_dim values a token and layer, 2 bytes each) and one
+vocabulary-wide row of logits a token; plus the frozen eval set (int64 tokens).
+"""
+
+import os
+
+import torch
+
+from bitnet.model import ModelConfig, Transformer
+from bitnet.train.config import TrainConfig
+
+GiB = 2**30
+LOWER = "--micro-batch-size, --batch-size or --seq-len"
+
+
+def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int) -> dict[str, int]:
+    with torch.device("meta"):
+        params = Transformer(model_cfg).num_params()
+    tokens = micro * seq_len
+    return {"weights, grads and AdamW state": 16 * params,
+            "activations": tokens * model_cfg.n_layers * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2,
+            "logits": tokens * model_cfg.vocab_size * 2}
+
+
+def device_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (GPU) or of the machine (CPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: torch.device) -> None:
+    """Refuse (ValueError) sizes whose lower-bound memory exceeds the device's, naming the estimate."""
+    if cfg.sample_max_tokens > model_cfg.max_seq_len:
+        raise ValueError(f"--sample-max-tokens {cfg.sample_max_tokens} exceeds the model's context of "
+                         f"{model_cfg.max_seq_len} tokens (a sample holds at most that many)")
+    total = device_bytes(device)
+    if total is None:
+        return
+    where = "GPU" if device.type == "cuda" else "machine"
+    need = step_bytes(model_cfg, micro, cfg.seq_len)
+    if sum(need.values()) > total:
+        parts = ", ".join(f"{k} {v / GiB:,.1f}" for k, v in need.items())
+        raise ValueError(f"a step of micro-batch {micro} x --seq-len {cfg.seq_len} needs at least "
+                         f"{sum(need.values()) / GiB:,.1f} GiB ({parts} GiB), more than the {where}'s "
+                         f"{total / GiB:,.1f} GiB; lower {LOWER}")
+    eval_bytes = 0 if cfg.no_eval else cfg.eval_sequences * (cfg.seq_len + 1) * 8
+    if eval_bytes > total:
+        raise ValueError(f"--eval-sequences {cfg.eval_sequences} x {cfg.seq_len + 1} tokens needs at least "
+                         f"{eval_bytes / GiB:,.1f} GiB, more than the machine's {total / GiB:,.1f} GiB")
+
+
+def out_of_memory_message(step: int, device: torch.device, cfg: TrainConfig, micro: int) -> str:
+    """One line for an out-of-memory error at `step`: the memory figures and the flags that lower it."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        figures = (f"{torch.cuda.memory_allocated(device) / GiB:.2f} GiB allocated, "
+                   f"{torch.cuda.memory_reserved(device) / GiB:.2f} GiB reserved, "
+                   f"peak {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB, "
+                   f"{free / GiB:.2f} of {total / GiB:.2f} GiB free")
+    else:
+        total = device_bytes(device)
+        figures = f"machine memory {total / GiB:.1f} GiB" if total else "machine memory unknown"
+    return (f"out of memory at step {step} on {device} ({figures}); lower --micro-batch-size (now {micro}), "
+            f"--batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len})")
+
+
+

@@ -1,0 +1,77 @@
+"""The head + cross entropy: the model's loss == F.cross_entropy of its logits (CPU), kernel == reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet.model import ModelConfig, Transformer
+from bitnet.model.kernels import CrossEntropyLaunch, cross_entropy
+from bitnet.model.kernels.references import IGNORE_INDEX, head_cross_entropy_reference
+from bitnet.model.llama import head_cross_entropy
+from tests.model.kernels.helpers import cuda, head_inputs, interpreter, rel
+
+
+def test_head_cross_entropy_fallback_is_the_reference():
+    x, w, t = head_inputs(10, 16, 300, seed=0)
+    xa, wa, xb, wb = (a.clone().requires_grad_() for a in (x, w, x, w))
+    la = head_cross_entropy(xa.view(2, 5, 16), wa, t.view(2, 5))
+    lb = F.cross_entropy(xb @ wb.t(), t, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    (la * 3).backward()  # the incoming gradient scales both results
+    (lb * 3).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(wa.grad, wb.grad)
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = idx.roll(-1, dims=1)
+    logits = model(idx)
+    torch.testing.assert_close(model(idx, targets=y), F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1)))
+
+
+def run_cross_entropy_vs_reference(device: str, cases, dtypes,
+                                   launch: CrossEntropyLaunch = CrossEntropyLaunch()) -> None:
+    for m, d, v in cases:
+        x, w, t = head_inputs(m, d, v, seed=m + v)
+        x, w, t = x.to(device), w.to(device), t.to(device)
+        for dt in dtypes:
+            # the kernel alone: loss rows (poisoned first) and the gradient written over the logits
+            logits = F.linear(x.to(dt), w.to(dt))
+            ref = logits.float().requires_grad_()
+            ref_rows = F.cross_entropy(ref, t, reduction="none", ignore_index=IGNORE_INDEX)
+            (ref_rows.sum() / (t != IGNORE_INDEX).sum()).backward()
+            rows = torch.full((m,), float("nan"), device=device)
+            count = (t != IGNORE_INDEX).sum().float()
+            cross_entropy.launch_cross_entropy(logits, t, count, rows, launch)
+            assert not rows.isnan().any() and not logits.isnan().any()
+            assert rel(rows, ref_rows) < 1e-5, (m, v, dt)
+            assert rel(logits, ref.grad) < (1e-2 if dt == torch.bfloat16 else 1e-5), (m, v, dt)
+            # through autograd, with an incoming gradient other than 1, against the unfused head + loss
+            xa, wa, xb, wb = (a.clone().requires_grad_() for a in (x, w, x, w))
+            loss = cross_entropy.linear_cross_entropy(xa, wa, t, dt, launch)
+            ref_loss = head_cross_entropy_reference(xb, wb, t, dt)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+            (loss / 3).backward()
+            (ref_loss / 3).backward()
+            tol = 2e-2 if dt == torch.bfloat16 else 1e-5
+            assert xa.grad.dtype == x.dtype and wa.grad.dtype == w.dtype
+            assert rel(xa.grad, xb.grad) < tol and rel(wa.grad, wb.grad) < tol, (m, v, dt)
+
+
+@interpreter
+@pytest.mark.parametrize("launch", [CrossEntropyLaunch(block=256), CrossEntropyLaunch()])
+def test_cross_entropy_kernels_on_the_interpreter(launch):
+    # block 256: several strips per row at these sizes; the shipped block: one strip; fp32 and bf16 logits
+    run_cross_entropy_vs_reference("cpu", [(5, 8, 1000), (3, 16, 700), (4, 8, 100)], [torch.float32, torch.bfloat16],
+                                   launch)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cross_entropy_kernels_on_gpu():
+    run_cross_entropy_vs_reference("cuda", [(1, 768, 32000), (1000, 768, 32000), (333, 64, 1000), (64, 32, 100)],
+                                   [torch.bfloat16, torch.float32])

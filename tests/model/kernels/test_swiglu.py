@@ -1,0 +1,147 @@
+"""SwiGLU + sub-norm + quantization: reference == the MLP's unfused formulation (CPU), kernel == reference."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bitnet.model.bitlinear import swiglu_norm_act_quant
+from bitnet.model.kernels import SwigluLaunch, choice, swiglu
+from bitnet.model.kernels.references import swiglu_norm_act_quant_reference
+from tests.model.kernels.helpers import EPS, GPU_DTYPES, cuda, interpreter, rel, swiglu_inputs, unfused
+
+
+def test_swiglu_fallback_is_the_mlp_formulation():
+    """The fallback is RMSNorm + quantization of silu(gate) * up, as the unfused MLP computes it."""
+    gate_up, w = swiglu_inputs((2, 5, 96), torch.float32)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    ya = swiglu_norm_act_quant_reference(gua, wa, EPS, torch.float32)
+    gb, ub = (t.clone().requires_grad_() for t in gate_up.chunk(2, dim=-1))
+    yb, wb = unfused(torch.nn.functional.silu(gb) * ub, w.clone().requires_grad_(), torch.float32)
+    assert torch.equal(ya, yb)
+    dy = torch.randn(ya.shape)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(gua.grad, torch.cat([gb.grad, ub.grad], dim=-1))
+    torch.testing.assert_close(wa.grad, wb.grad)
+
+
+def test_swiglu_cpu_tensors_take_the_fallback():
+    gate_up, w = swiglu_inputs((3, 64), torch.float32)
+    assert torch.equal(choice.swiglu_norm_act_quant(gate_up, w, EPS, torch.bfloat16),
+                       swiglu_norm_act_quant_reference(gate_up, w, EPS, torch.bfloat16))
+    assert torch.equal(swiglu_norm_act_quant(gate_up, w, EPS),
+                       swiglu_norm_act_quant_reference(gate_up, w, EPS, torch.float32))
+
+
+def test_launch_settings_pass_through_the_ops_as_ints():
+    """The custom ops take the launch settings as a list of ints: the round trip keeps every field."""
+    for launch in (SwigluLaunch(), SwigluLaunch(fwd_rows=2, bwd_warps=4, bwd_prefetch=False, bwd_stages=2)):
+        assert SwigluLaunch.from_ints(launch.as_ints()) == launch
+    assert SwigluLaunch().as_ints() == [1, 8, 1, 16, 4, 1, 1]
+
+
+def run_swiglu_vs_fallback(device: str, shapes, dtypes, launch: SwigluLaunch = SwigluLaunch()) -> None:
+    """The kernels on the two halves of one (M, 2n) matrix (strided rows), as the model calls them."""
+    for shape in shapes:
+        for xdt, odt in dtypes:
+            gate_up, w = (t.to(device) for t in swiglu_inputs(shape, xdt, seed=shape[-1] + len(shape)))
+            n = shape[-1]
+            g2, u2 = gate_up.reshape(-1, 2 * n).chunk(2, dim=1)
+            y = torch.full(g2.shape, float("nan"), dtype=odt, device=device)
+            rstd = torch.full((g2.shape[0],), float("nan"), device=device)
+            swiglu.launch_swiglu_forward(g2, u2, w, y, rstd, EPS, launch)
+            gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+            y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, odt)
+            dy = torch.randn(shape, device=device).to(odt)
+            y_ref.backward(dy)
+            programs, per = swiglu.swiglu_backward_programs(g2.shape[0], gate_up.device, launch)
+            d_gate_up = torch.full((g2.shape[0], 2 * n), float("nan"), dtype=xdt, device=device)
+            dg, du = d_gate_up.chunk(2, dim=1)
+            dw_partial = torch.full((programs, n), float("nan"), device=device)
+            swiglu.launch_swiglu_backward(dy.reshape(-1, n), g2, u2, w, rstd, dg, du, dw_partial, per, launch)
+            for t in (y, rstd, d_gate_up, dw_partial):
+                assert not t.isnan().any(), (shape, xdt, odt)
+            bf16 = torch.bfloat16 in (xdt, odt)
+            assert rel(y, y_ref.detach().reshape(g2.shape)) < (2e-2 if bf16 else 1e-4), (shape, xdt, odt)
+            tol = 2e-2 if bf16 else 1e-4
+            ref_dg, ref_du = gur.grad.reshape(-1, 2 * n).chunk(2, dim=1)
+            assert rel(dg, ref_dg) < tol, (shape, xdt, odt)
+            assert rel(du, ref_du) < tol, (shape, xdt, odt)
+            assert rel(dw_partial.sum(0), wr.grad) < tol, (shape, xdt, odt)
+
+
+@interpreter
+@pytest.mark.parametrize("change", [{}, {"fwd_rows": 2, "bwd_rows": 1, "bwd_programs_per_sm": 1}, {"bwd_prefetch": True},
+                                    {"bwd_prefetch": True, "bwd_rows": 1, "bwd_programs_per_sm": 1},
+                                    {"bwd_prefetch": False, "bwd_rows": 2, "bwd_programs_per_sm": 1}])
+def test_swiglu_kernels_on_the_interpreter(change):
+    """The shipped launch settings; two rows per forward program with all rows in one backward program;
+    the backward prefetching the next row block (across a program's last rows and the matrix's end), and
+    without the prefetch over two-row blocks; fp32 and training's bf16."""
+    run_swiglu_vs_fallback("cpu", [(3, 64), (7, 100), (2, 3, 3072)], GPU_DTYPES,
+                           launch=replace(SwigluLaunch(), **change))
+
+
+@interpreter
+@pytest.mark.parametrize("launch", [SwigluLaunch(), SwigluLaunch(fwd_rows=2, bwd_rows=2, bwd_programs_per_sm=1,
+                                                                  bwd_prefetch=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_op_through_autograd_on_the_interpreter(launch, dtype):
+    """The registered op (under any launch settings): gate_up's gradient comes back as one tensor, the odd
+    width is refused."""
+    gate_up, w = swiglu_inputs((2, 3, 64), dtype)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y = swiglu.swiglu_norm_act_quant(gua, wa, EPS, dtype, launch)
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert y.shape == (2, 3, 64) and rel(y, y_ref) < tol
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert gua.grad.shape == (2, 3, 128) and rel(gua.grad, gur.grad) < tol and rel(wa.grad, wr.grad) < tol
+    with pytest.raises(ValueError, match="even last dim"):
+        swiglu.swiglu_norm_act_quant(torch.randn(4, 9), torch.ones(4), EPS, torch.float32)
+
+
+@interpreter
+def test_swiglu_op_under_compile_and_autograd_on_the_interpreter():
+    """The op with its launch settings as an argument compiles into one graph (fullgraph) and matches the
+    reference, forward and backward."""
+    gate_up, w = swiglu_inputs((4, 5, 64), torch.float32)
+    launch = SwigluLaunch(fwd_rows=2, bwd_prefetch=False)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    f = torch.compile(lambda a, b: swiglu.swiglu_norm_act_quant(a, b, EPS, torch.float32, launch), fullgraph=True)
+    y = f(gua, wa)
+    y.square().sum().backward()
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, torch.float32)
+    y_ref.square().sum().backward()
+    assert rel(y, y_ref) < 1e-4 and rel(gua.grad, gur.grad) < 1e-4 and rel(wa.grad, wr.grad) < 1e-4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("change", [{}, {"bwd_prefetch": not SwigluLaunch().bwd_prefetch},
+                                    {"bwd_stages": 2, "bwd_prefetch": False}])
+def test_swiglu_kernels_on_gpu(change):
+    shapes = [(1, 3072), (37, 3072), (2, 1024, 3072), (4096, 3072), (5, 64), (3, 1000), (2, 7, 768)]
+    dtypes = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)]
+    run_swiglu_vs_fallback("cuda", shapes, dtypes, launch=replace(SwigluLaunch(), **change))
+
+
+@pytest.mark.gpu
+@cuda
+def test_swiglu_op_under_compile_and_autograd():
+    gate_up, w = (t.cuda() for t in swiglu_inputs((4, 33, 3072), torch.bfloat16))
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    f = torch.compile(lambda a, b: swiglu.swiglu_norm_act_quant(a, b, EPS, torch.bfloat16), fullgraph=True)
+    y = f(gua, wa)
+    y.float().square().sum().backward()
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu_norm_act_quant_reference(gur, wr, EPS, torch.bfloat16)
+    y_ref.float().square().sum().backward()
+    assert rel(y, y_ref) < 2e-2
+    for a, b in ((gua, gur), (wa, wr)):
+        assert rel(a.grad, b.grad) < 3e-2
