@@ -147,7 +147,7 @@ def test_train_bitnet_95m_defaults_to_95m_but_never_overrides_a_file_or_checkpoi
     assert default.preset == "95m" and default.batch_size == 32 and default.num_steps == 400_000
     assert from_file.preset == "tiny" and from_file.num_steps == 7 and from_file.batch_size == 8
     assert resumed.preset == "tiny" and resumed_model.dim == 64 and resumed.seq_len == 16
-    assert resumed_from == str(runs / "t")
+    assert resumed_from == str(runs / "t" / "checkpoints" / "step_000002")  # the run dir's newest checkpoint
 
 
 def test_root_scripts_help_verbatim():

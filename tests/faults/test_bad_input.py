@@ -111,7 +111,7 @@ def inputs(tmp_path):
 
 
 def test_every_numeric_flag_refuses_a_negative_value_by_name():
-    """resolve_derived on -1 for each int/float field: the message names the flag (or the seed takes any int)."""
+    """resolve_derived on -1 for each int/float field: refused, with a message that names the flag."""
     import dataclasses
 
     from bitnet.train.config import TrainConfig, resolve_derived
@@ -130,7 +130,7 @@ def test_every_numeric_flag_refuses_a_negative_value_by_name():
             assert flag in str(e) and bound in str(e), (flag, str(e))
             continue
         accepted.append(f.name)
-    assert accepted == ["seed"]
+    assert accepted == []
 
 
 @pytest.mark.parametrize("name,overrides,message", BAD, ids=[b[0] for b in BAD])
