@@ -39,7 +39,7 @@ def load(checkpoint: str | None) -> Transformer:
         model = Transformer(PRESETS["95m"])
         model.init_weights(seed=0)
         return model.eval()
-    from bitnet.export.cli import load_source
+    from bitnet.cli.load import load_source
 
     return load_source(checkpoint)[0]
 

@@ -1,5 +1,6 @@
 """CLI: bad input gives one line, non-zero exit, no traceback, nothing written or overwritten."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bitnet.cli.train import build_parser, train_main
-from tests.conftest import fast_args
+from tests.conftest import fast_args, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,12 @@ def test_existing_run_is_not_overwritten(runs, capsys):
     assert train_main(fast_args(runs, "keep", steps=2)) == 2
     assert "already exists" in capsys.readouterr().err
     assert tree(runs / "keep") == before
-    assert train_main(fast_args(runs, "keep", steps=2, overwrite=True)) == 0
+    capsys.readouterr()
+    assert train_main(fast_args(runs, "keep", steps=3, overwrite=True)) == 0
+    # replaced, not appended to: only the new run's rows and config remain
+    assert [r["step"] for r in read_rows(runs / "keep" / "metrics" / "scalars.jsonl")] == [1, 2, 3]
+    assert json.loads((runs / "keep" / "meta" / "config.json").read_text())["train"]["num_steps"] == 3
+    assert tree(runs / "keep") != before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -119,3 +125,50 @@ def test_console_script_error_has_no_traceback(tmp_path):
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown preset 'nope' (known: 95m, tiny)"
+
+
+def _help_entries() -> dict[str, str]:
+    """flag -> its help text, whitespace-joined, from `bitnet-train --help`."""
+    parser = build_parser()
+    return {a.option_strings[0]: " ".join(parser._get_formatter()._expand_help(a).split())
+            for a in parser._actions if a.option_strings and a.help}
+
+
+def test_help_resume_from_names_auto_and_run_dirs():
+    text = _help_entries()["--resume-from"]
+    assert "'auto'" in text and "a run directory" in text and "checkpoint.pt" in text and "step directory" in text
+
+
+def test_help_prints_each_default_once_with_the_tiny_preset_beside_it():
+    entries = _help_entries()
+    doubled = [flag for flag, text in entries.items() if text.count("(default:") > 1]
+    assert doubled == []
+    assert "(default: )" not in " ".join(entries.values())
+    assert entries["--batch-size"].endswith("(default: 32; tiny: 8)")
+    assert entries["--num-steps"].endswith("(default: 400000; tiny: 150)")
+    assert entries["--data"].endswith("(default: fineweb-edu; tiny: embedded)")
+    assert entries["--seed"].endswith("(default: 42)")  # the same for both presets
+    epilog = " ".join(build_parser().epilog.split())
+    assert "the 95m preset's" in epilog and "--preset tiny" in epilog
+    assert "these defaults < the preset's < the resumed checkpoint's config (--resume-from) < the --config file < " \
+           "flags" in epilog
+
+
+def test_help_shows_the_choices_of_closed_flags():
+    usage = " ".join(build_parser().format_usage().split())
+    for flag, choices in (("--preset", "{95m,tiny}"), ("--compile", "{auto,on,off}"), ("--parallel", "{ddp,fsdp2}"),
+                          ("--anomaly-policy", "{warn,skip,stop}"), ("--cuda-graphs", "{auto,on,off}"),
+                          ("--on-checkpoint-error", "{stop,continue}")):
+        assert f"[{flag} {choices}]" in usage, flag
+
+
+def test_redirected_output_has_plain_lines_not_a_bar(runs, capsys):
+    # under pytest stdout/stderr are not terminals, as with `bitnet-train ... > log 2>&1`
+    assert train_main(fast_args(runs, "plain", steps=4, log_interval=2)[:-1]) == 0  # without --quiet
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "it/s" not in err  # no tqdm redraws
+    lines = out.splitlines()
+    assert lines[0].startswith(f"run {runs / 'plain'} | ") and "steps 1..4" in lines[0]
+    assert [ln.split(" | ")[0] for ln in lines[1:3]] == ["step 2/4", "step 4/4"]
+    assert all(" | loss " in ln and ln.endswith("tok/s") for ln in lines[1:3])
+    assert lines[3].startswith(f"done: {runs / 'plain'} at step 4")

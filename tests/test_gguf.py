@@ -21,7 +21,8 @@ import torch
 
 from bitnet.data.embedded import embedded_documents
 from bitnet.data.tokenizer import load_tokenizer
-from bitnet.export import main, to_ternary_inference
+from bitnet.cli.export import main
+from bitnet.export import to_ternary_inference
 from bitnet.export.gguf_export import GGUF_TYPES, export_gguf, gguf_name
 from bitnet.export.ternary import ternary_layers
 from bitnet.generation import generate
@@ -242,8 +243,8 @@ def corpus_texts(n: int, chars: int) -> list[str]:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A WIDE model trained TRAIN_STEPS steps on the embedded corpus (CPU), and its checkpoint."""
-    from bitnet.cli import train_main
-    from bitnet.train import checkpoint
+    from bitnet.cli.train import train_main
+    from bitnet.run import checkpoint
 
     runs = tmp_path_factory.mktemp("gguf_runs")
     config = runs / "wide.toml"
@@ -254,7 +255,7 @@ def trained(tmp_path_factory):
             "--quant-interval", 0, "--log-interval", 50, "--checkpoint-interval", 100000, "--quiet"]
     assert train_main([str(a) for a in args]) == 0
     path = checkpoint.resolve(str(runs / "wide"))
-    from bitnet.export.cli import model_from_checkpoint
+    from bitnet.cli.load import model_from_checkpoint
 
     return path, model_from_checkpoint(checkpoint.load(path), str(path))
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bitnet.data.tokenizer import load_tokenizer
-from bitnet.export import main as export_main
+from bitnet.cli.export import main as export_main
 from bitnet.export import to_ternary_inference
 
 from .test_export import bf16_twin, save_ckpt, tiny_model

@@ -180,6 +180,8 @@ def test_run_just_started(tmp_path, capsys):
     assert status_cli.main([str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] is None
     assert status_cli.main([str(run), "--plot", str(tmp_path / "empty.png")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'empty.png'} (step n/a)\n"
+    assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # panels say "no data yet"
 
 
 def test_odd_values_do_not_crash(tmp_path, capsys):
@@ -201,6 +203,8 @@ def test_odd_values_do_not_crash(tmp_path, capsys):
     assert status_cli.main([str(run), "--json"]) == 0
     json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert status_cli.main([str(run), "--plot", str(tmp_path / "odd.png")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'odd.png'} (step 101)\n"
+    assert (tmp_path / "odd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resumed_steps_keep_the_last_row(tmp_path):
@@ -306,3 +310,48 @@ def test_imports_only_the_standard_library():
     assert imports(ast.parse(Path(bitnet.run.__file__).read_text()).body) == set()
     code = "import sys, bitnet.status; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv", [["--watch", "10"], ["--json"], ["--watch"]])
+def test_no_run_dir_is_one_clear_error(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)  # no directory named "10" here
+    assert status_cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("error: a run directory is required: bitnet-status runs/<id> [--watch [SECONDS]] "
+                            "[--json] [--plot OUT]\n") and captured.out == ""
+
+
+def test_usage_line_shows_the_run_dir_as_required(capsys):
+    with pytest.raises(SystemExit):
+        status_cli.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith("usage: bitnet-status RUN_DIR [--watch [SECONDS]]") and "[RUN_DIR]" not in usage
+
+
+def test_watch_stops_on_a_finished_run(tmp_path, capsys, monkeypatch):
+    done = make_run(tmp_path, n_rows=NUM_STEPS)
+    sleeps = []
+    monkeypatch.setattr(status.time, "sleep", sleeps.append)
+    assert status_cli.main([str(done), "--watch", "5"]) == 0
+    out = capsys.readouterr().out
+    assert sleeps == [] and out.count("\033[2J") == 1  # one frame, then it returns
+    assert "FINISHED" in out and "the run has finished; stopped watching" in out
+    assert status_cli.main([str(done), "--watch", "5", "--json"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 and sleeps == []
+
+
+def test_json_tokens_is_an_integer(run, capsys):
+    assert status_cli.main([str(run), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["tokens"] == 100 * TOKENS_PER_STEP and type(s["tokens"]) is int and type(s["step"]) is int
+
+
+@pytest.mark.parametrize("n_rows, window", [(3, 1), (30, 6), (100, 20), (1000, 20)])
+def test_smoothing_window_scales_with_the_run(tmp_path, n_rows, window, capsys):
+    run = make_run(tmp_path, n_rows=n_rows)
+    s = status.summarize(run)
+    assert s["smoothing"] == window
+    assert s["loss_smoothed"] == pytest.approx(10 - 0.05 * (n_rows - (window - 1) / 2))  # mean of the last `window`
+    assert status.summarize(run, smoothing=2)["smoothing"] == 2  # --smoothing wins
+    assert status_cli.main([str(run)]) == 0
+    assert f"(mean of last {window} rows)" in capsys.readouterr().out

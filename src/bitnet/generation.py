@@ -206,5 +206,7 @@ def continuation_text(tok, prompt_ids: list[int], ids: list[int]) -> str:
 
 
 def sample_metrics(gen: Generation) -> dict:
+    """The seed's sample metrics: mean entropy, max repetition and unique tokens (a count; the ratio beside it)."""
     return {"mean_entropy": sum(gen.entropies) / len(gen.entropies) if gen.entropies else math.nan,
-            "max_repetition": max_repetition(gen.token_ids), "unique_ratio": unique_ratio(gen.token_ids)}
+            "max_repetition": max_repetition(gen.token_ids), "unique_tokens": len(set(gen.token_ids)),
+            "unique_ratio": unique_ratio(gen.token_ids)}

@@ -4,7 +4,7 @@ Prints a text summary, one JSON object (--json) or a dashboard plot (--plot OUT.
 run, refreshing with --watch. Standard library only (matplotlib is imported lazily by plot()), it
 never writes inside the run directory and it tolerates files a live trainer is appending to.
 
-    python scripts/check_training_status.py runs/<id> [--watch [SECONDS]] [--json] [--plot OUT.png]
+    python check_training_status.py runs/<id> [--watch [SECONDS]] [--json] [--plot OUT.png]
 The command line (bitnet-status) is bitnet/cli/status.py.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from bitnet.run import layout
 from bitnet.run.jsonl import read_jsonl as load_jsonl
 
+MAX_SMOOTHING = 20  # default loss moving-average window in rows: a fifth of the rows, at most this
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
 STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is flagged "stalled?"
 STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
@@ -52,6 +53,12 @@ def _num(x):
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return None
     return float(x)
+
+
+def _int(x):
+    """x as an int (counts: steps, tokens), else None."""
+    x = _num(x)
+    return None if x is None else int(x)
 
 
 def _dict(x) -> dict:
@@ -106,8 +113,15 @@ def _anomalies(run: Path) -> list[tuple[int, str, Path]]:
 
 # ---------------------------------------------------------------------------- summary
 
-def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
-    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known)."""
+def auto_smoothing(n_rows: int) -> int:
+    """Moving-average window for a run of n_rows scalar rows: a fifth of them, 1..MAX_SMOOTHING.
+    A fixed 20-row window would lag far behind the loss of a 30-row run."""
+    return max(1, min(MAX_SMOOTHING, n_rows // 5))
+
+
+def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -> dict:
+    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known).
+    smoothing: the loss moving-average window in rows (None: auto_smoothing of the run's rows)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise StatusError(f"no such run directory: {run}" if not run.exists() else f"not a directory: {run}")
@@ -116,13 +130,15 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     config, prov = load_json(run / layout.CONFIG), load_json(run / layout.PROVENANCE)
     train_cfg, model_cfg = _dict(config.get("train")), _dict(config.get("model"))
-    s = {"run_id": run.resolve().name, "run_dir": str(run), "now": now, "smoothing": smoothing,
+    s = {"run_id": run.resolve().name, "run_dir": str(run), "now": now,
          "provenance": {k: prov.get(k) for k in _PROVENANCE_KEYS},
          "model": {k: v for k, v in model_cfg.items() if isinstance(v, (int, float, str, bool))},
          "train_config": {k: train_cfg.get(k) for k in ("num_steps", "batch_size", "seq_len", "grad_accum")}}
 
     # Training scalars. Progress counts optimizer steps, so gradient accumulation cannot distort it.
     rows = _by_step(load_jsonl(run / layout.SCALARS))
+    smoothing = auto_smoothing(len(rows)) if smoothing is None else smoothing
+    s["smoothing"] = smoothing
     recent = rows[-RECENT_ROWS:]
     last = rows[-1] if rows else {}
     step = last.get("step")
@@ -145,7 +161,7 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
     s.update({
         "step": step, "num_steps": num_steps, "rows": len(rows),
         "pct_done": 100.0 * step / num_steps if num_steps and step is not None else None,
-        "tokens": _num(last.get("tokens")),
+        "tokens": _int(last.get("tokens")),
         "loss": _num(last.get("loss")), "loss_raw": repr(last.get("loss")) if "loss" in last else None,
         "loss_smoothed": statistics.fmean(losses[-smoothing:]) if losses else None,
         "lr": _num(last.get("lr")), "wd": _num(last.get("wd")), "grad_norm": _num(last.get("grad_norm")),
@@ -183,7 +199,8 @@ def summarize(run_dir, smoothing: int = 20, now: float | None = None) -> dict:
                 by_mode.setdefault(str(r.get("mode")), r)
         s["samples"] = {"step": int(newest), "modes": [
             {"mode": mode, "prompt": r.get("prompt"), "text": "" if r.get("text") is None else str(r["text"]),
-             **{k: _num(r.get(k)) for k in ("mean_entropy", "max_repetition", "unique_ratio")}}
+             **{k: _num(r.get(k)) for k in ("mean_entropy", "max_repetition", "unique_ratio")},
+             "unique_tokens": _int(r.get("unique_tokens"))}
             for mode, r in by_mode.items()]}
 
     quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / layout.QUANT))]
@@ -277,7 +294,8 @@ def render_text(s: dict) -> str:
     sm = s["samples"]
     lines.append("samples    none yet" if sm is None else f"samples    step {sm['step']:,}")
     for r in (sm or {}).get("modes", []):
-        lines.append(f"  {r['mode']:<8} ent {_f(r['mean_entropy'], '.2f')} uniq {_f(r['unique_ratio'], '.2f')}  "
+        uniq = f"{r['unique_tokens']} " if r["unique_tokens"] is not None else ""
+        lines.append(f"  {r['mode']:<8} ent {_f(r['mean_entropy'], '.2f')} uniq {uniq}({_f(r['unique_ratio'], '.2f')})  "
                      f"{json.dumps(_one_line(r['text'], SAMPLE_CHARS), ensure_ascii=False)}")
     q = s["quant"]
     if q is None:
@@ -318,13 +336,14 @@ def _refuse_inside(run: Path, out: Path) -> None:
         raise StatusError(f"refusing to write {out} inside the run directory {run} (status is read-only)")
 
 
-def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> dict:
+def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = None) -> dict:
     """Write a 2x3 dashboard as PNG, or as HTML embedding the PNG when `out` ends in .html
     (refresh_s adds an auto-reload for --watch). Uses the Agg canvas directly, never pyplot, so no
     global backend state changes. Returns the summary it drew."""
     run, out = Path(run_dir), Path(out)
     _refuse_inside(run, out)
     s = summarize(run, smoothing)
+    smoothing = s["smoothing"]
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -414,9 +433,10 @@ def plot(run_dir, out, smoothing: int = 20, refresh_s: float | None = None) -> d
 # ---------------------------------------------------------------------------- command line
 
 def watch(render, interval_s: float, max_iterations: int | None = None, sleep=None, clear: bool = True,
-          stream=None) -> int:
-    """Call render() and print it every interval_s until Ctrl-C (exit 0); errors show on screen
-    instead of ending the loop, since a run dir can briefly look odd while files are replaced."""
+          stream=None, finished=None) -> int:
+    """Call render() and print it every interval_s until Ctrl-C (exit 0), or until finished() says the
+    run is done (after showing it once more). Errors show on screen instead of ending the loop,
+    since a run dir can briefly look odd while files are replaced."""
     stream, sleep = stream or sys.stdout, sleep or time.sleep
     done = 0
     try:
@@ -425,11 +445,15 @@ def watch(render, interval_s: float, max_iterations: int | None = None, sleep=No
                 text = render()
             except (StatusError, OSError) as e:
                 text = f"error: {e}"
+            over = finished is not None and finished()
             stream.write(("\033[2J\033[H" if clear else "") + text + "\n")
             if clear:
-                stream.write(f"\n(refresh every {interval_s:g}s, Ctrl-C to quit)\n")
+                stream.write("\n(the run has finished; stopped watching)\n" if over else
+                             f"\n(refresh every {interval_s:g}s, Ctrl-C to quit)\n")
             stream.flush()
             done += 1
+            if over:
+                break
             if max_iterations is None or done < max_iterations:
                 sleep(interval_s)
     except KeyboardInterrupt:

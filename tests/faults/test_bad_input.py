@@ -110,8 +110,27 @@ def inputs(tmp_path):
     return tmp_path
 
 
-def test_the_table_is_big_enough():
-    assert len(BAD) >= 25 and len({name for name, _, _ in BAD}) == len(BAD)
+def test_every_numeric_flag_refuses_a_negative_value_by_name():
+    """resolve_derived on -1 for each int/float field: refused, with a message that names the flag."""
+    import dataclasses
+
+    from bitnet.train.config import TrainConfig, resolve_derived
+
+    assert len({name for name, _, _ in BAD}) == len(BAD)  # every row of the table above has its own id
+    accepted = []
+    for f in dataclasses.fields(TrainConfig):
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind not in ("int", "float"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        try:
+            resolve_derived(TrainConfig(**{f.name: -1 if kind == "int" else -1.0}), 1, 1024)
+        except ValueError as e:
+            bound = "must be in [0, 1)" if f.name in ("beta1", "beta2") else "must be"
+            assert flag in str(e) and bound in str(e), (flag, str(e))
+            continue
+        accepted.append(f.name)
+    assert accepted == []
 
 
 @pytest.mark.parametrize("name,overrides,message", BAD, ids=[b[0] for b in BAD])

@@ -47,7 +47,7 @@ def test_failed_checkpoint_stops_with_one_line_and_keeps_the_previous(how, monke
     kept = runs / "full" / "checkpoints" / "step_000004"
     assert err == (f"error: checkpoint of step 8 could not be written ({reason}); newest intact checkpoint: {kept}; "
                    f"resume with: bitnet-train --resume-from {kept} --runs-dir {runs}\n")
-    assert sorted(os.listdir(runs / "full" / "checkpoints")) == ["step_000004"]  # no half step_000008(.tmp)
+    assert sorted(os.listdir(runs / "full" / "checkpoints")) == ["step_000000", "step_000004"]  # no half step_000008(.tmp)
     assert logged_steps(runs / "full") == list(range(1, 9))  # it stopped at once
     survivor, want = checkpoint_fit.load(kept), checkpoint_fit.load(reference / "checkpoints" / "step_000004")
     assert all(torch.equal(survivor["model"][k], v) for k, v in want["model"].items())
@@ -62,7 +62,7 @@ def test_continue_policy_trains_on_and_retries_at_the_next_checkpoint(monkeypatc
                         r"checkpoint: \S+; training goes on", out)
     assert warned == [("8", "No space left on device"), ("16", "Read-only file system")], out
     # no step 8 or 16, and no temp directory left behind by either failure
-    assert sorted(os.listdir(runs / "cont" / "checkpoints")) == [f"step_{s:06d}" for s in [4, 11, 12, 20, 24]]
+    assert sorted(os.listdir(runs / "cont" / "checkpoints")) == [f"step_{s:06d}" for s in [0, 4, 11, 12, 20, 24]]
     assert_matches_reference(runs / "cont", reference, 1)  # failed saves change nothing in training
 
 

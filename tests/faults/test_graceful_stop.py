@@ -37,5 +37,5 @@ def test_second_sigint_aborts_mid_write_and_keeps_the_previous_checkpoint(scenar
     r = scenario("double_sigint_mid_write")
     assert r["reached"] and r["returncode"] == 130, r["stderr"]
     assert r["stderr"].strip().splitlines()[-1] == "interrupted" and "Traceback" not in r["stderr"]
-    assert r["tmp_dirs"] == [] and r["complete"] == [4]  # the half-done step 8 was removed, step 4 intact
+    assert r["tmp_dirs"] == [] and r["complete"] == [0, 4]  # the half-done step 8 was removed, step 4 intact
     assert checkpoint_fit.load(r["run"])["step"] == 4

@@ -32,7 +32,7 @@ def test_sigkill_then_auto_resume_matches_the_uninterrupted_run(name, scenario, 
     # what the kill left: only renamed directories count; a complete-looking .tmp is never taken
     assert checkpoint.latest(run).name == layout.step_dir_name(expected)
     if name == "kill_mid_checkpoint_write":
-        assert r["tmp_dirs"] == ["step_000008.tmp"] and r["complete"] == [4]
+        assert r["tmp_dirs"] == ["step_000008.tmp"] and r["complete"] == [0, 4]
     if name == "kill_during_final_checkpoint":  # every step ran; only the unfinished final save is lost
         assert r["tmp_dirs"] == ["step_000024.tmp"] and r["last_logged"] == BASE["num_steps"]
     if name == "kill_mid_step":

@@ -34,10 +34,10 @@ def test_long_run_killed_twice_stays_bounded_and_never_logs_a_step_twice(scenari
             overlap = range(resumed_at + 1, steps[-1] + 1)
             assert [mine[s] for s in overlap] == [theirs[s] for s in overlap]
             first = resumed_at + 1
-        # retention: keep-last 2 plus the milestones (999, 1000, 2000) this run reached, plus at most one
+        # retention: keep-last 2 plus the milestones (0 of the fresh run, 999, 1000, 2000) this run reached, plus at most one
         # .tmp a kill left behind; never one directory per checkpoint taken (80 over the run)
         ckpt_dirs = list((run / "checkpoints").iterdir())
-        milestones = [m for m in (999, 1000, LOAD_STEPS) if steps[0] <= m <= steps[-1]]
+        milestones = [m for m in (999, 1000, LOAD_STEPS) if steps[0] <= m <= steps[-1]] + [0] * (i == 0)  # step 0: fresh run
         assert len(ckpt_dirs) <= LOAD["keep_last"] + len(milestones) + 1, sorted(d.name for d in ckpt_dirs)
         assert dir_bytes(run / "checkpoints") <= len(ckpt_dirs) * ckpt_bytes
     assert logged_steps(chain[-1])[-1] == LOAD_STEPS

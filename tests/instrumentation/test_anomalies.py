@@ -109,7 +109,7 @@ def test_loss_and_grad_spikes(tmp_path, policy):
     state = SimpleNamespace(step=0, tokens=0)
     for step in range(1, 41):
         loss = 5.0 if step == 30 else 2.0 + 0.01 * math.sin(step)
-        grad_norm = 40.0 if step == 35 else 1.0 + 0.01 * math.cos(step)
+        grad_norm = 400.0 if step == 35 else 1.0 + 0.01 * math.cos(step)  # a grad spike is >= 100x the median
         state.step = step
         if step % 5 == 0:
             hook.on_log(state, {"step": step, "loss": loss})
@@ -118,9 +118,9 @@ def test_loss_and_grad_spikes(tmp_path, policy):
     assert sorted(p.name for p in (tmp_path / "anomalies").iterdir()) == ["step_000030_loss_spike",
                                                                           "step_000035_grad_spike"]
     info = json.loads((tmp_path / "anomalies/step_000030_loss_spike/info.json").read_text())
-    assert info["zscore"] > 6 and info["loss"] == 5.0 and info["window_mean"] == pytest.approx(2.0, abs=0.01)
+    assert info["zscore"] > 6 and info["loss"] == 5.0 and info["window_median"] == pytest.approx(2.0, abs=0.01)
     norms = json.loads((tmp_path / "anomalies/step_000035_grad_spike/grad_norms.json").read_text())
-    assert norms == {"weight": 40.0, "bias": 0.5}
+    assert norms == {"weight": 400.0, "bias": 0.5}
     assert torch.load(tmp_path / "anomalies/step_000030_loss_spike/batch.pt")["micro_batches"][0][0][0, 0] == 30
     assert len(messages) == 2 and "loss_spike" in messages[0]
     assert hook.stop_requested == (policy == "stop")
@@ -189,11 +189,11 @@ def test_resumed_run_carries_the_detector_windows(tmp_path, train_run):
     args = dict(num_steps=8, checkpoint_interval=4, log_interval=3, no_eval=True, sample_interval=0)
     straight = train_run(tmp_path, "straight", **args).run_dir
     at4 = checkpoint(straight, 4)["hooks"]["anomaly"]
-    assert len(at4["losses"]) == 4 and len(at4["per_step"]) == 4
+    assert len(at4["losses"]) == 4 - 2 and len(at4["per_step"]) == 4  # warmup steps 1, 2: not in the spike windows
     resumed = train_run(tmp_path, "resumed", resume_from=straight / "checkpoints/step_000004", **args).run_dir
     want = checkpoint(straight, 8)["hooks"]["anomaly"]
     got = checkpoint(resumed, 8)["hooks"]["anomaly"]
-    assert len(want["losses"]) == 8
+    assert len(want["losses"]) == 8 - 2
     assert got["losses"] == want["losses"] and got["grad_norms"] == want["grad_norms"]
     assert [r[0] for r in got["per_step"]] == list(range(1, 9))
 
@@ -204,3 +204,61 @@ def test_resumed_run_carries_the_detector_windows(tmp_path, train_run):
     ckpt_format.save(tmp_path / "old", 4, old)
     legacy = train_run(tmp_path, "legacy", resume_from=tmp_path / "old/checkpoints/step_000004", **args).run_dir
     assert checkpoint(legacy, 8)["hooks"]["anomaly"]["losses"] == want["losses"]
+
+
+def _drive(hook, values, log_every=5):
+    """Feed (loss, grad_norm) per step 1..N through the hook as the loop would; returns its events."""
+    state = SimpleNamespace(step=0, tokens=0)
+    for step, (loss, grad_norm) in enumerate(values, start=1):
+        state.step = step
+        if step % log_every == 0:
+            hook.on_log(state, {"step": step, "loss": loss})
+        hook.on_step_end(state, _fake_step(step, loss, grad_norm))
+    hook.on_train_end(state)
+    return hook.events
+
+
+def test_warmup_steps_are_neither_judged_nor_kept(tmp_path):
+    # a warmup that looks spiky (grad norm x1000 at step 25) raises nothing; judging starts after it
+    values = [(2.0, 1000.0 if step == 25 else 1.0) for step in range(1, 61)]
+    hook = AnomalyHook(tmp_path, nn.Linear(2, 2), "warn", log=lambda m: None, warmup_steps=30)
+    assert _drive(hook, values) == [] and len(hook.grad_norms) == 30
+    # the same spike after warmup, once 20 post-warmup steps are in the window, is caught
+    values[54] = (2.0, 1000.0)
+    hook = AnomalyHook(tmp_path / "b", nn.Linear(2, 2), "warn", log=lambda m: None, warmup_steps=30)
+    assert _drive(hook, values) == [(55, "grad_spike")]
+
+
+def test_heavy_tailed_healthy_noise_and_a_falling_loss_raise_nothing(tmp_path):
+    # lognormal grad norms (sigma 0.8: steps of 5-10x the median occur) and a loss falling 3 nats
+    g = torch.Generator().manual_seed(0)
+    grads = torch.exp(0.8 * torch.randn(400, generator=g)).tolist()
+    noise = (0.1 * torch.randn(400, generator=g)).tolist()
+    values = [(9.0 - 3.0 * step / 400 + noise[step - 1], grads[step - 1]) for step in range(1, 401)]
+    assert max(grads) / sorted(grads)[200] > 5
+    hook = AnomalyHook(tmp_path, nn.Linear(2, 2), "warn", log=lambda m: None, warmup_steps=20)
+    assert _drive(hook, values) == []
+    # ... while a corrupted batch (+2 nats for one step) in the same run is caught at its step
+    values[300] = (values[300][0] + 2.0, values[300][1])
+    hook = AnomalyHook(tmp_path / "b", nn.Linear(2, 2), "warn", log=lambda m: None, warmup_steps=20)
+    assert _drive(hook, values) == [(301, "loss_spike")]
+
+
+def test_a_weight_written_outside_the_optimizer_is_a_weight_jump(tmp_path):
+    model = nn.Linear(8, 8)
+    hook = AnomalyHook(tmp_path, model, "warn", log=lambda m: None)
+    state = SimpleNamespace(step=0, tokens=0)
+    hook.on_train_start(state)
+    for step in range(1, 11):
+        state.step = step
+        with torch.no_grad():
+            model.weight.add_(1e-3)  # an optimizer-sized move: <= lr per element per step
+            if step == 7:
+                model.bias.mul_(100)  # the fault
+        if step % 5 == 0:
+            hook.on_log(state, {"step": step, "loss": 2.0})
+        hook.on_step_end(state, _fake_step(step, 2.0, 1.0))  # lr 1e-3 a step
+    assert hook.events == [(10, "weight_jump")]  # found at the next check (log step 10)
+    info = json.loads((tmp_path / "anomalies/step_000010_weight_jump/info.json").read_text())
+    assert list(info["layers"]) == ["bias"] and info["limit"] == pytest.approx(3 * 5 * 1e-3)
+    assert info["layers"]["bias"]["rms_after"] > 50 * info["layers"]["bias"]["rms_before"]

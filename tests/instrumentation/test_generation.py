@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bitnet.cli.generate import main
-from bitnet.generation import (MODES, Mode, generate, generate_batch, max_repetition, sample_token, stable_seed,
-                               unique_ratio)
+from bitnet.generation import (MODES, Generation, Mode, generate, generate_batch, max_repetition, sample_metrics,
+                               sample_token, stable_seed, unique_ratio)
 from bitnet.model import PRESETS, KVCache, Transformer
 
 PROMPT = [1, 450, 2106, 310, 278]  # BOS + "The state of the"
@@ -122,6 +122,8 @@ def test_repetition_and_unique_ratio():
     assert max_repetition([5, 1, 2, 3, 1, 2, 3, 8]) == 2
     assert unique_ratio([1, 1, 2, 3]) == 0.75
     assert math.isnan(unique_ratio([]))
+    m = sample_metrics(Generation(prompt_ids=[1], token_ids=[5, 5, 6, 7, 5], entropies=[1.0, 2.0, 3.0, 2.0, 2.0]))
+    assert m == {"mean_entropy": 2.0, "max_repetition": 2, "unique_tokens": 3, "unique_ratio": 0.6}
 
 
 def test_stable_seed_is_fixed_across_processes():
@@ -142,3 +144,34 @@ def test_cli_generates_from_checkpoint(tmp_path, train_run, capsys):
     assert "tok/s" in err and "mode stress" in err
     rc = main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_cli_generates_from_packed_and_hf_exports(tmp_path, train_run, capsys):
+    from bitnet.export import load_packed
+    from bitnet.cli.export import main as export_main
+    from bitnet.export.load import load_hf
+
+    result = train_run(tmp_path / "runs", "exp", num_steps=2, no_eval=True, sample_interval=0, quant_interval=0)
+    dirs = {"packed": tmp_path / "packed", "hf": tmp_path / "hf", "hf-online": tmp_path / "hf-online"}
+    for flags in (["--format", "packed", "--out", str(dirs["packed"])], ["--format", "hf", "--out", str(dirs["hf"])],
+                  ["--format", "hf", "--hf-weights", "online", "--out", str(dirs["hf-online"])]):
+        assert export_main([str(result.run_dir), *flags, "--quiet"]) == 0
+    texts = {}
+    for name, d in dirs.items():
+        rc = main(["--checkpoint", str(d), "--prompt", "The Union", "--max-new-tokens", "8", "--mode", "greedy",
+                   "--device", "cpu"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert out.startswith("The Union") and len(out) > len("The Union") and "mode greedy" in err
+        texts[name] = out
+    assert texts["packed"] == texts["hf"]  # the same 2-bit tensors under two layouts
+    # the loaders compute the same forward: packed and HF-packed exactly, HF-online up to bf16 rounding
+    ids = torch.tensor([PROMPT])
+    packed = load_packed(dirs["packed"])(ids)
+    assert torch.equal(load_hf(dirs["hf"])(ids), packed)
+    torch.testing.assert_close(load_hf(dirs["hf-online"])(ids), packed, atol=0.05, rtol=0.01)
+
+    (tmp_path / "neither").mkdir()
+    rc = main(["--checkpoint", str(tmp_path / "neither"), "--prompt", "x", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "neither a checkpoint" in err and err.count("\n") == 1

@@ -14,7 +14,7 @@ from bitnet.run.jsonl import read_jsonl
 from .conftest import run_training
 
 SAMPLE_FIELDS = {"step", "prompt", "mode", "seed", "text", "token_ids", "mean_entropy", "max_repetition",
-                 "unique_ratio", "top5"}
+                 "unique_tokens", "unique_ratio", "top5"}
 LAYER_FIELDS = {"neg", "zero", "pos", "gamma", "near_boundary", "numel", "act_absmax_mean", "act_absmax_max",
                 "act_outlier_ratio"}
 
@@ -87,6 +87,7 @@ def test_sample_rows(full_run):
         assert len(r["top5"]) == min(10, len(r["token_ids"]))
         assert all(len(t["token_ids"]) == len(t["tokens"]) == len(t["logits"]) == 5 for t in r["top5"])
         assert r["max_repetition"] >= 1 and 0 < r["unique_ratio"] <= 1 and r["mean_entropy"] > 0
+        assert r["unique_tokens"] == len(set(r["token_ids"]))  # the seed's "unique tokens": a count
     seeds = [r["seed"] for r in rows]
     assert len(set(seeds)) == len(seeds)  # every (step, prompt, mode) has its own seed
 

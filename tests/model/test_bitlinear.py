@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bitnet.model import bitlinear
 from bitnet.model.bitlinear import BitLinear, activation_quant, activation_scale, weight_quant, weight_scale
 
 
@@ -64,15 +65,21 @@ def test_fake_quant_forward_equals_integer_reference():
         assert torch.allclose(weight_scale(layer.weight), sw)
 
 
-def test_no_grad_forward_caches_the_ternary_weight_and_refreshes_it_on_update():
+def test_no_grad_forward_caches_the_ternary_weight_and_refreshes_it_on_update(monkeypatch):
     torch.manual_seed(2)
     layer = BitLinear(32, 16)
     x = torch.randn(3, 32)
     with torch.no_grad():
         first = layer(x)
-        assert torch.equal(layer(x), first)  # served from the cache
+        cached = layer._inference_cache[1]
+        quantized = []
+        monkeypatch.setattr(bitlinear, "weight_quant", lambda w: quantized.append(1) or weight_quant(w))
+        assert torch.equal(layer(x), first)
+        assert quantized == [] and layer._inference_cache[1] is cached  # served from the cache, not requantized
         layer.weight.mul_(-1.0)  # an in-place update (like AdamW's) bumps the version counter
         flipped = layer(x)
+        assert quantized == [1] and layer._inference_cache[1] is not cached  # the update requantized once
+        monkeypatch.undo()
         layer.load_state_dict({"weight": torch.randn(16, 32)})
         loaded = layer(x)
     torch.testing.assert_close(flipped, -first)

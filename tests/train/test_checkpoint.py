@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bitnet.cli.train import train_main
-from bitnet.model import checkpoint_fit
+from bitnet.model import ModelConfig, Transformer, checkpoint_fit
 from bitnet.run import checkpoint
-from tests.conftest import fast_args
+from tests.conftest import fast_args, read_rows
 
 
 def state(step):
@@ -59,12 +59,13 @@ def test_pickled_code_is_refused(tmp_path):
 
 
 def test_retention_keeps_last_k_and_milestones(runs):
-    # 20 steps, a checkpoint every 2, keep the last 2; boundary at 10 -> milestones 9, 10 and 20
+    # 20 steps, a checkpoint every 2, keep the last 2; boundary at 10 -> milestones 0 (the initial weights),
+    # 9, 10 and 20
     assert train_main(fast_args(runs, "ret", steps=20, checkpoint_interval=2, keep_last=2)) == 0
     steps = [s for s, _ in checkpoint.list_checkpoints(runs / "ret")]
-    assert steps == [9, 10, 16, 18, 20]
+    assert steps == [0, 9, 10, 16, 18, 20]
     metas = {s: json.loads((d / "meta.json").read_text()) for s, d in checkpoint.list_checkpoints(runs / "ret")}
-    assert [s for s, m in metas.items() if m["milestone"]] == [9, 10, 20]
+    assert [s for s, m in metas.items() if m["milestone"]] == [0, 9, 10, 20]
     ck = checkpoint_fit.load(runs / "ret" / "checkpoints" / "step_000010")
     assert set(ck) >= {"model", "optimizer", "train_state", "rng", "config", "step", "tokens"}
     assert ck["train_state"]["data"]["index"] == 10 * 4  # ten steps of 4 windows consumed
@@ -84,3 +85,18 @@ def test_old_checkpoints_keep_the_anomaly_memory_in_train_state():
     state.load_state_dict(old["train_state"])
     assert (state.step, state.tokens, state.data) == (5, 40, {"pos": 3})
     assert "anomaly" not in state.state_dict()
+
+
+def test_step_0_holds_the_initial_weights_and_resumes_to_the_same_run(runs):
+    assert train_main(fast_args(runs, "s0", steps=4)) == 0
+    ck = checkpoint_fit.load(runs / "s0" / "checkpoints" / "step_000000")
+    assert ck["step"] == 0 and ck["tokens"] == 0 and ck["train_state"]["data"]["index"] == 0
+    model = Transformer(ModelConfig.from_dict(ck["config"]["model"]))
+    model.init_weights(seed=ck["config"]["train"]["seed"])
+    assert all(torch.equal(ck["model"][k], v) for k, v in model.state_dict().items())  # as initialized
+    # resuming from step 0 replays the whole run: the same per-step losses, bit for bit
+    assert train_main(["--resume-from", str(runs / "s0" / "checkpoints" / "step_000000"), "--run-id", "s0b",
+                       "--runs-dir", str(runs), "--quiet"]) == 0
+    losses = [[r["loss"] for r in read_rows(runs / run / "metrics" / "scalars.jsonl")] for run in ("s0", "s0b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert checkpoint.list_checkpoints(runs / "s0b")[0][0] > 0  # a resumed run writes no step 0 of its own

@@ -242,7 +242,7 @@ def test_process_group_start_times_out_without_peers(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     t0 = time.monotonic()
-    with pytest.raises(Exception):
+    with pytest.raises(dist.DistStoreError, match=r"Timed out after \d+ seconds waiting for clients\. 1/2 clients joined"):
         parallel.init(torch.device("cpu"), timeout_s=2)
     assert time.monotonic() - t0 < 30
     assert not dist.is_initialized()

@@ -135,10 +135,19 @@ def test_lr_lives_in_a_tensor_once_captured_and_checkpoints_stay_portable():
     assert all(g["lr"].item() == pytest.approx(2e-3) for g in opt.param_groups)
     sd = portable_state_dict(opt)
     assert all(type(g["lr"]) is float and g["capturable"] is False for g in sd["param_groups"])
+    steps_before = {float(st["step"]) for st in sd["state"].values()}
     fresh_model, fresh_opt = make()
+    fresh_model.load_state_dict(model.state_dict())
     fresh_opt.load_state_dict(sd)  # a plain (uncaptured) optimizer steps with it
-    train_step(fresh_model, fresh_opt, batches(2), lambda: torch.autocast("cpu", enabled=False), 1.0, 2e-3, 0.1,
-               torch.device("cpu"))
+    before = [p.detach().clone() for p in fresh_model.parameters()]
+    out = train_step(fresh_model, fresh_opt, batches(2), lambda: torch.autocast("cpu", enabled=False), 1.0, 2e-3, 0.1,
+                     torch.device("cpu"))
+    assert torch.isfinite(out.loss) and len(steps_before) == 1
+    assert {fresh_opt.state[p]["step"].item() for p in fresh_model.parameters()} == {steps_before.pop() + 1}
+    assert all(type(g["lr"]) is float and g["lr"] == pytest.approx(2e-3) for g in fresh_opt.param_groups)
+    # an Adam step moves each weight by about lr (|m_hat / sqrt(v_hat)| <= ~1 early on), plus lr * wd * w
+    moved = max((p - b).abs().max().item() for p, b in zip(fresh_model.parameters(), before))
+    assert 0.5 * 2e-3 < moved < 5 * 2e-3
 
 
 def test_use_cuda_graphs_decides_and_explains():

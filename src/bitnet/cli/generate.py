@@ -33,8 +33,11 @@ class _Streamer:
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="bitnet-generate", description="Generate text from a bitnet-train checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, its step directory, or a run directory (latest)")
+    p = OneLineParser(prog="bitnet-generate", description="Generate text from a bitnet-train checkpoint "
+                      "or a bitnet-export directory (packed or hf).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint.pt, its step directory, a run directory (latest), or an export directory "
+                        "of bitnet-export (packed or hf)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--mode", default="typical", choices=list(MODES), help="decoding mode (default: typical)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default: 100)")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_or_exit(build_parser(), argv)
     exits.one_line_warnings()
 
-    from bitnet.cli.load import load_checkpoint_model
+    from bitnet.cli.load import load_for_inference
     from bitnet.data import load_tokenizer
     from bitnet.device import pick_device
     from bitnet.export.files import ExportError
@@ -58,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be positive")
-        model, state = load_checkpoint_model(args.checkpoint, device, bitnet_only=False)
-        tok = load_tokenizer(args.tokenizer or (state["config"].get("train") or {}).get("tokenizer", "llama2"))
+        model, tokenizer = load_for_inference(args.checkpoint, device)
+        tok = load_tokenizer(args.tokenizer or tokenizer or "llama2")
         autocast = (contextlib.nullcontext if device.type != "cuda" else
                     lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         prompt_ids = tok.encode(args.prompt, add_bos=True)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n\n[{len(gen.token_ids)} tokens in {gen.seconds:.2f} s (prompt included): {gen.tokens_per_s:.1f} tok/s | "
           f"mode {args.mode} | "
           f"seed {args.seed} | mean entropy {m['mean_entropy']:.2f} nats | max repetition {m['max_repetition']} | "
-          f"unique {m['unique_ratio']:.2f} | {device}]", file=sys.stderr)
+          f"unique tokens {m['unique_tokens']} ({m['unique_ratio']:.2f}) | {device}]", file=sys.stderr)
     return 0
 
 

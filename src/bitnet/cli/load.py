@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from bitnet.export.files import ExportError
+from bitnet.export.load import load_hf
 from bitnet.export.packed import CONFIG_FILE, load_packed, read_config
 from bitnet.model.config import ModelConfig
 from bitnet.model.llama import Transformer
@@ -55,3 +56,18 @@ def load_source(path: str, bitnet_only: bool = True) -> tuple[Transformer, dict]
     tokenizer = ((state.get("config") or {}).get("train") or {}).get("tokenizer")
     return model, {"checkpoint": state["path"], "step": state.get("step"), "tokens": state.get("tokens"),
                    "tokenizer": tokenizer}
+
+
+def load_for_inference(path: str, device: torch.device) -> tuple[Transformer, str | None]:
+    """(model in eval mode on `device`, the tokenizer spec to use, or None for the default) for
+    bitnet-generate: a training checkpoint (file, step dir or run dir), a packed or an HF export dir."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():  # packed ternary export
+        return load_packed(p, device), (read_config(p).get("source") or {}).get("tokenizer")
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():  # HF export (ships its tokenizer)
+        return load_hf(p, device), str(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None
+    if p.is_dir() and not (p / "checkpoint.pt").is_file() and not (p / "checkpoints").is_dir():
+        raise ExportError(f"{path} is neither a checkpoint, a run directory nor an export directory "
+                          f"(packed: {CONFIG_FILE}; hf: config.json + model.safetensors)")
+    model, state = load_checkpoint_model(path, device, bitnet_only=False)
+    return model, (state["config"].get("train") or {}).get("tokenizer")

@@ -28,7 +28,20 @@ from bitnet.run import layout
 from bitnet.run.jsonl import _clean
 
 MIN_HISTORY = 20
-"""Finite values needed in the window before spikes are judged."""
+"""Finite post-warmup values needed in the window before spikes are judged."""
+LOSS_MIN_JUMP = 1.0
+"""A loss spike is at least this many nats above the recent median, however quiet the window."""
+GRAD_MIN_RATIO = 100.0
+"""A grad-norm spike is at least this many times the recent median grad norm, however quiet the window.
+High on purpose: with gradient clipping a large norm alone does not harm the update, and healthy tiny
+runs reached 70x (docs/anomalies.md); broken batches and LR spikes show up in the loss."""
+WEIGHT_JUMP = 3.0
+"""A parameter whose RMS moved by more than this many times the summed LR since the last check moved
+further than AdamW can move it (|update| <= ~lr per element): something else wrote it."""
+MAD_TO_STD = 1.4826
+"""Median absolute deviation -> standard deviation of a normal distribution."""
+CENTER_STEPS = 5
+"""A step is compared with the median of this many steps before it."""
 COLLAPSE_ZERO_FRAC = 0.9
 """A BitLinear layer with more zeros than this among its ternary weights has collapsed."""
 MAX_DUMPS = 20
@@ -45,29 +58,47 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
-def zscore(value: float, history) -> tuple[float, float, float] | None:
-    """(z, mean, std) of value against the history, or None while the history is too short.
-    The std is floored at 0.1% of |mean| so a nearly constant history cannot make z explode."""
+def _median(xs: list[float]) -> float:
+    ordered, n = sorted(xs), len(xs)
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+def spike_test(value: float, history, threshold: float, min_jump: float) -> tuple[float, float, float] | None:
+    """(robust z, center, scale) of value against the history (oldest first), or None while it is too short.
+
+    center: the median of the last CENTER_STEPS values, so a loss that is still falling fast is
+    compared with where it is now, not with the window's older, higher values. scale: the step-to-step
+    noise, 1.4826 x the MAD of successive differences / sqrt(2), which a trend does not inflate and
+    one large value cannot (early gradient norms are heavy-tailed). The scale is floored at
+    min_jump / threshold, so z > threshold also means value - center > min_jump: a nearly constant
+    window cannot turn noise into a spike.
+    """
     n = len(history)
     if n < MIN_HISTORY:
         return None
-    mean = sum(history) / n
-    # plain sums: statistics.pstdev is exact but ~50x slower, and this runs twice per step at log steps
-    std = max(math.sqrt(sum((x - mean) ** 2 for x in history) / n), 1e-3 * abs(mean), 1e-12)
-    return (value - mean) / std, mean, std
+    values = list(history)
+    center = _median(values[-CENTER_STEPS:])
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    mid = _median(diffs)
+    noise = MAD_TO_STD * _median([abs(d - mid) for d in diffs]) / math.sqrt(2)
+    scale = max(noise, min_jump / threshold, 1e-12)
+    return (value - center) / scale, center, scale
 
 
 class AnomalyHook(Hook):
     name = "anomaly"
 
     def __init__(self, run_dir: Path, model, policy: str = "warn", window: int = 100, zscore_threshold: float = 6.0,
-                 log=None):
+                 log=None, warmup_steps: int = 0):
         if policy not in ("warn", "skip", "stop"):
             raise ValueError(f"anomaly policy must be warn, skip or stop, got {policy!r}")
         self.dir = Path(run_dir) / layout.ANOMALIES
         self.policy, self.threshold = policy, zscore_threshold
+        self.warmup_steps = warmup_steps  # spikes are judged after warmup only, against post-warmup steps
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.param_names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.weight_rms = None  # per-parameter RMS at the last check (not checkpointed: re-measured after a resume)
         self.pending = []  # per-step records since the last check (device tensors + CPU batch)
         self.last_record = None
         self.losses, self.grad_norms = deque(maxlen=window), deque(maxlen=window)  # finite values only
@@ -144,14 +175,55 @@ class AnomalyHook(Hook):
                 self.in_nonfinite_run = True
                 continue
             self.in_nonfinite_run = False
+            if rec["step"] <= self.warmup_steps:  # warmup: LR and grad norms still ramping; not judged, not kept
+                continue
+            # the loss in nats; the grad norm in log space, where its heavy right tail is closer to symmetric
             for name, value, history in (("loss", loss, self.losses), ("grad_norm", grad_norm, self.grad_norms)):
-                z = zscore(value, history)
+                if name == "loss":
+                    z = spike_test(value, history, self.threshold, LOSS_MIN_JUMP)
+                    center = z and z[1]
+                else:
+                    z = spike_test(math.log(max(value, 1e-30)), [math.log(max(g, 1e-30)) for g in history],
+                                   self.threshold, math.log(GRAD_MIN_RATIO))
+                    center = z and math.exp(z[1])
                 if z is not None and z[0] > self.threshold:
                     event = "loss_spike" if name == "loss" else "grad_spike"
-                    self.report(state, rec, event, f"{name} {value:.4g} is {z[0]:.1f} std above the mean "
-                                f"{z[1]:.4g} of the last {len(history)} steps",
-                                {"zscore": z[0], "window_mean": z[1], "window_std": z[2], "threshold": self.threshold})
+                    unit = "x its step-to-step noise" if name == "loss" else "x the noise of log(grad norm)"
+                    self.report(state, rec, event, f"{name} {value:.4g} is {z[0]:.1f} {unit} above the median "
+                                f"{center:.4g} of the last {CENTER_STEPS} steps (noise from the last {len(history)})",
+                                {"zscore": z[0], "window_median": center, "window_scale": z[2],
+                                 "threshold": self.threshold})
                 history.append(value)
+        self.check_weights(state, pending[-1], sum(float(r["lr"]) for r in pending))
+
+    @torch.no_grad()
+    def _weight_rms(self) -> list[float]:
+        """RMS of every parameter (one foreach norm, one transfer); under FSDP2 of this rank's shard."""
+        local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.params]
+        if not local:
+            return []
+        norms = torch.stack([n.float() for n in torch._foreach_norm(local)])
+        return (norms / torch.tensor([max(t.numel(), 1) ** 0.5 for t in local], device=norms.device)).tolist()
+
+    def on_train_start(self, state):
+        self.weight_rms = self._weight_rms()
+
+    def check_weights(self, state, rec: dict, lr_sum: float) -> None:
+        """weight_jump: parameters whose RMS changed by more than WEIGHT_JUMP x the LR summed over the
+        steps since the last check (at a log step, where the loop has synced anyway)."""
+        rms = self._weight_rms()
+        previous, self.weight_rms = self.weight_rms, rms
+        if previous is None or len(previous) != len(rms):
+            return
+        limit = WEIGHT_JUMP * lr_sum
+        # non-finite weights follow a non-finite update, which is reported as such
+        jumped = [(name, a, b) for name, a, b in zip(self.param_names, previous, rms)
+                  if math.isfinite(a) and math.isfinite(b) and abs(b - a) > limit]
+        if jumped:
+            detail = ", ".join(f"{n} {a:.3g} -> {b:.3g}" for n, a, b in jumped[:5])
+            self.report(state, rec, "weight_jump", f"weight RMS moved more than {WEIGHT_JUMP:g} x the summed LR "
+                        f"({limit:.3g}) since the last check: {detail}",
+                        {"layers": {n: {"rms_before": a, "rms_after": b} for n, a, b in jumped}, "limit": limit})
 
     def check_ternary(self, state, layers: dict[str, dict]) -> None:
         """Called with each quant row's per-layer stats: a layer newly past 90% zeros is an event."""

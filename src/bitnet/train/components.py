@@ -134,7 +134,7 @@ def build_hooks(cfg: TrainConfig, s: Settings, world: parallel.World, run_dir: P
     whole_model = not parallel.is_sharded(model)
     if world.is_main:
         anomalies = AnomalyHook(run_dir, model, cfg.anomaly_policy, cfg.anomaly_window, cfg.anomaly_zscore,
-                                log=progress.write)
+                                log=progress.write, warmup_steps=cfg.warmup_steps)
         hooks.append(anomalies)
         if cfg.quant_interval and whole_model:  # activation stats on the first 4 eval sequences
             hooks.append(QuantStatsHook(run_dir, model, data.eval[0][0][:4], cfg.quant_interval, cfg.num_steps,

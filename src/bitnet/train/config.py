@@ -1,6 +1,7 @@
 """`TrainConfig`: every knob of a training run, with units, defaults and per-preset defaults.
 
-Values are layered: dataclass defaults < the preset's train defaults < --config FILE < CLI flags.
+Values are layered: dataclass defaults (the 95m preset's) < the preset's train defaults < the resumed
+checkpoint's config < --config FILE < CLI flags.
 `resolve_derived` computes and checks the values that follow from the others (accumulation,
 stage boundary) in one place.
 """
@@ -9,26 +10,30 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, choices: tuple = ()):
+    """A field with its --help line (and, for a closed set of values, the allowed ones)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
     # ---- run
-    preset: str = _f("95m", "model preset: 95m (the seed's 95.4M model) or tiny (CPU seconds)")
+    preset: str = _f("95m", "model preset: 95m (the seed's 95.4M model) or tiny (CPU seconds); it also sets the "
+                            "train defaults marked 'tiny:' below", choices=("95m", "tiny"))
     run_id: str = _f("", "run directory name under --runs-dir (default: <preset>_<data>_<timestamp>)")
     runs_dir: str = _f("runs", "parent directory of run directories")
     overwrite: bool = _f(False, "replace an existing run directory of the same id")
-    resume_from: str = _f("", "checkpoint.pt (or its step dir) to resume from; starts a new run directory")
+    resume_from: str = _f("", "resume from a checkpoint: its checkpoint.pt, its step directory, a run directory (its "
+                              "newest intact checkpoint), or 'auto' (the newest of --run-id and its continuations); "
+                              "starts a new run directory, the config comes from the checkpoint")
     seed: int = _f(42, "seed of model init, data order and every RNG")
     device: str = _f("auto", "auto (cuda if available), cuda, cuda:N, cpu")
-    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA), on, off")
+    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA), on, off", choices=("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "capture the whole step as one CUDA graph and replay it: auto (on for one CUDA "
-                                  "process unless --anomaly-policy skip), on, off")
+                                  "process unless --anomaly-policy skip), on, off", choices=("auto", "on", "off"))
     # ---- distributed (under torchrun; docs/distributed.md)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
-                              "sharded weights, gradients and optimizer state)")
+                              "sharded weights, gradients and optimizer state)", choices=("ddp", "fsdp2"))
     dist_timeout_s: float = _f(600.0, "seconds the process-group start or a collective waits for the other ranks "
                                       "before failing")
     # ---- data
@@ -64,15 +69,20 @@ class TrainConfig:
                                    "and at the last step (0: never)")
     anomaly_policy: str = _f("warn", "on NaN/Inf, loss or grad-norm spikes, ternary collapse: warn (dump, go on), "
                                      "skip (also drop non-finite updates; one host sync per step), stop (dump, "
-                                     "checkpoint, exit)")
-    anomaly_window: int = _f(100, "recent steps whose loss and grad norm the spike z-scores compare against")
-    anomaly_zscore: float = _f(6.0, "z-score above which a step's loss or grad norm counts as a spike")
+                                     "checkpoint, exit)", choices=("warn", "skip", "stop"))
+    anomaly_window: int = _f(100, "recent post-warmup steps whose loss and grad norm a step is compared against "
+                                  "(spikes are judged after warmup, with >= 20 of them; docs/anomalies.md)")
+    anomaly_zscore: float = _f(6.0, "robust z-score (against the median of the last 5 steps, in units of the "
+                                    "window's step-to-step noise; log scale for grad norms) above which a step's "
+                                    "loss or grad norm counts as a spike; a spike also needs loss +1 nat or grad "
+                                    "norm x100 over that median")
     tensorboard: bool = _f(False, "also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)")
     checkpoint_interval: int = _f(10_000, "save a checkpoint every N steps")
     keep_last: int = _f(3, "checkpoints kept besides milestones (boundary, final, keep_every)")
     keep_every: int = _f(50_000, "also keep every N-th step's checkpoint forever (0: none)")
     on_checkpoint_error: str = _f("stop", "when a checkpoint cannot be written (disk full, unwritable): stop (exit 1, "
-                                          "the previous checkpoint intact) or continue (warn, retry at the next one)")
+                                          "the previous checkpoint intact) or continue (warn, retry at the next one)",
+                                       choices=("stop", "continue"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,9 +91,10 @@ class TrainConfig:
 # Train defaults per preset: the 95m preset is the seed's recipe; tiny is the CPU quick start.
 PRESET_TRAIN_DEFAULTS = {
     "95m": {},
-    "tiny": dict(data="embedded", batch_size=8, seq_len=128, num_steps=300, warmup_steps=30,
-                 log_interval=10, eval_interval=100, eval_sequences=64, sample_interval=100,
-                 checkpoint_interval=100, keep_every=0, quant_interval=100),
+    # sized so that scripts/quickstart.sh takes a few minutes on 2 CPU cores (README, measured)
+    "tiny": dict(data="embedded", batch_size=8, seq_len=128, num_steps=150, warmup_steps=15,
+                 log_interval=10, eval_interval=50, eval_sequences=32, sample_interval=150,
+                 checkpoint_interval=50, keep_every=0, quant_interval=50),
 }
 
 

@@ -132,6 +132,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     try:
         for hook in hooks:
             hook.on_train_start(state)
+        if resume is None:  # a fresh run keeps its initial weights: checkpoints/step_000000, as the seed lists it
+            checkpointer.save(milestone=True, must_succeed=True)
         with GracefulStop() as stop:
             for step in range(state.step + 1, cfg.num_steps + 1):
                 lr, wd = lr_at(step, cfg, s.boundary), wd_at(step, cfg, s.boundary)
