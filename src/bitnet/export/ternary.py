@@ -48,7 +48,7 @@ def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 class TernaryLinear(nn.Module):
     """Inference-only BitLinear: frozen ternary weights with one fp32 scale, int8 per-token activations.
 
-    Computes exactly what `BitLinear` computes in its forward (DESIGN.md section 2),
+    Computes exactly what `BitLinear` computes in its forward (docs/design.md, section "model"),
     y = activation_quant(x) @ (W_t / s)^T, from the ternary form alone; it has no latent weights,
     so it cannot be trained. `weight` caches the dequantized W_t / s (made once, not saved).
     """

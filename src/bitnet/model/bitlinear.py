@@ -95,7 +95,7 @@ class BitLinear(nn.Linear):
 
     The parameter `weight` stays full precision (the latent weights AdamW updates). The input is
     expected to be normalized already: in our SubLN layout an RMSNorm precedes every BitLinear
-    (DESIGN.md section 2), so BitLinear itself holds no norm. With `quantized_input=True` the input
+    (docs/design.md, section "model"), so BitLinear itself holds no norm. With `quantized_input=True` the input
     is taken as already quantized (the output of `norm_act_quant`), so it is not quantized twice.
     """
 

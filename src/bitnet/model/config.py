@@ -1,6 +1,6 @@
 """Model shapes: `ModelConfig` and the named presets.
 
-The 95m preset is the seed's flagship model (DESIGN.md section 2); `tiny` trains in seconds on a CPU.
+The 95m preset is the seed's flagship model (docs/design.md, section "model"); `tiny` trains in seconds on a CPU.
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -60,7 +60,7 @@ class ModelConfig:
 
 
 PRESETS = {
-    # The seed's model: 95.4M parameters with tied embeddings (DESIGN.md section 2).
+    # The seed's model: 95.4M parameters with tied embeddings (docs/design.md, section "model").
     "95m": ModelConfig(),
     # A few hundred thousand non-embedding parameters: seconds per hundred steps on a laptop CPU.
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=256),

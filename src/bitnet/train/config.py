@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = _f(32, "global batch in sequences per optimizer step (all ranks, all micro-batches)")
     micro_batch_size: int = _f(0, "sequences per forward/backward on one rank (0: the whole per-rank batch)")
     seq_len: int = _f(1024, "tokens per training sequence (<= the model's context)")
-    # ---- schedule (DESIGN.md section 4)
+    # ---- schedule (docs/design.md, section "training loop")
     num_steps: int = _f(400_000, "optimizer steps")
     warmup_steps: int = _f(375, "linear warmup steps from lr_peak/warmup_steps to lr_peak")
     lr_peak: float = _f(1.5e-3, "LR at the end of warmup (stage 1 start)")
