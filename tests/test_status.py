@@ -355,3 +355,15 @@ def test_smoothing_window_scales_with_the_run(tmp_path, n_rows, window, capsys):
     assert status.summarize(run, smoothing=2)["smoothing"] == 2  # --smoothing wins
     assert status_cli.main([str(run)]) == 0
     assert f"(mean of last {window} rows)" in capsys.readouterr().out
+
+
+def test_a_bf16_twin_says_quant_does_not_apply(tmp_path, capsys):
+    run = make_run(tmp_path, quant=False)
+    config = json.loads((run / "meta/config.json").read_text())
+    assert status_cli.main([str(run)]) == 0
+    assert "quant      none yet" in capsys.readouterr().out  # a BitNet run whose stats have not come yet
+    config["model"]["quantization"] = "none"
+    (run / "meta/config.json").write_text(json.dumps(config))
+    assert status_cli.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "quant      n/a (quantization none: no ternary layers)" in out and "none yet" not in out.split("quant")[1]

@@ -298,8 +298,9 @@ def render_text(s: dict) -> str:
         lines.append(f"  {r['mode']:<8} ent {_f(r['mean_entropy'], '.2f')} uniq {uniq}({_f(r['unique_ratio'], '.2f')})  "
                      f"{json.dumps(_one_line(r['text'], SAMPLE_CHARS), ensure_ascii=False)}")
     q = s["quant"]
-    if q is None:
-        lines.append("quant      none yet")
+    if q is None:  # a bf16 twin (quantization "none") has no ternary weights to measure
+        plain = s["model"].get("quantization") == "none"
+        lines.append("quant      n/a (quantization none: no ternary layers)" if plain else "quant      none yet")
     for i, name in enumerate(sorted(q["latest"]) if q else []):
         a, b = q["first"].get(name), q["latest"][name]
         fr = lambda g: "/".join(f"{g[k]:.3f}" for k in ("neg", "zero", "pos")) if g else "n/a"
