@@ -34,7 +34,7 @@ HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="the gguf package is not installed (pip install -e '.[dev]')")
 needs_llama = pytest.mark.skipif(
     not (HAS_GGUF and HAS_LLAMA),
-    reason="llama-cpp-python is not installed: it compiles llama.cpp (~5 min of 2 cores), so it is opt-in: "
+    reason="llama-cpp-python is not installed: it compiles llama.cpp (600+ CPU-seconds: 5+ min on 2 cores), so it is opt-in: "
            "BITNET_LLAMA_CPP=1 bash scripts/run_tests.sh builds it once and caches the wheel")
 
 # every row (input width) a multiple of 256: all linears TQ2_0, no fallback
