@@ -12,7 +12,6 @@ Two layers of tests:
 """
 
 import importlib.util
-import re
 from pathlib import Path
 
 import numpy as np
