@@ -150,8 +150,8 @@ def spm_vocab(tok: TextTokenizer, n_vocab: int) -> tuple[list[bytes], list[float
 
 # ---------------------------------------------------------------------------- tensors
 
-def _linear_tensors(name: str, w_t: torch.Tensor, inv_scale: float, gguf_type: str, gguf) -> tuple[
-        np.ndarray, "gguf.GGMLQuantizationType", np.ndarray, str | None]:
+def _linear_tensors(w_t: torch.Tensor, inv_scale: float, gguf_type: str, gguf) -> tuple[
+        np.ndarray, object, np.ndarray, str | None]:
     """(data, ggml type, fp32 output scale, fallback reason) of one ternary layer."""
     Q = gguf.GGMLQuantizationType
     row = w_t.shape[1]
@@ -202,7 +202,6 @@ def export_gguf(model: Transformer, out_file: str | Path, tokenizer: str | TextT
         report.tensor_types[name] = label or (raw.name if raw is not None else
                                               {np.float16: "F16", np.float32: "F32"}[data.dtype.type])
 
-    Q = gguf.GGMLQuantizationType
     add("token_embd.weight", model.embed_tokens.weight.detach().float().cpu().numpy().astype(np.float16))
     plain = _plain_linears(model) if not layers else {}
     for i in range(cfg.n_layers):
@@ -212,7 +211,7 @@ def export_gguf(model: Transformer, out_file: str | Path, tokenizer: str | TextT
             if module in layers:
                 w_t, s = layers[module]
                 inv_scale = (1.0 / s.detach().float().cpu()).item()  # what W_t.float() / s rounds each weight to
-                data, qtype, scale, reason = _linear_tensors(target, w_t.cpu(), inv_scale, gguf_type, gguf)
+                data, qtype, scale, reason = _linear_tensors(w_t.cpu(), inv_scale, gguf_type, gguf)
                 add(f"{target}.weight", data, None if data.dtype != np.uint8 else qtype, qtype.name)
                 add(f"{target}.scale", scale)
                 if reason:
