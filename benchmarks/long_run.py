@@ -341,7 +341,7 @@ def run(args) -> int:
     info["wall_s"] = time.time() - t_start
 
     final_dir = runs / (legs[-1]["run_id"] or run_id)
-    status = subprocess.run([sys.executable, "-m", "bitnet.status", str(final_dir)], capture_output=True, text=True,
+    status = subprocess.run([sys.executable, "-m", "bitnet.cli.status", str(final_dir)], capture_output=True, text=True,
                             env={**env, "COLUMNS": "120"})
     (work / f"status_{args.kind}.txt").write_text(status.stdout + status.stderr)
     (work / f"driver_{args.kind}.json").write_text(json.dumps(info, indent=1))
