@@ -129,6 +129,7 @@ def build_corpus(work: Path, roots: list[str], workers: int, eval_chars: int = E
     """corpus.jsonl + token shards under work/ (reused when complete); returns what the report records."""
     from bitnet.cli.prepare import main as prepare_main
     from bitnet.data.shards import read_manifest
+    from bitnet.run.files import sha256_file
 
     work.mkdir(parents=True, exist_ok=True)
     info_path, jsonl, shards = work / "corpus_info.json", work / "corpus.jsonl", work / "shards"
@@ -149,17 +150,9 @@ def build_corpus(work: Path, roots: list[str], workers: int, eval_chars: int = E
     info.update(train_tokens=manifest["train_tokens"], train_docs=manifest["train_docs"],
                 eval_tokens=manifest["eval"]["tokens"], shards=len(manifest["shards"]),
                 manifest_sha256=hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest(),
-                jsonl_sha256=sha256_path(jsonl), reused=False)
+                jsonl_sha256=sha256_file(jsonl), reused=False)
     info_path.write_text(json.dumps(info, indent=1))
     return info
-
-
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ the trainer, timed (child process)

@@ -24,18 +24,23 @@ def check_writable(out_dir: str | Path, overwrite: bool) -> Path:
         raise ExportError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+    check_parent_writable(out, "output directory")
+    return out
+
+
+def check_parent_writable(out: Path, what: str) -> None:
+    """Make `out`'s parent directory if needed and prove a file can be created there, or ExportError."""
     parent = out.absolute().parent
     blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
-        raise ExportError(f"cannot write the output directory {out}: {blocker} is not a directory")
+        raise ExportError(f"cannot write the {what} {out}: {blocker} is not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".{out.name}.probe-{os.getpid()}"
-        probe.mkdir()
-        probe.rmdir()
+        probe.touch()
+        probe.unlink()
     except OSError as e:
-        raise ExportError(f"cannot write the output directory {out}: {e.strerror or type(e).__name__}") from None
-    return out
+        raise ExportError(f"cannot write the {what} {out}: {e.strerror or type(e).__name__}") from None
 
 
 def write_dir(out_dir: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:

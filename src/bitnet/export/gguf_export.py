@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from bitnet.data.tokenizer import TextTokenizer, load_tokenizer
-from bitnet.export.files import ExportError
+from bitnet.export.files import ExportError, check_parent_writable
 from bitnet.export.ternary import ternary_layers
 from bitnet.model.llama import Transformer
 
@@ -274,15 +274,5 @@ def check_writable_file(out_file: str | Path, overwrite: bool) -> Path:
         raise ExportError(f"output {out} is a directory (the GGUF export writes one file, e.g. model.gguf)")
     if out.exists() and not overwrite:
         raise ExportError(f"output file {out} exists (pass --overwrite to replace it)")
-    parent = out.absolute().parent
-    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ExportError(f"cannot write the output file {out}: {blocker} is not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{out.name}.probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ExportError(f"cannot write the output file {out}: {e.strerror or type(e).__name__}") from None
+    check_parent_writable(out, "output file")
     return out
