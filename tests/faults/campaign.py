@@ -291,9 +291,9 @@ def checkpoint_cases() -> list[Case]:
                               else "did not resume from step 6"))
             cases.append(Case("2 unusable checkpoint", f"status of a run with: {name}", "status",
                               lambda work, mat: [str(work / "runs" / "S")], (0,), setup=setup))
-    # every checkpoint unusable: one line naming what was skipped
+    # every checkpoint unusable (the initial weights of step 0 dropped too): one line naming what was skipped
     def all_bad(work, mat):
-        run = mat.copy_run(work, "S", drop=(2, 3, 4))
+        run = mat.copy_run(work, "S", drop=(0, 2, 3, 4))
         for step in (6, 8):
             _meta("[]")(run / "checkpoints" / layout.step_dir_name(step))
     cases.append(Case("2 unusable checkpoint", "auto-resume with no usable checkpoint", "train",
