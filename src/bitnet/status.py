@@ -329,9 +329,20 @@ def _json_safe(x):
     return x if x is None or isinstance(x, (str, int, float, bool)) else str(x)
 
 
+def render_json(s: dict) -> str:
+    """The summary as one line of strict JSON (bitnet-status --json)."""
+    return json.dumps(_json_safe(s), allow_nan=False)
+
+
+def plot_message(out, s: dict) -> str:
+    """What --plot prints after drawing summary `s` into `out`."""
+    return f"wrote {out} (step {_f(s['step'], ',')})"
+
+
 # ---------------------------------------------------------------------------- plot
 
-def _refuse_inside(run: Path, out: Path) -> None:
+def refuse_inside_run(run: Path, out: Path) -> None:
+    """StatusError if `out` lies inside the run directory: the monitor never writes there."""
     r, o = run.resolve(), out.resolve()
     if o == r or r in o.parents:
         raise StatusError(f"refusing to write {out} inside the run directory {run} (status is read-only)")
@@ -342,7 +353,7 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
     (refresh_s adds an auto-reload for --watch). Uses the Agg canvas directly, never pyplot, so no
     global backend state changes. Returns the summary it drew."""
     run, out = Path(run_dir), Path(out)
-    _refuse_inside(run, out)
+    refuse_inside_run(run, out)
     s = summarize(run, smoothing)
     smoothing = s["smoothing"]
     try:

@@ -4,14 +4,13 @@ Standard library only, like the bitnet/status.py it calls (reading, summary, tex
 docs/design.md, section "command-line tools".
 """
 
-import json
 import math
 import sys
 from pathlib import Path
 
 from bitnet.cli.args import OneLineParser, UserError
-from bitnet.status import (MAX_SMOOTHING, StatusError, _f, _json_safe, _refuse_inside, plot, render_text, summarize,
-                           watch)
+from bitnet.status import (MAX_SMOOTHING, StatusError, plot, plot_message, refuse_inside_run, render_json,
+                           render_text, summarize, watch)
 
 USAGE = "%(prog)s RUN_DIR [--watch [SECONDS]] [--json] [--plot OUT.png|OUT.html] [--smoothing N]"
 
@@ -57,15 +56,15 @@ def main(argv=None) -> int:
         if args.smoothing is not None and args.smoothing < 1:
             raise StatusError("--smoothing must be >= 1")
         if args.plot:
-            _refuse_inside(Path(args.run_dir), Path(args.plot))
+            refuse_inside_run(Path(args.run_dir), Path(args.plot))
         last = {}
 
         def render() -> str:
             if args.plot:
                 s = last["s"] = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s)
-                return f"wrote {args.plot} (step {_f(s['step'], ',')})"
+                return plot_message(args.plot, s)
             s = last["s"] = summarize(args.run_dir, args.smoothing)
-            return json.dumps(_json_safe(s), allow_nan=False) if args.json else render_text(s)
+            return render_json(s) if args.json else render_text(s)
 
         if interval_s is None:
             print(render())
