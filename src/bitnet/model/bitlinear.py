@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitnet.model.kernels import choice
+from bitnet.model.kernels import choice, fp8
 from bitnet.model.kernels.references import EPS  # the quantizers' clamp, shared with the kernels
 
 
@@ -27,11 +27,17 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
     return 1.0 / w.abs().mean().clamp(min=EPS)
 
 
-def weight_quant(w: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize a weight tensor to {-1, 0, +1} / s (computed in fp32)."""
+def ternary_parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_t, s): W_t = clip(round(W * s), -1, 1) in fp32 and the absmean scale s, so W_q = W_t / s."""
     w32 = w.float()
     s = weight_scale(w32)
-    return ((w32 * s).round().clamp(-1, 1) / s).to(w.dtype)
+    return (w32 * s).round().clamp(-1, 1), s
+
+
+def weight_quant(w: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize a weight tensor to {-1, 0, +1} / s (computed in fp32)."""
+    w_t, s = ternary_parts(w)
+    return (w_t / s).to(w.dtype)
 
 
 def activation_scale(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +117,7 @@ class BitLinear(nn.Linear):
         dtype = matmul_dtype(x)
         if not self.quantized_input:
             x = ste(x, activation_quant(x))
-        return F.linear(x.to(dtype), self.quantized_weight(dtype))
+        return ternary_matmul(x.to(dtype), [self], dtype)
 
     def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W_q in dtype: with the STE under autograd (and inside torch.compile), else the no-grad cache."""
@@ -158,9 +164,27 @@ def fused_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
         raise ValueError("fused_linear: BitLinears that quantize their input mixed with ones that do not")
     if quantized_input == {False}:  # the same input quantized once for all of them
         x = ste(x, activation_quant(x))
+    if all(isinstance(layer, BitLinear) for layer in layers):
+        return ternary_matmul(x.to(dtype), layers, dtype)
     weights = [layer.quantized_weight(dtype) if isinstance(layer, BitLinear) else layer.weight.to(dtype)
                for layer in layers]
     return F.linear(x.to(dtype), torch.cat(weights))
+
+
+def ternary_matmul(x: torch.Tensor, layers: Sequence[BitLinear], dtype: torch.dtype) -> torch.Tensor:
+    """x @ [W_q1; W_q2; ...]^T for already-quantized x in dtype; under the FP8 switches (`KernelChoice.fp8_*`,
+    training on FP8 hardware) the backward's GEMMs run in FP8 (`kernels/fp8.py`), the forward the same GEMM."""
+    grad_input_fp8, grad_weight_fp8 = choice.fp8_backward(x)
+    if not (grad_input_fp8 or grad_weight_fp8):
+        weights = [layer.quantized_weight(dtype) for layer in layers]
+        return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
+    w_q, w_t, inv_s = [], [], []
+    for layer in layers:  # one ternary quantization per layer feeds both the forward and the FP8 backward
+        t, s = ternary_parts(layer.weight)
+        w_q.append(ste(layer.weight, (t / s).to(layer.weight.dtype)).to(dtype))
+        w_t.append(t)
+        inv_s.append((1.0 / s).expand(layer.out_features))
+    return fp8.ternary_linear(x, torch.cat(w_q), torch.cat(w_t), torch.cat(inv_s), grad_input_fp8, grad_weight_fp8)
 
 
 def make_linear(in_features: int, out_features: int, quantization: str, quantized_input: bool = False) -> nn.Linear:

@@ -2,7 +2,8 @@
 optimizer, resume, run directory, the step function, the hooks."""
 
 import contextlib
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from bitnet.instrumentation.quant_stats import QuantStatsHook
 from bitnet.instrumentation.samples import SampleHook
 from bitnet.instrumentation.tensorboard import TensorBoardHook
 from bitnet.model import ModelConfig, Transformer
+from bitnet.model.kernels import current_kernels, set_kernels
 from bitnet.run import layout
 from bitnet.run.directory import create_run_dir, default_run_id, lock_run_dir
 from bitnet.run.files import write_json
 from bitnet.train import parallel
-from bitnet.train.config import TrainConfig, resolve_derived
+from bitnet.train.config import TrainConfig, fp8_parts, resolve_derived
 from bitnet.train.graphed import GraphedTrainStep, use_cuda_graphs
 from bitnet.train.optim import build_optimizer
 from bitnet.train.state import TrainState, saved_hook_states, set_rng_state
@@ -56,8 +58,22 @@ def settings(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World) ->
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    use_fp8(fp8_parts(cfg.fp8), device)
     return Settings(derived, device, use_compile, use_graphs, autocast, derived["stage_boundary_step"],
                     derived["grad_accum"], derived["micro_batch_size"])
+
+
+def use_fp8(parts: tuple[str, ...], device: torch.device) -> None:
+    """Turn the FP8 switches named by --fp8 on (the others off) for this process; refuse a CUDA card without
+    FP8 tensor cores, and say so where they do not apply (CPU runs keep the exact math)."""
+    if parts and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"--fp8 {','.join(parts)} needs FP8 tensor cores (compute capability 8.9+); "
+                         f"{torch.cuda.get_device_name(device)} has {major}.{minor}; use --fp8 none")
+    if parts and device.type != "cuda":
+        warnings.warn(f"--fp8 {','.join(parts)} applies on CUDA only; this {device.type} run uses the exact bf16/fp32 math")
+    set_kernels(replace(current_kernels(), fp8_head="head" in parts, fp8_grad_input="grad_input" in parts,
+                        fp8_grad_weight="grad_weight" in parts))
 
 
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None):

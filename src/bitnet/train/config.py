@@ -10,6 +10,22 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 
+FP8_PARTS = ("head", "grad_input", "grad_weight")
+
+
+def fp8_parts(value: str) -> tuple[str, ...]:
+    """The FP8 switches named by --fp8: 'none', 'all', or a comma list of FP8_PARTS."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if names in (["none"], []):
+        return ()
+    if names == ["all"]:
+        return FP8_PARTS
+    unknown = [n for n in names if n not in FP8_PARTS]
+    if unknown:
+        raise ValueError(f"--fp8 takes none, all or a comma list of {', '.join(FP8_PARTS)}; got {value!r}")
+    return tuple(n for n in FP8_PARTS if n in names)
+
+
 def _f(default, help: str, choices: tuple = ()):
     """A field with its --help line (and, for a closed set of values, the allowed ones)."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -31,6 +47,9 @@ class TrainConfig:
     compile: str = _f("auto", "torch.compile the model: auto (on for CUDA), on, off", choices=("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "capture the whole step as one CUDA graph and replay it: auto (on for one CUDA "
                                   "process unless --anomaly-policy skip), on, off", choices=("auto", "on", "off"))
+    fp8: str = _f("none", "FP8 tensor cores (CUDA, compute capability 8.9+) for: head (the tied head + loss), "
+                          "grad_input / grad_weight (BitLinear's backward GEMMs); a comma list, all, or none. "
+                          "Forward and exports are unchanged; elsewhere the exact bf16 math runs")
     # ---- distributed (under torchrun; docs/distributed.md)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
                               "sharded weights, gradients and optimizer state)", choices=("ddp", "fsdp2"))
@@ -157,6 +176,7 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
     for name in ("compile", "cuda_graphs"):
         if getattr(cfg, name) not in ("auto", "on", "off"):
             raise ValueError(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(cfg, name)!r}")
+    fp8_parts(cfg.fp8)  # refuses unknown parts
     if cfg.parallel not in ("ddp", "fsdp2"):
         raise ValueError(f"--parallel must be ddp or fsdp2, got {cfg.parallel!r}")
     if not cfg.dist_timeout_s > 0:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from bitnet.model.kernels import cross_entropy, references, rmsnorm, rope, swiglu
+from bitnet.model.kernels import cross_entropy, fp8, references, rmsnorm, rope, swiglu
 from bitnet.model.kernels.common import available
 from bitnet.model.kernels.cross_entropy import CrossEntropyLaunch
 from bitnet.model.kernels.embedding import scatter_add_embedding
@@ -43,6 +43,9 @@ class KernelChoice:
         logits.
     embedding: the scatter-add embedding backward (`embedding`), on CUDA under autograd unless
         torch.use_deterministic_algorithms is on; "torch": aten's sort-based (deterministic) backward.
+    fp8_head, fp8_grad_input, fp8_grad_weight: FP8 tensor cores (`fp8`) for the tied head + loss, BitLinear's
+        input gradient and its weight gradient, training on CUDA only (the caller checks the card: compute
+        capability 8.9+); off, or anywhere else, the exact bf16 GEMMs. Off by default (benchmarks/RESULTS.md).
     """
 
     norm_quant: Impl = "auto"
@@ -50,6 +53,9 @@ class KernelChoice:
     rope_qkv: Impl = "auto"
     loss: Impl = "auto"
     embedding: Impl = "auto"
+    fp8_head: bool = False
+    fp8_grad_input: bool = False
+    fp8_grad_weight: bool = False
     swiglu_launch: SwigluLaunch = SwigluLaunch()
     cross_entropy_launch: CrossEntropyLaunch = CrossEntropyLaunch()
 
@@ -59,6 +65,9 @@ class KernelChoice:
             if f.name.endswith("_launch"):
                 if not isinstance(value, f.default.__class__):
                     raise TypeError(f"KernelChoice.{f.name} must be a {f.default.__class__.__name__}, got {value!r}")
+            elif f.name.startswith("fp8_"):
+                if not isinstance(value, bool):
+                    raise TypeError(f"KernelChoice.{f.name} must be True or False, got {value!r}")
             elif value not in IMPLS:
                 raise ValueError(f"KernelChoice.{f.name} must be one of {IMPLS}, got {value!r}")
 
@@ -132,9 +141,18 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
     return references.rope_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)
 
 
+def fp8_backward(x: torch.Tensor) -> tuple[bool, bool]:
+    """Whether a BitLinear on x runs its (input, weight) gradient GEMMs in FP8: training on CUDA, switch on."""
+    training = x.is_cuda and torch.is_grad_enabled()
+    return training and _current.fp8_grad_input, training and _current.fp8_grad_weight
+
+
 def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
     """Mean cross entropy of the logits x @ weight^T (matmul in dtype) against targets (-100: not counted)."""
+    if (_current.fp8_head and x.is_cuda and torch.is_grad_enabled() and available()
+            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and targets.numel() % 16 == 0):
+        return fp8.head_cross_entropy_fp8(x, weight, targets)
     if _kernel_applies(_current.loss, x):
         return cross_entropy.linear_cross_entropy(x, weight, targets, dtype, _current.cross_entropy_launch)
     return references.head_cross_entropy_reference(x, weight, targets, dtype)

@@ -1,0 +1,237 @@
+"""FP8 tensor-core GEMMs for the training step, through `torch._scaled_mm` (docs/design.md, section "FP8").
+
+Three switches, each off by default and each used only where FP8 tensor cores exist (CUDA compute capability
+8.9+; `KernelChoice.fp8_*` and `choice.fp8_applies` decide):
+
+- `fp8_grad_input`: BitLinear's dX = dY @ W_q. W_q = W_t / s with W_t in {-1, 0, +1}; the per-output-row
+  scales 1/s move onto dY's columns, so the ternary matrix enters the GEMM exactly in e4m3 and only dY
+  (row-scaled e4m3) rounds.
+- `fp8_grad_weight`: BitLinear's dW = dY^T @ X, both operands e4m3 with one scale per output (dY's columns)
+  and per input feature (X's columns). X holds the int8 activation levels times a per-token scale; e4m3 keeps
+  3 mantissa bits, so levels above 16 round to the nearest of 18, 20, ..., 32, 36, ..., 64, 72, ..., 128
+  (at most 1/17 = 5.9% relative error, round to nearest even). This touches the weight gradient only; the
+  forward stays exact.
+- `fp8_head`: the tied head + cross entropy. The forward logits come from e4m3 x and W (one scale each);
+  one Triton kernel turns each chunk of logits into the loss and the logits' gradient g = softmax - onehot,
+  which it writes twice in e5m2 (g * 2^15: row-major for dX, transposed for dW), and the gradient GEMMs run
+  in the forward, chunk by chunk, so no logits-sized tensor outlives its chunk. e5m2 (2 mantissa bits,
+  range to 2^-16) is the gradient format: every row of g has max |g| >= 1/2 (either the target's 1 - p or
+  the largest p is), so a per-row scale would gain at most one bit, and the fixed scale keeps
+  probabilities down to ~5e-10 instead of e4m3's ~2e-6.
+
+The forward of every BitLinear is unchanged (bf16 GEMM on the exact ternary and int8 values), so eval,
+sampling and every export see the same model with the switches on or off.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from bitnet.model.kernels.common import triton
+from bitnet.model.kernels.references import IGNORE_INDEX
+
+if triton is not None:
+    import triton.language as tl
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+E5M2 = torch.float8_e5m2
+GRAD_SCALE = 2.0 ** 15
+"""The head gradient g (|g| <= 1) is stored as e5m2(g * 2^15): below e5m2's maximum 57,344, a power of two."""
+HEAD_CHUNK_ROWS = 8192
+"""Tokens per chunk of the FP8 head: 8192 x 32000 logits are 0.5 GiB in bf16 (the exact path holds 2 GiB)."""
+
+
+def supported(t: torch.Tensor) -> bool:
+    """Whether t lives where FP8 tensor cores are: CUDA compute capability 8.9 (Ada) or newer."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9)
+
+
+def to_e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (R, C) as e4m3 with one fp32 scale per row: t ~= t8 * scale, scale (R, 1); zero rows get scale 1."""
+    amax = t.abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def to_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t as e4m3 with one fp32 scale for the tensor (0-dim): t ~= t8 * scale."""
+    amax = t.abs().amax().float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def mm_nt(a8: torch.Tensor, a_scale: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor,
+          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(a8 * a_scale) @ (b8 * b_scale)^T from row-major a8 (M, K) and b8 (N, K), the layout FP8 tensor cores
+    take. Scales: both 0-dim (any out_dtype), or (M, 1) and (N, 1) per row (bf16 out only)."""
+    if a_scale.dim():
+        b_scale = b_scale.reshape(1, -1)
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+
+
+class _TernaryLinear(torch.autograd.Function):
+    """x @ w_q^T with F.linear's forward; the backward's GEMMs in FP8 where asked, else as F.linear's."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_ternary_t, inv_scale, grad_input_fp8: bool, grad_weight_fp8: bool):
+        ctx.save_for_backward(x, w_q, w_ternary_t, inv_scale)
+        ctx.fp8 = grad_input_fp8, grad_weight_fp8
+        return F.linear(x, w_q)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_q, w_ternary_t, inv_scale = ctx.saved_tensors
+        grad_input_fp8, grad_weight_fp8 = ctx.fp8
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            if grad_input_fp8:  # dY @ (W_t / s) = (dY / s) @ W_t: W_t is exact in e4m3
+                a8, a_scale = to_e4m3_rows(dy2 * inv_scale)
+                ones = torch.ones((w_ternary_t.shape[0], 1), device=dy.device)
+                dx = mm_nt(a8, a_scale, w_ternary_t, ones, dy.dtype)
+            else:
+                dx = dy2 @ w_q
+            dx = dx.view(*dy.shape[:-1], dx.shape[-1])
+        if ctx.needs_input_grad[1]:
+            if grad_weight_fp8:  # dY^T @ X over the tokens: scales per output and per input feature
+                a8, a_scale = to_e4m3_rows(dy2.t())
+                b8, b_scale = to_e4m3_rows(x2.t())
+                dw = mm_nt(a8, a_scale, b8, b_scale, dy.dtype)
+            else:
+                dw = dy2.t() @ x2
+        return dx, dw, None, None, None, None
+
+
+def ternary_linear(x: torch.Tensor, w_q: torch.Tensor, w_ternary: torch.Tensor, inv_scale: torch.Tensor,
+                   grad_input_fp8: bool, grad_weight_fp8: bool) -> torch.Tensor:
+    """x @ w_q^T where w_q = w_ternary * inv_scale[:, None] (rows may come from several layers, each with its
+    own scale); gradients flow to x and w_q as through F.linear, their GEMMs in FP8 where asked.
+
+    x (..., K) and w_q (N, K) in the matmul dtype, w_ternary (N, K) in {-1, 0, +1}, inv_scale (N,) fp32.
+    """
+    w_ternary_t = w_ternary.detach().t().contiguous().to(E4M3) if grad_input_fp8 else w_ternary.detach()
+    return _TernaryLinear.apply(x, w_q, w_ternary_t, inv_scale.detach(), grad_input_fp8, grad_weight_fp8)
+
+
+# ---------------------------------------------------------------------------- the tied head + cross entropy
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_fp8_kernel(LOGITS, TARGETS, LOSS, G, GT, M, V, stride_l, stride_g, stride_gt, ignore_index,
+                                  grad_scale, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+        # BLOCK_M rows per program. Pass 1: an online log-sum-exp per row over BLOCK_V-wide tiles,
+        # loss = lse - logit[target]. Pass 2: g = softmax - onehot(target) (0 on ignored rows), times
+        # grad_scale, stored as e5m2 twice: G (M, V) as the rows are, GT (V, M) transposed.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        t = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (t != ignore_index)
+        x_t = tl.load(LOGITS + rows64 * stride_l + tl.where(valid, t, 0), mask=row_ok, other=0.0).to(tl.float32)
+        m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: masked lanes never make inf - inf
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(LOGITS + rows64[:, None] * stride_l + cols[None, :], mask=mask, other=-1e30).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(acc)
+        tl.store(LOSS + rows, tl.where(valid, lse - x_t, 0.0), mask=row_ok)
+        keep = tl.where(valid, grad_scale, 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_ok = cols < V
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(LOGITS + rows64[:, None] * stride_l + cols[None, :], mask=mask, other=-1e30).to(tl.float32)
+            g = tl.exp(x - lse[:, None])
+            g = tl.where(cols[None, :] == t[:, None], g - 1.0, g) * keep[:, None]
+            g8 = g.to(G.dtype.element_ty)
+            tl.store(G + rows64[:, None] * stride_g + cols[None, :], g8, mask=mask)
+            tl.store(GT + cols[None, :].to(tl.int64) * stride_gt + rows64[:, None], g8, mask=mask)
+
+
+def cross_entropy_fp8_rows(logits: torch.Tensor, targets: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per row (M,) fp32, e5m2(g * 2^15) as (M, V) and as (V, M)) from logits (M, V) and targets (M,),
+    g = softmax(logits) - onehot(targets), 0 on rows whose target is IGNORE_INDEX.
+
+    The Triton kernel on CUDA (and under Triton's interpreter); the same math in PyTorch elsewhere.
+    """
+    M, V = logits.shape
+    if triton is not None and (logits.is_cuda or _interpreting()):
+        loss = torch.empty(M, dtype=torch.float32, device=logits.device)
+        g8 = torch.empty((M, V), dtype=E5M2, device=logits.device)
+        gt8 = torch.empty((V, M), dtype=E5M2, device=logits.device)
+        block_m, block_v = 32, 256
+        _cross_entropy_fp8_kernel[(triton.cdiv(M, block_m),)](
+            logits, targets, loss, g8, gt8, M, V, logits.stride(0), g8.stride(0), gt8.stride(0), IGNORE_INDEX,
+            GRAD_SCALE, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8)
+        return loss, g8, gt8
+    return cross_entropy_fp8_rows_reference(logits, targets)
+
+
+def cross_entropy_fp8_rows_reference(logits: torch.Tensor, targets: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cross_entropy_fp8_rows` in PyTorch (fp32 math): the CPU path and the kernel's reference."""
+    valid = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    safe = torch.where(valid, targets, 0)
+    loss = torch.where(valid, -logp.gather(1, safe[:, None]).squeeze(1), 0.0)
+    g = logp.exp()
+    g[torch.arange(len(targets), device=g.device), safe] -= 1.0
+    g = g * torch.where(valid, GRAD_SCALE, 0.0)[:, None]
+    g8 = g.to(E5M2)
+    return loss, g8, g8.t().contiguous()
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _HeadCrossEntropyFP8(torch.autograd.Function):
+    """Mean cross entropy of x @ weight^T with the head's three GEMMs in FP8; both gradients made in the forward.
+
+    Per chunk of tokens: logits (bf16) from e4m3 operands, the kernel's loss rows and e5m2 gradient, then
+    dX[chunk] = G @ W and dW += G^T @ x[chunk] (fp32 accumulation). The backward only scales them by the
+    incoming gradient / the count of targets.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, targets, chunk_rows: int):
+        M = x2.shape[0]
+        w8, w_scale = to_e4m3(weight)
+        wt8 = w8.t().contiguous()  # (D, V): the K-major layout of W for dX = G @ W
+        grad_scale = torch.tensor(1.0 / GRAD_SCALE, device=x2.device)
+        loss_rows = torch.empty(M, dtype=torch.float32, device=x2.device)
+        grad_x = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x2.device)
+        for start in range(0, M, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, M))
+            x8, x_scale = to_e4m3(x2[rows])
+            logits = mm_nt(x8, x_scale, w8, w_scale)  # (chunk, V) bf16
+            loss_rows[rows], g8, gt8 = cross_entropy_fp8_rows(logits, targets[rows])
+            del logits
+            grad_x[rows] = mm_nt(g8, grad_scale, wt8, w_scale, torch.float32)
+            grad_w += mm_nt(gt8, grad_scale, x8.t().contiguous(), x_scale, torch.float32)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+        ctx.save_for_backward(grad_x, grad_w, count)
+        ctx.dtypes = x2.dtype, weight.dtype
+        return loss_rows.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_loss.float() / count
+        return (grad_x * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None
+
+
+@torch.compiler.disable  # eager, like the exact head: its chunk loop and kernel stay out of the graph
+def head_cross_entropy_fp8(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           chunk_rows: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """Mean next-token cross entropy of the logits x @ weight^T against targets (IGNORE_INDEX: not counted),
+    the head's GEMMs in FP8. x (..., D), weight (V, D), targets (...)."""
+    return _HeadCrossEntropyFP8.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), chunk_rows)
