@@ -26,7 +26,7 @@ sampling and every export see the same model with the switches on or off.
 import torch
 import torch.nn.functional as F
 
-from bitnet.model.kernels.common import triton
+from bitnet.model.kernels.common import INTERPRET, triton
 from bitnet.model.kernels.references import IGNORE_INDEX
 
 if triton is not None:
@@ -161,7 +161,7 @@ def cross_entropy_fp8_rows(logits: torch.Tensor, targets: torch.Tensor
     The Triton kernel on CUDA (and under Triton's interpreter); the same math in PyTorch elsewhere.
     """
     M, V = logits.shape
-    if triton is not None and (logits.is_cuda or _interpreting()):
+    if triton is not None and (logits.is_cuda or INTERPRET):
         loss = torch.empty(M, dtype=torch.float32, device=logits.device)
         g8 = torch.empty((M, V), dtype=E5M2, device=logits.device)
         gt8 = torch.empty((V, M), dtype=E5M2, device=logits.device)
@@ -185,11 +185,6 @@ def cross_entropy_fp8_rows_reference(logits: torch.Tensor, targets: torch.Tensor
     g = g * torch.where(valid, GRAD_SCALE, 0.0)[:, None]
     g8 = g.to(E5M2)
     return loss, g8, g8.t().contiguous()
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class _HeadCrossEntropyFP8(torch.autograd.Function):
