@@ -68,7 +68,12 @@ VARIANTS = {
 }
 # the real trainer, as shipped and with one library switch changed (apply_tweaks)
 TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"combo_kernels": True}},
-                    "bitnet-train-torchembed": {"kernels": {"embedding": "torch"}}}
+                    "bitnet-train-torchembed": {"kernels": {"embedding": "torch"}},
+                    # the FP8 switches (issue 25), as a user turns them on: trainer flags ("argv")
+                    "bitnet-train-fp8-head": {"argv": ["--fp8", "head"]},
+                    "bitnet-train-fp8-dx": {"argv": ["--fp8", "grad_input"]},
+                    "bitnet-train-fp8-dw": {"argv": ["--fp8", "grad_weight"]},
+                    "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 
@@ -546,6 +551,7 @@ def run_trainer(a, t0) -> dict:
             "--run-id", "bench", "--overwrite", "--quiet", "--device", a.device]
     if a.smoke:
         argv += ["--batch-size", str(a.batch), "--seq-len", str(a.seq_len)]
+    argv += TRAINER_VARIANTS[a.child].get("argv", [])
     t_start = time.time()
     rc = train_main(argv)
     wall = time.time() - t_start

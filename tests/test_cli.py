@@ -28,6 +28,7 @@ BAD = {
     "batch not divisible by micro": ["--batch-size", "6", "--micro-batch-size", "4"],
     "unknown data source": ["--data", "nosuchsource"],
     "bad compile value": ["--compile", "maybe"],
+    "unknown fp8 switch": ["--fp8", "head,attention"],
     "stage boundary out of range": ["--stage-boundary", "1.5"],
     "missing tokenizer file": ["--tokenizer", "/nonexistent/tokenizer.json"],
     "cuda on a cpu machine": ["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],

@@ -1,0 +1,73 @@
+"""--fp8: which switches it names, what a CPU run does with them, and the FP8 benchmark's bookkeeping."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitnet.cli.train import train_main
+from bitnet.model.kernels import KernelChoice, current_kernels, use_kernels
+from bitnet.train.components import use_fp8
+from bitnet.train.config import FP8_PARTS, fp8_parts
+from tests.conftest import fast_args, read_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_fp8_parts_parse_lists_all_and_none():
+    assert fp8_parts("none") == () and fp8_parts("") == ()
+    assert fp8_parts("all") == FP8_PARTS
+    assert fp8_parts("grad_weight, head") == ("head", "grad_weight")  # canonical order
+    with pytest.raises(ValueError, match="--fp8 takes none, all or a comma list"):
+        fp8_parts("head,all")
+
+
+def test_use_fp8_sets_exactly_the_named_switches_and_warns_off_cuda():
+    with use_kernels(KernelChoice(fp8_grad_input=True, loss="torch")):
+        with pytest.warns(UserWarning, match="applies on CUDA only"):
+            use_fp8(("head", "grad_weight"), torch.device("cpu"))
+        c = current_kernels()
+        assert (c.fp8_head, c.fp8_grad_input, c.fp8_grad_weight, c.loss) == (True, False, True, "torch")
+        use_fp8((), torch.device("cpu"))
+        assert not (current_kernels().fp8_head or current_kernels().fp8_grad_weight)
+
+
+def test_a_cpu_run_with_fp8_trains_exactly_as_without(runs, capsys):
+    assert train_main(fast_args(runs, "exact")) == 0
+    with use_kernels(KernelChoice()):  # the run sets the process's switches; put them back after
+        assert train_main(fast_args(runs, "fp8", fp8="all")) == 0
+    assert "applies on CUDA only" in capsys.readouterr().err
+    losses = [[r["loss"] for r in read_rows(runs / name / "metrics" / "scalars.jsonl")] for name in ("exact", "fp8")]
+    assert losses[0] == losses[1]
+    assert json.loads((runs / "fp8" / "meta" / "config.json").read_text())["train"]["fp8"] == "all"
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fp8_quality
+    return fp8_quality
+
+
+def test_fp8_quality_compares_each_switch_with_the_noise_floor():
+    q = _bench()
+    row = {"tok_s": 100.0, "peak_gib": 10.0, "tail_train_loss": 3.00, "final_eval_loss": 3.10}
+    results = {"exact-s0": row, "exact-s1": {**row, "tail_train_loss": 3.02, "final_eval_loss": 3.13},
+               "head-s0": {**row, "tok_s": 110.0, "peak_gib": 9.0, "tail_train_loss": 3.01, "final_eval_loss": 3.12},
+               "all-s0": {**row, "tail_train_loss": 3.05, "final_eval_loss": 3.11}}
+    d = q.compare(results)
+    assert d["noise_floor"] == pytest.approx({"tail_train_loss": 0.02, "final_eval_loss": 0.03})
+    assert d["head-s0"]["tok_s_ratio"] == pytest.approx(1.1) and d["head-s0"]["peak_gib_delta"] == pytest.approx(-1)
+    assert d["head-s0"]["holds"] is True and d["all-s0"]["holds"] is False  # tail +0.05 > floor 0.02
+    assert "noise floor" in q.table(results, d)
+    with pytest.raises(SystemExit, match="not <switches>-s<seed>"):
+        q.parse_row("head")
+
+
+def test_fp8_quality_smoke_runs_a_row_through_the_trainer(tmp_path):
+    q = _bench()
+    out = tmp_path / "q.json"
+    assert q.main(["--smoke", "--rows", "head-s0", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["results"]["head-s0"]
+    assert r["fp8"] == "head" and r["tok_s"] > 0 and r["final_eval_loss"] > 0 and len(r["loss_curve"]) == 10
