@@ -52,6 +52,11 @@ def test_row_scales_map_each_row_max_to_the_e4m3_maximum():
     assert scale[1].item() == 1.0  # an all-zero row keeps scale 1, no 0/0
     back = t8.float() * scale
     assert (back - t).abs().max() <= 2 ** -4 * t.abs().amax(dim=1, keepdim=True).max()
+    # a transposed view comes back row-major: the layout FP8 tensor cores take (cuBLASLt refuses others)
+    tt8, _ = fp8.to_e4m3_rows(t.t())
+    assert tt8.is_contiguous() and torch.equal(tt8.float(), fp8.to_e4m3_rows(t.t().contiguous())[0].float())
+    with pytest.raises(ValueError, match="row-major"):
+        fp8.mm_nt(t8.t(), torch.tensor(1.0), t8.t().contiguous(), torch.tensor(1.0))
 
 
 def test_ternary_weights_are_exact_in_e4m3_and_int8_levels_above_16_round():

@@ -47,10 +47,11 @@ def supported(t: torch.Tensor) -> bool:
 
 
 def to_e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t (R, C) as e4m3 with one fp32 scale per row: t ~= t8 * scale, scale (R, 1); zero rows get scale 1."""
+    """t (R, C) as row-major e4m3 (a transposed view is copied) with one fp32 scale per row: t ~= t8 * scale,
+    scale (R, 1); zero rows get scale 1."""
     amax = t.abs().amax(dim=1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous(), scale
 
 
 def to_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +64,10 @@ def to_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mm_nt(a8: torch.Tensor, a_scale: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor,
           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(a8 * a_scale) @ (b8 * b_scale)^T from row-major a8 (M, K) and b8 (N, K), the layout FP8 tensor cores
-    take. Scales: both 0-dim (any out_dtype), or (M, 1) and (N, 1) per row (bf16 out only)."""
+    take (cuBLASLt refuses others). Scales: both 0-dim (any out_dtype), or (M, 1) and (N, 1) per row (bf16 out
+    only)."""
+    if not (a8.is_contiguous() and b8.is_contiguous()):
+        raise ValueError("mm_nt takes row-major (contiguous) operands")
     if a_scale.dim():
         b_scale = b_scale.reshape(1, -1)
     return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
