@@ -198,3 +198,23 @@ def test_fp8_training_step_on_gpu_follows_the_exact_one():
     assert abs(loss1.item() - loss0.item()) < 0.01 * loss0.item()
     worst = max(rel(b, a) for a, b in zip(grads0, grads1))
     assert 0 < worst < 0.1, worst
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp8_head_captures_in_a_cuda_graph():
+    """The trainer replays its step as a CUDA graph: the FP8 head must make no host copies (found on an H100)."""
+    if not fp8.supported(torch.zeros(1, device="cuda")):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    x, w, t = (a.cuda() for a in head_inputs(2048, 256, 4096, seed=5))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = fp8.head_cross_entropy_fp8(x, w, t, chunk_rows=1024)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8.head_cross_entropy_fp8(x, w, t, chunk_rows=1024)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(captured) and captured.item() == pytest.approx(eager.item(), rel=1e-6)

@@ -12,8 +12,8 @@ Three switches, each off by default and each used only where FP8 tensor cores ex
   (at most 1/17 = 5.9% relative error, round to nearest even). This touches the weight gradient only; the
   forward stays exact.
 - `fp8_head`: the tied head + cross entropy. The forward logits come from e4m3 x and W (one scale each);
-  one Triton kernel turns each chunk of logits into the loss and the logits' gradient g = softmax - onehot,
-  which it writes twice in e5m2 (g * 2^15: row-major for dX, transposed for dW), and the gradient GEMMs run
+  one Triton kernel turns each chunk of logits into the loss and the logits' gradient g = softmax - onehot
+  in e5m2 (g * 2^15; a transposed copy feeds dW), and the gradient GEMMs run
   in the forward, chunk by chunk, so no logits-sized tensor outlives its chunk. e5m2 (2 mantissa bits,
   range to 2^-16) is the gradient format: every row of g has max |g| >= 1/2 (either the target's 1 - p or
   the largest p is), so a per-row scale would gain at most one bit, and the fixed scale keeps
@@ -122,11 +122,11 @@ def ternary_linear(x: torch.Tensor, w_q: torch.Tensor, w_ternary: torch.Tensor, 
 if triton is not None:
 
     @triton.jit
-    def _cross_entropy_fp8_kernel(LOGITS, TARGETS, LOSS, G, GT, M, V, stride_l, stride_g, stride_gt, ignore_index,
-                                  grad_scale, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _cross_entropy_fp8_kernel(LOGITS, TARGETS, LOSS, G, M, V, stride_l, stride_g, ignore_index, grad_scale,
+                                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
         # BLOCK_M rows per program. Pass 1: an online log-sum-exp per row over BLOCK_V-wide tiles,
         # loss = lse - logit[target]. Pass 2: g = softmax - onehot(target) (0 on ignored rows), times
-        # grad_scale, stored as e5m2 twice: G (M, V) as the rows are, GT (V, M) transposed.
+        # grad_scale, stored as e5m2 in G (M, V).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
@@ -147,14 +147,11 @@ if triton is not None:
         keep = tl.where(valid, grad_scale, 0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            mask = row_ok[:, None] & col_ok[None, :]
+            mask = row_ok[:, None] & (cols < V)[None, :]
             x = tl.load(LOGITS + rows64[:, None] * stride_l + cols[None, :], mask=mask, other=-1e30).to(tl.float32)
             g = tl.exp(x - lse[:, None])
             g = tl.where(cols[None, :] == t[:, None], g - 1.0, g) * keep[:, None]
-            g8 = g.to(G.dtype.element_ty)
-            tl.store(G + rows64[:, None] * stride_g + cols[None, :], g8, mask=mask)
-            tl.store(GT + cols[None, :].to(tl.int64) * stride_gt + rows64[:, None], g8, mask=mask)
+            tl.store(G + rows64[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_fp8_rows(logits: torch.Tensor, targets: torch.Tensor
@@ -162,18 +159,19 @@ def cross_entropy_fp8_rows(logits: torch.Tensor, targets: torch.Tensor
     """(loss per row (M,) fp32, e5m2(g * 2^15) as (M, V) and as (V, M)) from logits (M, V) and targets (M,),
     g = softmax(logits) - onehot(targets), 0 on rows whose target is IGNORE_INDEX.
 
-    The Triton kernel on CUDA (and under Triton's interpreter); the same math in PyTorch elsewhere.
+    The Triton kernel on CUDA (and under Triton's interpreter), then a transposing copy; the same math in
+    PyTorch elsewhere. (The kernel wrote the transposed layout itself at first: on an H100 two vocabulary rows
+    of it came out wrong, so the copy, about 0.7 ms per 95m step, stands until that is understood.)
     """
     M, V = logits.shape
     if triton is not None and (logits.is_cuda or INTERPRET):
         loss = torch.empty(M, dtype=torch.float32, device=logits.device)
         g8 = torch.empty((M, V), dtype=E5M2, device=logits.device)
-        gt8 = torch.empty((V, M), dtype=E5M2, device=logits.device)
         block_m, block_v = 32, 256
         _cross_entropy_fp8_kernel[(triton.cdiv(M, block_m),)](
-            logits, targets, loss, g8, gt8, M, V, logits.stride(0), g8.stride(0), gt8.stride(0), IGNORE_INDEX,
-            GRAD_SCALE, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8)
-        return loss, g8, gt8
+            logits, targets, loss, g8, M, V, logits.stride(0), g8.stride(0), IGNORE_INDEX, GRAD_SCALE,
+            BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8)
+        return loss, g8, g8.t().contiguous()
     return cross_entropy_fp8_rows_reference(logits, targets)
 
 
@@ -204,7 +202,7 @@ class _HeadCrossEntropyFP8(torch.autograd.Function):
         M = x2.shape[0]
         w8, w_scale = to_e4m3(weight)
         wt8 = w8.t().contiguous()  # (D, V): the K-major layout of W for dX = G @ W
-        grad_scale = torch.tensor(1.0 / GRAD_SCALE, device=x2.device)
+        grad_scale = torch.full((), 1.0 / GRAD_SCALE, device=x2.device)  # no host copy: CUDA graphs capture it
         loss_rows = torch.empty(M, dtype=torch.float32, device=x2.device)
         grad_x = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x2.device)
