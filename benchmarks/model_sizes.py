@@ -114,7 +114,8 @@ def child(a) -> None:
     rc = train_main(json.loads(a.argv))
     res = {"rc": rc, "ttfs_s": first.get("t", math.nan) - a.t0}
     if cuda:
-        res.update(gpu=torch.cuda.get_device_name(), gpu_total_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+        res.update(gpu=torch.cuda.get_device_name(),
+                   gpu_total_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     Path(a.json).write_text(json.dumps(res))
