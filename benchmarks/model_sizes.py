@@ -25,8 +25,8 @@ Per row:
 - peak memory: torch.cuda.max_memory_allocated over the run (the scalars rows' mem_gib), and the reserved peak;
 - vs 6NT: the measured step time over 6 x N x T / 989.4 TFLOP/s, N = the matmul parameters that flops_per_token
   counts (all but the norm gains, the tied head once), T = tokens a step; 1.0 would be all-matmul at peak.
-The last lines fit step_ms ~ N^k over the rows (k = 1: the step grows like 6NT). Prints a table last; writes
-JSON (--out).
+Before the table, a fit of step_ms ~ N^k over the rows (k = 1: the step grows like 6NT). Prints the table last;
+writes JSON (--out).
 """
 
 import argparse
@@ -49,9 +49,9 @@ PEAK_FLOPS = 989.4e12
 
 # steps, log interval, seconds before the row is killed: a few dozen steps for the small models, fewer for the
 # large ones, so that the four rows take about 200 s of GPU time (each row's setup and compile take 20-60 s,
-# the 3b's steps about 2 s each). The rows that hold steps 1-4 (compile, the two uncaptured steps, the CUDA
+# the 3b's steps about 2 s each), and even four timeouts stay under 10 minutes. The rows that hold steps 1-4 (compile, the two uncaptured steps, the CUDA
 # graph's capture) stay out of the medians (--skip).
-PLAN = {"95m": (30, 5, 120), "700m": (15, 3, 150), "1.3b": (12, 3, 150), "3b": (10, 2, 200), "tiny": (4, 2, 120)}
+PLAN = {"95m": (30, 5, 100), "700m": (15, 3, 130), "1.3b": (12, 3, 140), "3b": (10, 2, 180), "tiny": (4, 2, 120)}
 WARM_STEPS = 4
 
 
