@@ -125,7 +125,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bitnet.cli", "--preset", "nope"], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown preset 'nope' (known: 95m, tiny)"
+    assert proc.stderr.strip() == "error: unknown preset 'nope' (known: 95m, tiny, 700m, 1.3b, 3b)"
 
 
 def _help_entries() -> dict[str, str]:
@@ -157,7 +157,8 @@ def test_help_prints_each_default_once_with_the_tiny_preset_beside_it():
 
 def test_help_shows_the_choices_of_closed_flags():
     usage = " ".join(build_parser().format_usage().split())
-    for flag, choices in (("--preset", "{95m,tiny}"), ("--compile", "{auto,on,off}"), ("--parallel", "{ddp,fsdp2}"),
+    for flag, choices in (("--preset", "{95m,tiny,700m,1.3b,3b}"), ("--compile", "{auto,on,off}"),
+                          ("--parallel", "{ddp,fsdp2}"),
                           ("--anomaly-policy", "{warn,skip,stop}"), ("--cuda-graphs", "{auto,on,off}"),
                           ("--on-checkpoint-error", "{stop,continue}")):
         assert f"[{flag} {choices}]" in usage, flag

@@ -22,13 +22,13 @@ NOT_FROM_CHECKPOINT = {"run_id", "overwrite", "resume_from", "runs_dir"}
 
 
 def build_parser(prog: str = "bitnet-train") -> argparse.ArgumentParser:
-    tiny = PRESET_TRAIN_DEFAULTS["tiny"]
     p = OneLineParser(
         prog=prog,
         description="Train a BitNet b1.58 LLaMA-style model. Quick start (CPU, a few minutes): "
                     f"{prog} --preset tiny --run-id demo",
         epilog="Defaults: the '(default: X)' values are the 95m preset's (the seed's 400k-step FineWeb-Edu run); "
-               "'tiny: Y' is what --preset tiny sets instead (CPU quick start). Values layer as: these defaults < "
+               "'tiny: Y' is what --preset tiny sets instead (CPU quick start), '1.3b: Y' and '3b: Y' what those "
+               "presets set (the paper's LRs, a micro-batch for an 80 GB GPU). Values layer as: these defaults < "
                "the preset's < the resumed checkpoint's config (--resume-from) < the --config file < flags given "
                "here. A config file's keys are the flag names (batch_size or batch-size).",
         argument_default=argparse.SUPPRESS)
@@ -39,7 +39,7 @@ def build_parser(prog: str = "bitnet-train") -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         is_bool = f.type is bool or f.type == "bool"
         if not is_bool and f.default != "" and "(default:" not in help_text:  # "" defaults are described in words
-            preset_note = f"; tiny: {tiny[f.name]}" if f.name in tiny else ""
+            preset_note = "".join(f"; {name}: {d[f.name]}" for name, d in PRESET_TRAIN_DEFAULTS.items() if f.name in d)
             help_text += f" (default: {f.default}{preset_note})"
         if is_bool:
             p.add_argument(flag, action="store_true", help=help_text)

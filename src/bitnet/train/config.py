@@ -9,6 +9,8 @@ stage boundary) in one place.
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from bitnet.model.config import PRESETS
+
 
 FP8_PARTS = ("head", "grad_input", "grad_weight")
 
@@ -34,8 +36,9 @@ def _f(default, help: str, choices: tuple = ()):
 @dataclass
 class TrainConfig:
     # ---- run
-    preset: str = _f("95m", "model preset: 95m (the seed's 95.4M model) or tiny (CPU seconds); it also sets the "
-                            "train defaults marked 'tiny:' below", choices=("95m", "tiny"))
+    preset: str = _f("95m", "model preset: 95m (the seed's 95.4M model), tiny (CPU seconds), or the BitNet b1.58 "
+                            "paper's 700m, 1.3b, 3b (README, section 'Model'); it also sets the train defaults "
+                            "marked 'tiny:', '1.3b:' or '3b:' below", choices=tuple(PRESETS))
     run_id: str = _f("", "run directory name under --runs-dir (default: <preset>_<data>_<timestamp>)")
     runs_dir: str = _f("runs", "parent directory of run directories")
     overwrite: bool = _f(False, "replace an existing run directory of the same id")
@@ -107,9 +110,16 @@ class TrainConfig:
         return asdict(self)
 
 
-# Train defaults per preset: the 95m preset is the seed's recipe; tiny is the CPU quick start.
+# Train defaults per preset: the 95m preset is the seed's recipe; tiny is the CPU quick start. The paper's
+# sizes take the LRs of Table 2 of "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (stage 1 peak -> stage
+# 2 start: 700M 1.5e-3 -> 1e-3, the seed's values; 1.3B and 3B 1.2e-3 -> 8e-4; the end LR at 1% of the peak,
+# the seed's ratio), and a micro-batch that fits an 80 GB GPU at 32 x 1024 with fp32 weights and AdamW state
+# (README, section 'Model'): the 700m takes the whole batch at once.
 PRESET_TRAIN_DEFAULTS = {
     "95m": {},
+    "700m": {},
+    "1.3b": dict(lr_peak=1.2e-3, lr_stage1_end=8e-4, lr_stage2_start=8e-4, lr_end=1.2e-5, micro_batch_size=16),
+    "3b": dict(lr_peak=1.2e-3, lr_stage1_end=8e-4, lr_stage2_start=8e-4, lr_end=1.2e-5, micro_batch_size=4),
     # sized so that scripts/quickstart.sh takes a few minutes on 2 CPU cores (README, measured)
     "tiny": dict(data="embedded", batch_size=8, seq_len=128, num_steps=150, warmup_steps=15,
                  log_interval=10, eval_interval=50, eval_sequences=32, sample_interval=150,

@@ -96,7 +96,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
            resumed_from: str | None, quiet: bool) -> RunResult:
     # ---- setup: validate everything before anything is written
     s = settings(cfg, model_cfg, world)
-    check_fits(cfg, model_cfg, s.micro, s.device)  # absurd sizes are refused before anything is allocated
+    # absurd sizes are refused before anything is allocated
+    check_fits(cfg, model_cfg, s.micro, s.device, world.world_size)
     seed_everything(cfg.seed)
     prompts = load_prompts(cfg.sample_prompts) if cfg.sample_interval else []
     if cfg.tensorboard:

@@ -2,9 +2,12 @@
 message for an out-of-memory error that happens anyway.
 
 The estimate counts only what a step cannot do without, so a refusal is never a false alarm:
-weights, gradients and AdamW's two moments (16 bytes a parameter, fp32), the activations the
-backward keeps (about 10 x dim + 3 x ffn_dim values a token and layer, 2 bytes each) and one
-vocabulary-wide row of logits a token; plus the frozen eval set (int64 tokens).
+weights, gradients and AdamW's two moments (16 bytes a parameter, fp32; a rank's 1/world_size share
+of them under FSDP2), the activations the backward keeps (about 10 x dim + 3 x ffn_dim values a token
+and layer, 2 bytes each) and one vocabulary-wide row of logits a token; plus the frozen eval set (int64
+tokens). The 95m step at 32 x 1024 estimates 11.6 GiB against the 11.6-11.8 GiB peak measured on
+H100s and H200s (README). When the weights and their state alone do not fit, no micro-batch helps: the
+message says to shard them with FSDP2 instead.
 """
 
 import os
@@ -18,11 +21,15 @@ GiB = 2**30
 LOWER = "--micro-batch-size, --batch-size or --seq-len"
 
 
-def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int) -> dict[str, int]:
+STATE = "weights, grads and AdamW state"
+
+
+def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1) -> dict[str, int]:
+    """Lower-bound bytes of one rank's step, by part; `shards`: the ranks FSDP2 splits the weights over."""
     with torch.device("meta"):
         params = Transformer(model_cfg).num_params()
     tokens = micro * seq_len
-    return {"weights, grads and AdamW state": 16 * params,
+    return {STATE: 16 * params // shards,
             "activations": tokens * model_cfg.n_layers * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2,
             "logits": tokens * model_cfg.vocab_size * 2}
 
@@ -37,7 +44,8 @@ def device_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: torch.device) -> None:
+def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: torch.device,
+               world_size: int = 1) -> None:
     """Refuse (ValueError) sizes whose lower-bound memory exceeds the device's, naming the estimate."""
     if cfg.sample_max_tokens > model_cfg.max_seq_len:
         raise ValueError(f"--sample-max-tokens {cfg.sample_max_tokens} exceeds the model's context of "
@@ -46,7 +54,13 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: tor
     if total is None:
         return
     where = "GPU" if device.type == "cuda" else "machine"
-    need = step_bytes(model_cfg, micro, cfg.seq_len)
+    shards = world_size if cfg.parallel == "fsdp2" else 1
+    need = step_bytes(model_cfg, micro, cfg.seq_len, shards)
+    if need[STATE] > total:  # no micro-batch or sequence length helps
+        per_rank = f" per rank ({shards} FSDP2 ranks)" if shards > 1 else ""
+        raise ValueError(f"the {STATE} (fp32, 16 bytes a parameter) alone need {need[STATE] / GiB:,.1f} GiB"
+                         f"{per_rank}, more than the {where}'s {total / GiB:,.1f} GiB; shard them over more GPUs: "
+                         f"torchrun --nproc_per_node=N -m bitnet.train --parallel fsdp2 (docs/distributed.md)")
     if sum(need.values()) > total:
         parts = ", ".join(f"{k} {v / GiB:,.1f}" for k, v in need.items())
         raise ValueError(f"a step of micro-batch {micro} x --seq-len {cfg.seq_len} needs at least "
