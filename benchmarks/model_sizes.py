@@ -55,18 +55,19 @@ PLAN = {"95m": (30, 5, 100), "700m": (15, 3, 130), "1.3b": (12, 3, 140), "3b": (
 WARM_STEPS = 4
 
 
-def parse_rows(spec: str) -> list[tuple[str, int | None]]:
-    """'95m,3b:16' -> [('95m', None), ('3b', 16)]: preset and micro-batch (None: the preset's default)."""
+def parse_rows(spec: str) -> list[tuple[str, int | None, bool]]:
+    """'95m,3b:16,700m+fp8' -> [('95m', None, False), ('3b', 16, False), ('700m', None, True)]: preset,
+    micro-batch (None: the preset's default) and whether the row runs with --fp8 all."""
     from bitnet.model import PRESETS
 
     rows = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, micro = item.partition(":")
+        name, _, micro = item.removesuffix("+fp8").partition(":")
         if name not in PRESETS:
             raise SystemExit(f"error: unknown preset {name!r} in --rows (known: {', '.join(PRESETS)})")
         if micro and not (micro.isdigit() and int(micro) > 0):
             raise SystemExit(f"error: micro-batch {micro!r} in --rows {item!r} is not a positive integer")
-        rows.append((name, int(micro) if micro else None))
+        rows.append((name, int(micro) if micro else None, item.endswith("+fp8")))
     if not rows:
         raise SystemExit("error: --rows names no preset")
     return rows
@@ -129,7 +130,7 @@ def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
 
     steps, log_interval, timeout = PLAN.get(preset, PLAN["95m"])
     steps, log_interval = a.steps or steps, a.log_interval or log_interval
-    run_id = label.replace(":", "_m")
+    run_id = label.replace(":", "_m").replace("+", "_")
     argv = ["--preset", preset, "--data", "embedded", "--batch-size", str(a.batch), "--seq-len", str(a.seq_len),
             "--num-steps", str(steps), "--log-interval", str(log_interval), "--stage-boundary", "0.9",
             "--wd-stage2", "0.1", "--no-eval", "--sample-interval", "0", "--quant-interval", "0",
@@ -137,6 +138,8 @@ def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
             "--device", a.device, "--compile", "off" if a.device == "cpu" else "on"]
     if micro:
         argv += ["--micro-batch-size", str(micro)]
+    if label.endswith("+fp8"):
+        argv += ["--fp8", "all"]
     out_json = work / f"{run_id}.json"
     t0 = time.time()
     cmd = [sys.executable, __file__, "--child", "--argv", json.dumps(argv), "--json", str(out_json),
@@ -178,7 +181,8 @@ def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
 
 def growth(results: dict) -> dict | None:
     """Least-squares exponent k of step_ms ~ N^k (N: matmul params) over the rows with distinct N."""
-    points = {r["matmul_params"]: r["step_ms"] for r in results.values() if "error" not in r}
+    points = {r["matmul_params"]: r["step_ms"] for label, r in results.items()
+              if "error" not in r and not label.endswith("+fp8")}
     if len(points) < 2:
         return None
     xs, ys = [math.log(n) for n in points], [math.log(ms) for ms in points.values()]
@@ -188,14 +192,14 @@ def growth(results: dict) -> dict | None:
 
 
 def table(results: dict) -> str:
-    head = (f"{'row':<9} {'params':>7} {'micro':>5} {'tok/s':>9} {'ms/step':>8} {'MFU':>6} {'vs 6NT':>6} "
+    head = (f"{'row':<14} {'params':>7} {'micro':>5} {'tok/s':>9} {'ms/step':>8} {'MFU':>6} {'vs 6NT':>6} "
             f"{'peak GiB':>8} {'rsv GiB':>7} {'1st step':>8}")
     lines = [head, "-" * len(head)]
     for label, r in results.items():
         if "error" in r:
-            lines.append(f"{label:<9} failed: {r['error'][:80]}")
+            lines.append(f"{label:<14} failed: {r['error'][:80]}")
             continue
-        lines.append(f"{label:<9} {r['params'] / 1e6:6,.0f}M {r['micro_batch']:>5} {r['tok_s']:>9,.0f} "
+        lines.append(f"{label:<14} {r['params'] / 1e6:6,.0f}M {r['micro_batch']:>5} {r['tok_s']:>9,.0f} "
                      f"{r['step_ms']:8.1f} {100 * r['mfu']:5.1f}% {r['vs_6nt']:6.2f} {r['mem_gib']:8.1f} "
                      f"{r.get('peak_reserved_gib', math.nan):7.1f} {r['ttfs_s']:7.0f}s")
     return "\n".join(lines)
@@ -230,8 +234,8 @@ def main() -> None:
     rows = parse_rows(a.rows)
     work = Path(tempfile.mkdtemp(prefix="model_sizes_"))
     results = {}
-    for preset, micro in rows:
-        label = preset if micro is None else f"{preset}:{micro}"
+    for preset, micro, fp8 in rows:
+        label = (preset if micro is None else f"{preset}:{micro}") + ("+fp8" if fp8 else "")
         results[label] = run_row(label, preset, micro, a, work)
     fit = growth(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "batch": a.batch, "seq_len": a.seq_len,

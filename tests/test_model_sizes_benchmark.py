@@ -44,7 +44,7 @@ def test_smoke_row_runs_the_trainer_at_its_micro_batch_and_reports_its_numbers(t
 
 def test_rows_parse_and_bad_rows_are_refused():
     sizes = load_script()
-    assert sizes.parse_rows("95m, 3b:16") == [("95m", None), ("3b", 16)]
+    assert sizes.parse_rows("95m, 3b:16,1.3b:16+fp8") == [("95m", None, False), ("3b", 16, False), ("1.3b", 16, True)]
     with pytest.raises(SystemExit, match="unknown preset '7b'"):
         sizes.parse_rows("95m,7b")
     with pytest.raises(SystemExit, match="micro-batch 'x' in --rows '3b:x'"):
