@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from bitnet.model.kernels import cross_entropy, references, rmsnorm, rope, swiglu
+from bitnet.model.kernels import attention, cross_entropy, references, rmsnorm, rope, swiglu
 from bitnet.model.kernels.common import available
 from bitnet.model.kernels.cross_entropy import CrossEntropyLaunch
 from bitnet.model.kernels.embedding import scatter_add_embedding
@@ -24,6 +24,8 @@ from bitnet.model.kernels.swiglu import SwigluLaunch
 
 Impl = Literal["auto", "torch"]
 IMPLS = ("auto", "torch")
+AttentionImpl = Literal["sdpa", "fa4"]
+ATTENTION_IMPLS = ("sdpa", "fa4")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class KernelChoice:
         logits.
     embedding: the scatter-add embedding backward (`embedding`), on CUDA under autograd unless
         torch.use_deterministic_algorithms is on; "torch": aten's sort-based (deterministic) backward.
+    attention: causal attention without a KV cache (training, prefill). "sdpa": torch's SDPA, whose own
+        backend pick is cuDNN on Hopper. "fa4": FlashAttention-4's kernels (`kernels/attention.py`) where they
+        apply (CUDA sm90/sm100, bf16/fp16, FA4 installed), else SDPA; off by default until measured
+        (benchmarks/attention_speed.py).
     """
 
     norm_quant: Impl = "auto"
@@ -50,6 +56,7 @@ class KernelChoice:
     rope_qkv: Impl = "auto"
     loss: Impl = "auto"
     embedding: Impl = "auto"
+    attention: AttentionImpl = "sdpa"
     swiglu_launch: SwigluLaunch = SwigluLaunch()
     cross_entropy_launch: CrossEntropyLaunch = CrossEntropyLaunch()
 
@@ -59,8 +66,8 @@ class KernelChoice:
             if f.name.endswith("_launch"):
                 if not isinstance(value, f.default.__class__):
                     raise TypeError(f"KernelChoice.{f.name} must be a {f.default.__class__.__name__}, got {value!r}")
-            elif value not in IMPLS:
-                raise ValueError(f"KernelChoice.{f.name} must be one of {IMPLS}, got {value!r}")
+            elif value not in (allowed := ATTENTION_IMPLS if f.name == "attention" else IMPLS):
+                raise ValueError(f"KernelChoice.{f.name} must be one of {allowed}, got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "KernelChoice":
@@ -85,6 +92,8 @@ def set_kernels(choice: KernelChoice) -> KernelChoice:
     global _current
     if not isinstance(choice, KernelChoice):
         raise TypeError(f"set_kernels takes a KernelChoice, got {choice!r}")
+    if choice.attention == "fa4":
+        attention.fa4_available()  # import FA4 now, outside any compiled region
     previous, _current = _current, choice
     return previous
 
@@ -146,3 +155,10 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and not torch.are_deterministic_algorithms_enabled()):
         return scatter_add_embedding(idx, weight)
     return F.embedding(idx, weight)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of rotated q (B, H, T, D), k and v (B, Hkv, T, D), as (B, T, H*D)."""
+    if _current.attention == "fa4" and attention.fa4_applies(q, k):
+        return attention.fa4_causal(q, k, v)
+    return attention.sdpa_causal(q, k, v)
