@@ -30,6 +30,7 @@ Prints a table last; writes JSON (--out).
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import site
 import statistics
@@ -249,6 +250,8 @@ def main() -> None:
         result["fa4_install"] = report
         print(f"FA4 install: {report['seconds']} s, complete={report['complete']}, missing={report['missing']}",
               flush=True)
+    if not any(hasattr(torch.Tensor, n) for n in ("__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__")):
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")  # else tvm-ffi JIT-builds a torch addon
     t0 = time.perf_counter()
     fa4_ok = attention.fa4_available()
     result["fa4_import_s"] = round(time.perf_counter() - t0, 2)

@@ -14,11 +14,13 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# FA4 4.0.0b36 needs nvidia-cutlass-dsl>=4.6.2, apache-tvm-ffi<0.2, torch-c-dlpack-ext, quack-kernels>=0.5.3,
-# einops; the device image already has torch, cuda-bindings (a torch 2.11 dependency), protobuf, numpy.
+# FA4 4.0.0b36 needs nvidia-cutlass-dsl>=4.6.2, apache-tvm-ffi<0.2, quack-kernels>=0.5.3, einops and
+# torch-c-dlpack-ext; the device image already has torch, cuda-bindings and cuda-pathfinder (torch 2.11's
+# dependencies), triton, protobuf, numpy. torch-c-dlpack-ext is left out: its prebuilt addons stop at torch
+# 2.9, and torch >= 2.10 has the DLPack exchange API it adds (tvm-ffi then skips it).
 WHEELS=(flash-attn-4==4.0.0b36 quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1
         nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2
-        torch-c-dlpack-ext==0.1.5 einops==0.8.2)
+        einops==0.8.2)
 mkdir -p "$OUT/fa4a" "$OUT/fa4b/wheels"
 "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$OUT/fa4b/wheels" "${WHEELS[@]}"
 "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$WORK" nvidia-cutlass-dsl-libs-cu13==4.8.1

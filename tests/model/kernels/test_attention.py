@@ -9,10 +9,10 @@ from bitnet.model import PRESETS, Transformer
 from bitnet.model.kernels import KernelChoice, attention, choice, use_kernels
 
 
-def _qkv(B=2, T=12, H=4, Hkv=2, D=8, seed=0, device="cpu", grad=False):
+def _qkv(B=2, T=12, H=4, Hkv=2, D=8, seed=0, device="cpu", grad=False, dtype=torch.float32):
     """q (B, H, T, D), k and v (B, Hkv, T, D) as views of (B, T, heads, D) storage, like the rope kernel's."""
     g = torch.Generator().manual_seed(seed)
-    ts = [torch.randn(B, T, h, D, generator=g).to(device) for h in (H, Hkv, Hkv)]
+    ts = [torch.randn(B, T, h, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv)]
     if grad:
         ts = [t.requires_grad_() for t in ts]
     return ts, [t.transpose(1, 2) for t in ts]
@@ -86,3 +86,22 @@ def test_fa4_ops_trace_with_the_shapes_and_layouts_of_their_outputs():
     assert y.shape == (2, 16, 6 * 64)
     y.sum().backward()
     assert qs.grad.shape == qs.shape and ks.grad.shape == ks.shape and vs.grad.shape == vs.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fa4_matches_sdpa_forward_and_backward_on_the_gpu():
+    """FA4 against SDPA at a 95m layer's head shapes (bf16); skipped where FA4 is not installed."""
+    if not attention.fa4_available():
+        pytest.skip(f"FA4 not usable here: {attention.fa4_import_error()}")
+    (qs, ks, vs), (q, k, v) = _qkv(B=4, T=256, H=12, Hkv=6, D=64, device="cuda", grad=True, dtype=torch.bfloat16)
+    dy = torch.randn(4, 256, 12 * 64, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fn in (attention.sdpa_causal, attention.fa4_causal):
+        for t in (qs, ks, vs):
+            t.grad = None
+        y = fn(q, k, v)
+        y.backward(dy)
+        outs.append([y.detach().float()] + [t.grad.float() for t in (qs, ks, vs)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+        assert (a - b).abs().max().item() < 2e-2 * max(1.0, a.abs().max().item()), name
