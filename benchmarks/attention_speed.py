@@ -300,8 +300,9 @@ def main() -> None:
     print(json.dumps(row), flush=True)
 
     if applies and not a.no_torch_fa4:
-        rows.append(torch_fa4_row(leaves, dy, timer, ref, base, a.check_batch, flops_fwd))
-        print(json.dumps(rows[-1]), flush=True)
+        for row in torch_fa4_rows(leaves, dy, timer, ref, base, a.check_batch, flops_fwd):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     base_ms = next((r["fwd_bwd_ms"] for r in rows if r["impl"] == result.get("base")), None)
     for r in rows:
@@ -316,18 +317,23 @@ def main() -> None:
     print(table(rows, base_ms))
 
 
-def torch_fa4_row(leaves, dy, timer, ref, base, n_check, flops_fwd):
-    """SDPA's flash backend after torch.nn.attention.activate_flash_attention_impl("FA4") (torch >= 2.10)."""
+def torch_fa4_rows(leaves, dy, timer, ref, base, n_check, flops_fwd):
+    """SDPA's flash backend after torch.nn.attention.activate_flash_attention_impl("FA4") (torch >= 2.10); again
+    on repeated kv if it refuses GQA. Last, since the activation swaps SDPA's flash kernels for the process."""
     name = "sdpa-flash + torch FA4"
     try:
         from torch.nn.attention import activate_flash_attention_impl
     except ImportError:
-        return {"impl": name, "skipped": f"torch {torch.__version__} has no activate_flash_attention_impl"}
+        return [{"impl": name, "skipped": f"torch {torch.__version__} has no activate_flash_attention_impl"}]
     try:
         activate_flash_attention_impl("FA4")
     except Exception as e:  # noqa: BLE001
-        return {"impl": name, "error": f"activate: {type(e).__name__}: {e}"[:600]}
-    return measure(name, sdpa_with(SDPBackend.FLASH_ATTENTION), leaves, dy, timer, ref, base, n_check, flops_fwd)
+        return [{"impl": name, "error": f"activate: {type(e).__name__}: {e}"[:600]}]
+    rows = [measure(name, sdpa_with(SDPBackend.FLASH_ATTENTION), leaves, dy, timer, ref, base, n_check, flops_fwd)]
+    if "error" in rows[0]:
+        rows.append(measure(name + " kv-repeated", sdpa_with(SDPBackend.FLASH_ATTENTION, repeat_kv=True), leaves,
+                            dy, timer, ref, base, n_check, flops_fwd))
+    return rows
 
 
 if __name__ == "__main__":
