@@ -53,6 +53,8 @@ VARIANTS = {
     "fast-torchce": ("bitnet", "project", "project", {"kernels": {"loss": "torch"}}),  # F.cross_entropy, fp32 logits
     "fast-nofuse": ("bitnet", "project", "project", {"fused_mlp": False}),  # gate and up: a GEMM each
     "fast-nofuse-qkv": ("bitnet", "project", "project", {"kernels": {"rope_qkv": "torch"}}),  # q, k, v: a GEMM each
+    # FlashAttention-4 for attention (needs FA4 on sys.path: benchmarks/fa4_install.py; else the row runs SDPA)
+    "fast-fa4": ("bitnet", "project", "project", {"kernels": {"attention": "fa4"}}),
     "fast-combo": ("bitnet", "project", "project", {"inductor": {"combo_kernels": True}}),  # small kernels merged
     "fast-torchembed": ("bitnet", "project", "project", {"kernels": {"embedding": "torch"}}),  # aten's sorted bwd
     "fast-whole": ("bitnet", "project", "whole", {}),            # one graph for the model instead of per block
@@ -73,7 +75,8 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"com
                     "bitnet-train-fp8-head": {"argv": ["--fp8", "head"]},
                     "bitnet-train-fp8-dx": {"argv": ["--fp8", "grad_input"]},
                     "bitnet-train-fp8-dw": {"argv": ["--fp8", "grad_weight"]},
-                    "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]}}
+                    "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]},
+                    "bitnet-train-fa4": {"kernels": {"attention": "fa4"}}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 
@@ -166,6 +169,9 @@ def apply_tweaks(tweaks: dict) -> None:
     for key, value in tweaks.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
     set_kernels(KernelChoice.from_dict(tweaks.get("kernels", {})))
+    if tweaks.get("kernels", {}).get("attention") == "fa4":  # say whether FA4 runs or the row falls back to SDPA
+        from bitnet.model.kernels import attention
+        print(f"[fa4] available: {attention.fa4_available()} {attention.fa4_import_error() or ''}", flush=True)
 
 
 def uses_graphs(how: str, tweaks: dict, device) -> bool:

@@ -106,7 +106,7 @@ class Attention(nn.Module):
         """Causal attention of rotated q, k and v (B, heads, T, D), then attn_sub_norm and o_proj."""
         B, _, T, _ = q.shape
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = choice.causal_attention(q, k, v)  # (B, T, H*D): SDPA, or FA4 where KernelChoice.attention says
         else:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
@@ -116,7 +116,7 @@ class Attention(nn.Module):
             # Query i (absolute position start+i) sees keys 0..start+i.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(self.attn_sub_norm(y))
 
 

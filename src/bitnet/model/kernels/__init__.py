@@ -6,6 +6,7 @@ One file per kernel, none importing anything from the model (the model imports t
   rope           the stacked q/k/v projections split, with RoPE on q and k
   cross_entropy  the tied head + cross entropy, the logits' gradient made in the forward
   embedding      the embedding with a scatter-add backward (PyTorch ops, no Triton)
+  attention      causal attention: torch's SDPA, or FlashAttention-4 (an optional package) as custom ops
   references     the PyTorch formulation of each: the definition the kernels are tested against, and
                  what runs off CUDA
   common         the optional Triton import, the interpreter switch, the row-block helpers

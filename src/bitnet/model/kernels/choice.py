@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from bitnet.model.kernels import cross_entropy, fp8, references, rmsnorm, rope, swiglu
+from bitnet.model.kernels import attention, cross_entropy, fp8, references, rmsnorm, rope, swiglu
 from bitnet.model.kernels.common import available
 from bitnet.model.kernels.cross_entropy import CrossEntropyLaunch
 from bitnet.model.kernels.embedding import scatter_add_embedding
@@ -24,6 +24,8 @@ from bitnet.model.kernels.swiglu import SwigluLaunch
 
 Impl = Literal["auto", "torch"]
 IMPLS = ("auto", "torch")
+AttentionImpl = Literal["sdpa", "fa4"]
+ATTENTION_IMPLS = ("sdpa", "fa4")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class KernelChoice:
     fp8_head, fp8_grad_input, fp8_grad_weight: FP8 tensor cores (`fp8`) for the tied head + loss, BitLinear's
         input gradient and its weight gradient, training on CUDA only (the caller checks the card: compute
         capability 8.9+); off, or anywhere else, the exact bf16 GEMMs. Off by default (benchmarks/RESULTS.md).
+    attention: causal attention without a KV cache (training, prefill). "sdpa": torch's SDPA, whose own
+        backend pick is cuDNN on Hopper. "fa4": FlashAttention-4's kernels (`kernels/attention.py`) where they
+        apply (CUDA sm90/sm100, bf16/fp16, FA4 installed), else SDPA; off by default until measured
+        (benchmarks/attention_speed.py).
     """
 
     norm_quant: Impl = "auto"
@@ -56,6 +62,7 @@ class KernelChoice:
     fp8_head: bool = False
     fp8_grad_input: bool = False
     fp8_grad_weight: bool = False
+    attention: AttentionImpl = "sdpa"
     swiglu_launch: SwigluLaunch = SwigluLaunch()
     cross_entropy_launch: CrossEntropyLaunch = CrossEntropyLaunch()
 
@@ -68,8 +75,8 @@ class KernelChoice:
             elif f.name.startswith("fp8_"):
                 if not isinstance(value, bool):
                     raise TypeError(f"KernelChoice.{f.name} must be True or False, got {value!r}")
-            elif value not in IMPLS:
-                raise ValueError(f"KernelChoice.{f.name} must be one of {IMPLS}, got {value!r}")
+            elif value not in (allowed := ATTENTION_IMPLS if f.name == "attention" else IMPLS):
+                raise ValueError(f"KernelChoice.{f.name} must be one of {allowed}, got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "KernelChoice":
@@ -94,6 +101,8 @@ def set_kernels(choice: KernelChoice) -> KernelChoice:
     global _current
     if not isinstance(choice, KernelChoice):
         raise TypeError(f"set_kernels takes a KernelChoice, got {choice!r}")
+    if choice.attention == "fa4":
+        attention.fa4_available()  # import FA4 now, outside any compiled region
     previous, _current = _current, choice
     return previous
 
@@ -164,3 +173,10 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and not torch.are_deterministic_algorithms_enabled()):
         return scatter_add_embedding(idx, weight)
     return F.embedding(idx, weight)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of rotated q (B, H, T, D), k and v (B, Hkv, T, D), as (B, T, H*D)."""
+    if _current.attention == "fa4" and attention.fa4_applies(q, k):
+        return attention.fa4_causal(q, k, v)
+    return attention.sdpa_causal(q, k, v)
