@@ -1,20 +1,27 @@
 """The main job for real (issue 24): the 95m recipe on one GPU, corpus build included, killed and resumed.
 
-One command per model, each fits one 10-minute GPU job (corpus build, compile, a SIGKILL mid-run and
-`--resume-from auto` included); it prints the table last and leaves one archive of the run's files:
+One command per model, each in one 10-minute GPU job (corpus build, compile, a SIGKILL mid-run and
+`--resume-from auto` included); it prints its plan first, the table last, and leaves one archive of the
+run's files:
 
-    PYTHONPATH=src python benchmarks/long_run.py run --kind bitnet --steps 5400 --out $OUT
-    PYTHONPATH=src python benchmarks/long_run.py run --kind bf16 --steps 5400 --out $OUT
+    PYTHONPATH=src python benchmarks/long_run.py run --kind bitnet --warmup-also bf16 --out $OUT
+    PYTHONPATH=src python benchmarks/long_run.py run --kind bf16 --out $OUT   # same machine: corpus, caches reused
     # here, from the two archives: benchmarks/results/long_run.json, the plot and the table
     python benchmarks/long_run.py report A/long_run_bitnet.tar.gz B/long_run_bf16.tar.gz
 
 What `run` does:
+0. The plan: the seconds each part is expected to take (`plan_budget`: the step rates and per-event costs
+   measured in issue 24's calls, by GPU and kind), against --budget-s; it names the --steps that would
+   end on schedule when the default 9,200 (301.5M tokens) would not.
 1. Corpus: every *.py, *.pyi, *.rst, *.md, *.txt and *.h under the interpreter's site-packages,
    /usr/lib/python3* and /usr/share/doc (symlinks resolved, exact duplicates and non-UTF-8 files
-   dropped), shuffled with a fixed seed and packed one file a line into corpus.jsonl, then tokenized
-   by `bitnet-prepare-data` on every core. The first documents (about 2M characters) are the
-   held-out eval set. It is mostly Python code and documentation, not FineWeb-Edu. A complete
-   corpus left by an earlier call on the same machine is reused.
+   dropped), shuffled with a fixed seed and packed one file a line into corpus.jsonl by worker
+   processes, then tokenized by `bitnet-prepare-data` on every core. The first documents (about 2M
+   characters) are the held-out eval set. It is mostly Python code and documentation, not FineWeb-Edu.
+   A complete corpus left by an earlier call on the same machine is reused.
+   Meanwhile on the GPU, a warm-up: a two-step run of the same model and shapes on the embedded corpus
+   (--warmup; also of --warmup-also's kind) fills the compile and Triton caches, so the trainer starts
+   in about 6 s instead of 15-18 s, and its first eval, quant-stats and sample events skip their compiles.
 2. Training: `bitnet-train --preset 95m --data shards:...`, 32 x 1024, the seed's two-stage schedule
    compressed to --steps (warmup 375 steps as the seed's, boundary at 50%; both milestone checkpoints
    are written), eval ~20 times, samples 5 times, quant stats ~20 times. The bf16 twin runs with a
@@ -22,8 +29,9 @@ What `run` does:
 3. Kill and resume: --kill-after steps past the stage boundary (whose checkpoint is then the newest)
    the trainer gets SIGKILL, and `bitnet-train --resume-from auto --run-id <id>` continues it in
    <id>_r<step>. The steps between the checkpoint and the kill run twice: their losses are compared.
-4. A wall-clock guard: past --budget-s minus 40 s the trainer gets SIGTERM (it checkpoints and
-   exits), 25 s later SIGKILL, so that the report and the archive are always written.
+4. A wall-clock guard: --reserve-s (20 s) before --budget-s the trainer gets SIGTERM (it saves a
+   checkpoint and exits), 12 s later SIGKILL, so that the report and the archive are always written;
+   the last lines say how many tokens the run reached of those planned.
 
 The trainer runs in a child process (`_train`) that times every hook at its event steps and every
 checkpoint write into timings.jsonl, line by line, so a SIGKILL loses none of it.
