@@ -155,10 +155,11 @@ def child(args) -> int:
             seconds = time.perf_counter() - t0
             new = [r for r in timer.rows if (r[0], r[1]) not in seen]
             seen.update((r[0], r[1]) for r in timer.rows)
-            slowest = max(timer.rows, key=lambda r: r[2])
+            slow = sorted(timer.rows, key=lambda r: -r[2])[:5]
             events.append({"s": seconds, "forwards": len(timer.rows), "forward_s": sum(r[2] for r in timer.rows),
                            "new_shapes": len({(r[0], r[1]) for r in new}), "new_shape_forward_s": sum(r[2] for r in new),
-                           "slowest_forward": {"query_len": slowest[0], "key_len": slowest[1], "s": slowest[2]},
+                           "slowest_forward": {"query_len": slow[0][0], "key_len": slow[0][1], "s": slow[0][2]},
+                           "slowest_forwards": [{"query_len": q, "key_len": k, "s": t} for q, k, t in slow],
                            "tokens": tokens})
             print(f"[{time.perf_counter() - t_proc:6.1f}s] {args.kind} {variant} event {len(events)}: {seconds:.2f} s, "
                   f"{len(new)} forwards at new shapes ({events[-1]['new_shape_forward_s']:.2f} s)", flush=True)
