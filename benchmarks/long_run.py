@@ -1,20 +1,27 @@
 """The main job for real (issue 24): the 95m recipe on one GPU, corpus build included, killed and resumed.
 
-One command per model, each fits one 10-minute GPU job (corpus build, compile, a SIGKILL mid-run and
-`--resume-from auto` included); it prints the table last and leaves one archive of the run's files:
+One command per model, each in one 10-minute GPU job (corpus build, compile, a SIGKILL mid-run and
+`--resume-from auto` included); it prints its plan first, the table last, and leaves one archive of the
+run's files:
 
-    PYTHONPATH=src python benchmarks/long_run.py run --kind bitnet --steps 5400 --out $OUT
-    PYTHONPATH=src python benchmarks/long_run.py run --kind bf16 --steps 5400 --out $OUT
+    PYTHONPATH=src python benchmarks/long_run.py run --kind bitnet --warmup-also bf16 --out $OUT
+    PYTHONPATH=src python benchmarks/long_run.py run --kind bf16 --out $OUT   # same machine: corpus, caches reused
     # here, from the two archives: benchmarks/results/long_run.json, the plot and the table
     python benchmarks/long_run.py report A/long_run_bitnet.tar.gz B/long_run_bf16.tar.gz
 
 What `run` does:
+0. The plan: the seconds each part is expected to take (`plan_budget`: the step rates and per-event costs
+   measured in issue 24's calls, by GPU and kind), against --budget-s; it names the --steps that would
+   end on schedule when the default 9,200 (301.5M tokens) would not.
 1. Corpus: every *.py, *.pyi, *.rst, *.md, *.txt and *.h under the interpreter's site-packages,
    /usr/lib/python3* and /usr/share/doc (symlinks resolved, exact duplicates and non-UTF-8 files
-   dropped), shuffled with a fixed seed and packed one file a line into corpus.jsonl, then tokenized
-   by `bitnet-prepare-data` on every core. The first documents (about 2M characters) are the
-   held-out eval set. It is mostly Python code and documentation, not FineWeb-Edu. A complete
-   corpus left by an earlier call on the same machine is reused.
+   dropped), shuffled with a fixed seed and packed one file a line into corpus.jsonl by worker
+   processes, then tokenized by `bitnet-prepare-data` on every core. The first documents (about 2M
+   characters) are the held-out eval set. It is mostly Python code and documentation, not FineWeb-Edu.
+   A complete corpus left by an earlier call on the same machine is reused.
+   Meanwhile on the GPU, a warm-up: a two-step run of the same model and shapes on the embedded corpus
+   (--warmup; also of --warmup-also's kind) fills the compile and Triton caches, so the trainer starts
+   in about 6 s instead of 15-18 s, and its first eval, quant-stats and sample events skip their compiles.
 2. Training: `bitnet-train --preset 95m --data shards:...`, 32 x 1024, the seed's two-stage schedule
    compressed to --steps (warmup 375 steps as the seed's, boundary at 50%; both milestone checkpoints
    are written), eval ~20 times, samples 5 times, quant stats ~20 times. The bf16 twin runs with a
@@ -22,8 +29,9 @@ What `run` does:
 3. Kill and resume: --kill-after steps past the stage boundary (whose checkpoint is then the newest)
    the trainer gets SIGKILL, and `bitnet-train --resume-from auto --run-id <id>` continues it in
    <id>_r<step>. The steps between the checkpoint and the kill run twice: their losses are compared.
-4. A wall-clock guard: past --budget-s minus 40 s the trainer gets SIGTERM (it checkpoints and
-   exits), 25 s later SIGKILL, so that the report and the archive are always written.
+4. A wall-clock guard: --reserve-s (20 s) before --budget-s the trainer gets SIGTERM (it saves a
+   checkpoint and exits), 12 s later SIGKILL, so that the report and the archive are always written;
+   the last lines say how many tokens the run reached of those planned.
 
 The trainer runs in a child process (`_train`) that times every hook at its event steps and every
 checkpoint write into timings.jsonl, line by line, so a SIGKILL loses none of it.
@@ -33,9 +41,11 @@ import argparse
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import random
+import shutil
 import signal
 import site
 import statistics
@@ -54,6 +64,29 @@ SEED_STEPS = 400_000  # the seed's run: 400k steps x 32 x 1024 = 13.1B tokens
 SEED_TOKENS = SEED_STEPS * 32 * 1024
 SEED_HOURS = 28.0
 PROMPTS = Path(__file__).with_name("long_run_prompts.txt")
+DEFAULT_STEPS = 9200  # 9,200 x 32 x 1024 = 301.5M tokens per model, 1.78 passes over the 169M-token corpus
+TERM_GRACE_S = 12.0  # after the guard's SIGTERM: the step, a hook in progress, the stop checkpoint, the exit
+RESERVE_S = 20.0  # the guard fires this long before --budget-s: TERM_GRACE_S, then the status, report, archive
+
+# What the plan (`plan_budget`) expects, from issue 24's calls (benchmarks/RESULTS.md, results/2026-12-06/):
+STEP_TOK_S = {  # trainer step rate at 32 x 1024 by GPU and kind (tok/s, step time only)
+    "H200": {"bitnet": 697_800, "bf16": 641_800},  # the 177M-token runs
+    "H100": {"bitnet": 653_800, "bf16": 601_300},  # bitnet: the merged-code rerun; bf16: H200's ratio (projected)
+}
+COST_S = {
+    "corpus": 40.0,  # pack + tokenize, 16 cores: 47 s (H200 box) and 31 s (H100 box) with the one-process pack
+    "setup": 13.0,  # a trainer process from its start to its run directory (11-15 s; a resume loads 1.1 GB more)
+    "compile": 17.0,  # compile and capture, cold caches (15-18 s)
+    "compile_warm": 6.0,  # ... with the caches of an earlier process (5-6.6 s)
+    "eval": 0.19,  # one eval of 256 sequences (steady)
+    "eval_first": 3.1,  # the first eval of a process recompiles the blocks without autograd (cold caches)
+    "sample": 4.5,  # one sample event, 5 prompts x 3 modes x 64 tokens (3.4-4.8 s steady)
+    "quant": 0.06,  # one quant-stats event (BitNet)
+    "quant_first": 4.0,  # the first one of a process (Triton compiling the eager norm kernel, cold caches)
+    "checkpoint": 2.8,  # 1.14 GB (2.6-3.0 s)
+    "exits": 4.0,  # process exits, the kill gap, log rows
+    "report": 4.0,  # status, analysis, archive
+}
 
 
 # ------------------------------------------------------------------ corpus
@@ -64,8 +97,30 @@ def default_roots() -> list[str]:
     return list(dict.fromkeys(roots))  # files are deduplicated by real path anyway
 
 
-def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed: int = 0) -> dict:
-    """Write corpus.jsonl (one file a line, shuffled); returns counts and the held-out document count."""
+def _read_document(path: str) -> tuple:
+    """One file as (outcome, sha1, bytes, characters, its jsonl line): outcome "ok", "too_large", "empty",
+    "not_utf8" or "unreadable"; the line is only made for "ok". Runs in the pack's worker processes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return "unreadable", None, 0, 0, None
+    if len(data) > MAX_FILE_BYTES:
+        return "too_large", None, 0, 0, None
+    if not data.strip():
+        return "empty", None, 0, 0, None
+    digest = hashlib.sha1(data).digest()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not_utf8", digest, len(data), 0, None
+    return "ok", digest, len(data), len(text), json.dumps({"text": text}, ensure_ascii=False) + "\n"
+
+
+def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed: int = 0, workers: int = 1) -> dict:
+    """Write corpus.jsonl (one file a line, shuffled); returns counts and the held-out document count.
+
+    workers > 1: files are read, hashed and JSON-encoded by that many forked processes (on the GPU machine
+    the single-process pack took 19 s of the 47 s corpus build); the result is byte-identical."""
     t0 = time.time()
     seen_paths, files = set(), []
     for root in roots:
@@ -79,41 +134,43 @@ def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed
                         seen_paths.add(real)
                         files.append(real)
     files.sort()
+    walk_s = time.time() - t0
     skipped = {"too_large": 0, "not_utf8": 0, "empty": 0, "duplicate": 0}
-    seen_hashes, docs, total_bytes = set(), [], 0
-    for f in files:
-        try:
-            data = Path(f).read_bytes()
-        except OSError:
-            continue
-        if len(data) > MAX_FILE_BYTES:
-            skipped["too_large"] += 1
-            continue
-        if not data.strip():
-            skipped["empty"] += 1
-            continue
-        digest = hashlib.sha1(data).digest()
-        if digest in seen_hashes:
-            skipped["duplicate"] += 1
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            skipped["not_utf8"] += 1
-            continue
-        seen_hashes.add(digest)
-        docs.append(text)
-        total_bytes += len(data)
+    seen_hashes, docs, total_bytes = set(), [], 0  # docs: (characters, jsonl line)
+    pool = None
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(_read_document, files, chunksize=64)
+    else:
+        results = map(_read_document, files)
+    try:
+        for outcome, digest, size, chars, line in results:
+            if outcome == "unreadable":
+                continue
+            if outcome in ("too_large", "empty"):
+                skipped[outcome] += 1
+                continue
+            if digest in seen_hashes:  # an exact duplicate of a kept file
+                skipped["duplicate"] += 1
+                continue
+            if outcome == "not_utf8":
+                skipped["not_utf8"] += 1
+                continue
+            seen_hashes.add(digest)
+            docs.append((chars, line))
+            total_bytes += size
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     random.Random(seed).shuffle(docs)
     chars, eval_docs = 0, 0
     while eval_docs < len(docs) and chars < eval_chars:
-        chars += len(docs[eval_docs])
+        chars += docs[eval_docs][0]
         eval_docs += 1
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for text in docs:
-            f.write(json.dumps({"text": text}, ensure_ascii=False))
-            f.write("\n")
+        f.writelines(line for _, line in docs)
     os.replace(tmp, path)
     by_suffix = {}
     for f in files:
@@ -121,12 +178,23 @@ def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed
         by_suffix[s] = by_suffix.get(s, 0) + 1
     return {"roots": [r for r in roots if os.path.isdir(r)], "files_found": len(files), "files_by_suffix": by_suffix,
             "documents": len(docs), "bytes": total_bytes, "skipped": skipped, "eval_docs": eval_docs,
-            "eval_chars": chars, "shuffle_seed": seed, "pack_s": time.time() - t0,
-            "jsonl_bytes": path.stat().st_size}
+            "eval_chars": chars, "shuffle_seed": seed, "pack_s": time.time() - t0, "walk_s": walk_s,
+            "pack_workers": workers if pool is not None else 1, "jsonl_bytes": path.stat().st_size}
+
+
+def corpus_ready(work: Path) -> bool:
+    """Whether work/ holds a complete corpus of an earlier call (build_corpus reuses it)."""
+    from bitnet.data.shards import read_manifest
+
+    shards = work / "shards"
+    manifest = read_manifest(shards) if shards.is_dir() else None
+    return bool((work / "corpus_info.json").exists() and (work / "corpus.jsonl").exists() and manifest
+                and manifest.get("complete"))
 
 
 def build_corpus(work: Path, roots: list[str], workers: int, eval_chars: int = EVAL_CHARS) -> dict:
-    """corpus.jsonl + token shards under work/ (reused when complete); returns what the report records."""
+    """corpus.jsonl + token shards under work/ (reused when complete); returns what the report records.
+    workers: processes of the pack and of the tokenizer (0: every core)."""
     from bitnet.cli.prepare import main as prepare_main
     from bitnet.data.shards import read_manifest
     from bitnet.run.files import sha256_file
@@ -138,7 +206,7 @@ def build_corpus(work: Path, roots: list[str], workers: int, eval_chars: int = E
         info = json.loads(info_path.read_text())
         info["reused"] = True
         return info
-    info = pack_corpus(roots, jsonl, eval_chars)
+    info = pack_corpus(roots, jsonl, eval_chars, workers=workers or os.cpu_count() or 1)
     t0 = time.time()
     code = prepare_main(["--data", str(jsonl), "--out", str(shards), "--eval-docs", str(info["eval_docs"]),
                          "--workers", str(workers), "--no-progress"])
@@ -235,8 +303,9 @@ def newest(paths) -> Path:
     return paths[-1] if paths else Path("/nonexistent")
 
 
-def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_start: float) -> dict:
-    """Wait for the trainer; SIGKILL it at kill_step, SIGTERM it past guard_at (SIGKILL 25 s later)."""
+def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_start: float,
+          term_grace_s: float = TERM_GRACE_S) -> dict:
+    """Wait for the trainer; SIGKILL it at kill_step, SIGTERM it past guard_at (SIGKILL term_grace_s later)."""
     last_print, killed_at, termed_at = 0.0, None, None
     while proc.poll() is None:
         time.sleep(0.25)
@@ -251,7 +320,7 @@ def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_s
             proc.send_signal(signal.SIGTERM)
             termed_at = {"step": step, "t": now}
             print(f"[{now - t_start:6.1f}s] {label}: wall-clock guard, SIGTERM at step {step}", flush=True)
-        if termed_at is not None and now > termed_at["t"] + 25 and proc.poll() is None:
+        if termed_at is not None and now > termed_at["t"] + term_grace_s and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         if now - last_print > 30 and rows:
             r = rows[-1]
@@ -261,11 +330,112 @@ def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_s
     return {"rc": proc.returncode, "killed": killed_at, "guard_sigterm": termed_at, "end": time.time()}
 
 
+def gpu_key(name: str) -> str:
+    """The STEP_TOK_S row of a device name; other GPUs are planned at H100's rates."""
+    return "H200" if "H200" in name else "H100"
+
+
+def plan_budget(steps: int, kind: str, gpu: str, corpus_reused: bool, warmup: bool, kill_after: int,
+                tokens_per_step: int, tok_s: float = 0.0, caches_warm: bool = False) -> dict:
+    """The seconds each part of one call is expected to take (COST_S, STEP_TOK_S): a plan, not a measurement.
+    warmup: a warm-up run compiles during the corpus build; caches_warm: an earlier call of this kind ran on
+    this machine. Either way the first trainer process starts with warm compile caches."""
+    rate = tok_s or STEP_TOK_S[gpu_key(gpu)][kind]
+    step_s = tokens_per_step / rate
+    c = COST_S
+    evals, samples, quants = 21, 5, 21  # every steps // 20 (and the last step), every steps // 5
+    first_warm = warmup or caches_warm
+    warm_s = c["setup"] + c["compile"] + c["eval_first"] + (0 if kind == "bf16" else c["quant_first"]) + 3.0
+    parts = {
+        "corpus build" + (" (warm-up alongside)" if warmup and not corpus_reused else ""):
+        0.0 if corpus_reused else max(c["corpus"], warm_s if warmup else 0.0),
+        "trainer starts (2 processes)": 2 * c["setup"] + (c["compile_warm"] if first_warm else c["compile"])
+        + c["compile_warm"],
+        f"steps ({steps:,} at {rate / 1e3:,.0f}k tok/s)": steps * step_s,
+        f"steps redone after the kill ({kill_after})": kill_after * step_s,
+        "eval (21)": evals * c["eval"] + c["eval_first"] * (0.3 if first_warm else 1) + c["eval_first"] * 0.3,
+        "samples (5)": samples * c["sample"],
+        "quant stats (21)": 0.0 if kind == "bf16" else quants * c["quant"] + c["quant_first"] * (
+            0.15 if first_warm else 1.15),
+        "checkpoints (4)": 4 * c["checkpoint"],
+        "exits and gaps": c["exits"],
+        "status, report, archive": c["report"],
+    }
+    total = sum(parts.values())
+    return {"gpu": gpu_key(gpu), "tok_s": rate, "step_s": step_s, "parts_s": parts, "total_s": total}
+
+
+def print_plan(plan: dict, budget_s: float, reserve_s: float, steps: int, tokens_per_step: int) -> None:
+    guard = budget_s - reserve_s
+    print(f"plan ({plan['gpu']} rates; seconds expected, from issue 24's measurements):", flush=True)
+    for name, sec in plan["parts_s"].items():
+        print(f"  {name:<34} {sec:7.1f}")
+    total = plan["total_s"]
+    print(f"  {'total':<34} {total:7.1f}   budget {budget_s:.0f} s, guard at {guard:.0f} s", flush=True)
+    if total > guard:
+        fits = steps - int((total - guard) / plan["step_s"]) - 1
+        print(f"  over by {total - guard:.0f} s: the guard will stop the run near step {fits:,} "
+              f"({fits * tokens_per_step / 1e6:.0f}M tokens); --steps {fits} would end it on schedule", flush=True)
+    else:
+        print(f"  {guard - total:.0f} s to spare: {steps:,} steps = {steps * tokens_per_step / 1e6:.1f}M tokens", flush=True)
+
+
+def model_flags(work: Path, kind: str, seq_len: int) -> list[str]:
+    """The bitnet-train flags that make the model: the bf16 twin through a config file."""
+    flags = ["--seq-len", str(seq_len)] if seq_len else []
+    if kind == "bf16":
+        toml = work / "bf16.toml"
+        toml.write_text('[model]\nquantization = "none"\n')
+        flags += ["--config", str(toml)]
+    return flags
+
+
+def warm_marker(work: Path, kind: str) -> Path:
+    """Written when a warm-up of `kind` finished on this machine: a later call finds its caches warm."""
+    return work / f"warm_{kind}.ok"
+
+
+def start_warmup(args, work: Path, kind: str):
+    """A two-step run of the same model and shapes on the embedded corpus, while the corpus is built: its
+    compile (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
+    loading fill the on-disk caches that the real trainer then reads (a cold start measured 15-18 s of
+    compile, a warm one 5-6.6 s). Its checkpoints go to /dev/shm when there is one; it is deleted after."""
+    shm = Path("/dev/shm")  # its 3 checkpoints (3.4 GB) need not wait for the disk the corpus is written to
+    use_shm = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 8 << 30
+    runs = (shm if use_shm else work) / f"long_run_warmup_{kind}_{os.getpid()}"
+    flags = ["--preset", args.preset, "--data", "embedded", "--run-id", "warm", "--runs-dir", str(runs),
+             "--overwrite", "--device", args.device, "--batch-size", str(args.batch_size), "--num-steps", "2",
+             "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2", "--eval-sequences", "64",
+             "--quant-interval", "2", "--sample-interval", "2", "--sample-max-tokens", "2",
+             "--sample-prompts", str(PROMPTS), "--checkpoint-interval", "1000", "--quiet",
+             *model_flags(work, kind, args.seq_len)]
+    log = open(work / f"warmup_{kind}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet.cli", *flags], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return {"kind": kind, "proc": proc, "runs": runs, "log": log, "start": time.time(), "flags": flags}
+
+
+def finish_warmup(warm, wait_s: float, work: Path) -> dict:
+    """Wait up to wait_s for the warm-up (killed past it: what it compiled so far is cached), then clean up."""
+    proc = warm["proc"]
+    try:
+        proc.wait(timeout=max(wait_s, 0.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    warm["log"].close()
+    shutil.rmtree(warm["runs"], ignore_errors=True)
+    if proc.returncode == 0:
+        warm_marker(work, warm["kind"]).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n", time.gmtime()))
+    return {"kind": warm["kind"], "rc": proc.returncode, "s": time.time() - warm["start"], "flags": warm["flags"]}
+
+
 def run(args) -> int:
     t_start = time.time()
     deadline = t_start + args.budget_s
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -277,18 +447,39 @@ def run(args) -> int:
     info = {"kind": args.kind, "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
             "host": platform.node(), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "budget_s": args.budget_s, "argv": sys.argv}
+            "budget_s": args.budget_s, "reserve_s": args.reserve_s, "argv": sys.argv}
+    n = args.steps
+    boundary = max(1, round(n * 0.5))
+    reused = corpus_ready(work / "corpus")
+    warmup = args.warmup == "on" or (args.warmup == "auto" and not reused and args.device.startswith("cuda"))
+    warm_kinds = list(dict.fromkeys([args.kind] + [k for k in args.warmup_also.split(",") if k])) if warmup else []
+    from bitnet.model import PRESETS
+
+    tokens_per_step = args.batch_size * (args.seq_len or PRESETS[args.preset].max_seq_len)
+    # an earlier call of this kind, or a warm-up of it, on this machine
+    caches_warm = (work / f"timings_{args.kind}.jsonl").exists() or warm_marker(work, args.kind).exists()
+    plan = plan_budget(n, args.kind, info["gpu"], reused, warmup, args.kill_after, tokens_per_step, args.tok_s,
+                       caches_warm)
+    info["plan"] = plan
+    print_plan(plan, args.budget_s, args.reserve_s, n, tokens_per_step)
+
+    # the corpus, with the warm-up compiling on the GPU meanwhile (two cores left to each)
+    warms = [start_warmup(args, work, kind) for kind in warm_kinds]
+    workers = args.workers or max((os.cpu_count() or 1) - 2 * len(warms), 1)
     roots = args.roots.split(",") if args.roots else default_roots()
     t0 = time.time()
-    corpus = build_corpus(work / "corpus", roots, args.workers, args.eval_chars)
+    corpus = build_corpus(work / "corpus", roots, workers, args.eval_chars)
     corpus["build_s"] = time.time() - t0
     print(f"[{time.time() - t_start:6.1f}s] corpus: {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:.0f} MB, "
           f"{corpus['train_tokens']:,} train tokens, {corpus['eval_tokens']:,} eval tokens "
           f"({corpus['eval_docs']} docs), manifest {corpus['manifest_sha256'][:16]}, "
           f"{'reused' if corpus['reused'] else 'built'} in {corpus['build_s']:.1f} s", flush=True)
+    corpus_end = time.time()
+    info["warmups"] = [finish_warmup(w, corpus_end + args.warmup_wait_s - time.time(), work) for w in warms]
+    for w in info["warmups"]:
+        print(f"[{time.time() - t_start:6.1f}s] warm-up {w['kind']}: exit {w['rc']} after {w['s']:.1f} s", flush=True)
+    info["caches_warm_at_start"] = caches_warm
 
-    n = args.steps
-    boundary = max(1, round(n * 0.5))
     runs = work / "runs"
     run_id = f"long_{args.kind}"
     flags = ["--preset", args.preset, "--data", f"shards:{work / 'corpus' / 'shards'}", "--run-id", run_id,
@@ -299,17 +490,12 @@ def run(args) -> int:
              "--log-interval", str(args.log_interval), "--eval-interval", str(max(n // 20, 1)),
              "--eval-sequences", str(args.eval_sequences), "--sample-interval", str(max(n // 5, 1)),
              "--quant-interval", str(max(n // 20, 1)), "--checkpoint-interval", str(boundary),
-             "--keep-every", "0", "--sample-prompts", str(PROMPTS), "--quiet"]
-    if args.seq_len:
-        flags += ["--seq-len", str(args.seq_len)]
-    if args.kind == "bf16":
-        toml = work / "bf16.toml"
-        toml.write_text('[model]\nquantization = "none"\n')
-        flags += ["--config", str(toml)]
+             "--keep-every", "0", "--sample-prompts", str(PROMPTS), "--quiet",
+             *model_flags(work, args.kind, args.seq_len)]
     flags += args.extra
     timings = work / f"timings_{args.kind}.jsonl"
     timings.unlink(missing_ok=True)
-    guard_at = deadline - 40
+    guard_at = deadline - args.reserve_s
     child = [sys.executable, os.path.abspath(__file__), "_train", str(timings)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -343,8 +529,13 @@ def run(args) -> int:
     archive = out / f"long_run_{args.kind}.tar.gz"
     pack(work, args.kind, archive)
     print(status.stdout + status.stderr)
+    guard = next((leg["guard_sigterm"] for leg in legs if leg.get("guard_sigterm")), None)
+    print(f"tokens reached: {summary.get('tokens') or 0:,} of {n * tokens_per_step:,} planned "
+          f"(step {summary.get('steps') or 0:,} of {n:,})"
+          + (f"; the wall-clock guard stopped the run at step {guard['step']:,}" if guard else "")
+          + f"; plan {plan['total_s']:.0f} s, wall {time.time() - t_start:.0f} s")
+    print(f"archive {archive} ({archive.stat().st_size / 1e6:.1f} MB)")
     print(table({args.kind: summary}))
-    print(f"archive {archive} ({archive.stat().st_size / 1e6:.1f} MB), wall {time.time() - t_start:.1f} s")
     return 0 if summary.get("tokens") else 1
 
 
@@ -618,19 +809,32 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="corpus + one model's run, killed and resumed; writes OUT/long_run_<kind>.tar.gz")
     r.add_argument("--kind", choices=["bitnet", "bf16"], required=True)
-    r.add_argument("--steps", type=int, default=5400, help="optimizer steps (the same for both models)")
+    r.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"optimizer steps, the same for both models (default {DEFAULT_STEPS:,}: 301.5M tokens)")
     r.add_argument("--budget-s", type=float, default=585.0, help="wall-clock budget from the script's start")
-    r.add_argument("--kill-after", type=int, default=160, help="SIGKILL this many steps past the stage boundary")
+    r.add_argument("--reserve-s", type=float, default=RESERVE_S,
+                   help="the wall-clock guard stops the trainer (SIGTERM: checkpoint, exit) this long before the budget")
+    r.add_argument("--kill-after", type=int, default=40,
+                   help="SIGKILL this many steps past the stage boundary's checkpoint (they are redone)")
+    r.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
+                   help="compile a two-step run during the corpus build (auto: when the corpus is built on CUDA)")
+    r.add_argument("--warmup-also", default="", metavar="KIND",
+                   help="warm the caches of this kind too (bf16 in the bitnet call: the bf16 call on the same "
+                        "machine then starts warm)")
+    r.add_argument("--warmup-wait-s", type=float, default=15.0,
+                   help="after the corpus build, wait at most this long for the warm-up to finish")
+    r.add_argument("--tok-s", type=float, default=0.0, help="step rate the plan assumes (0: by GPU and kind)")
     r.add_argument("--lr-peak", type=float, default=1.5e-3, help="peak LR; the schedule keeps the seed's ratios")
     r.add_argument("--preset", default="95m")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
-    r.add_argument("--log-interval", type=int, default=20)
+    r.add_argument("--log-interval", type=int, default=10)
     r.add_argument("--eval-sequences", type=int, default=256)
     r.add_argument("--device", default="cuda")
     r.add_argument("--roots", default="", help="comma-separated corpus roots (default: site-packages, "
                                                 "/usr/lib/python3*, /usr/share/doc)")
-    r.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
+    r.add_argument("--workers", type=int, default=0,
+                   help="pack and tokenizer processes (0: all cores, two fewer while the warm-up runs)")
     r.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="held-out documents: the first reaching this")
     r.add_argument("--work", default="runs/long_run", help="corpus, run directories, timings")
     r.add_argument("--out", default="runs/long_run/out", help="where the archive goes")

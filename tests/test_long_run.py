@@ -1,17 +1,25 @@
-"""benchmarks/long_run.py's corpus packing: which files become documents, and which are held out."""
+"""benchmarks/long_run.py: the corpus packing (which files become documents, which are held out), the plan of
+a call's seconds, a whole call on the CPU (corpus, kill, resume, report) and the report of the 2026-12-06 archives."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_run.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "long_run.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("long_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if "long_run" not in sys.modules:  # registered: the pack's worker processes find its functions by name
+        spec = importlib.util.spec_from_file_location("long_run", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["long_run"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["long_run"]
 
 
 def make_tree(root: Path) -> None:
@@ -48,3 +56,85 @@ def test_pack_corpus_keeps_unique_utf8_text_files_and_holds_out_the_first(tmp_pa
     again = tmp_path / "again.jsonl"
     long_run.pack_corpus([str(tmp_path / "root")], again, eval_chars=40)
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_pack_workers_write_the_same_corpus(tmp_path):
+    long_run = load_script()
+    make_tree(tmp_path / "root")
+    for i in range(200):  # enough files for several chunks per worker
+        (tmp_path / "root" / "pkg" / f"gen{i}.md").write_text(f"# doc {i}\n\n" + "text " * (i % 17 + 1))
+    one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
+    a = long_run.pack_corpus([str(tmp_path / "root")], one, eval_chars=300, workers=1)
+    b = long_run.pack_corpus([str(tmp_path / "root")], four, eval_chars=300, workers=4)
+    assert one.read_bytes() == four.read_bytes() and b["pack_workers"] == 4 and a["pack_workers"] == 1
+    drop = ("pack_s", "walk_s", "pack_workers")
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert a["documents"] == 208 and a["skipped"]["duplicate"] == 1
+
+
+def test_plan_adds_up_and_names_the_steps_that_fit(capsys):
+    long_run = load_script()
+    plan = long_run.plan_budget(9200, "bitnet", "NVIDIA H100 80GB HBM3", corpus_reused=False, warmup=True,
+                                kill_after=40, tokens_per_step=32768)
+    parts = plan["parts_s"]
+    assert plan["total_s"] == sum(parts.values()) and plan["tok_s"] == long_run.STEP_TOK_S["H100"]["bitnet"]
+    assert parts["steps (9,200 at 654k tok/s)"] == 9200 * 32768 / 653_800
+    assert parts["checkpoints (4)"] == 4 * long_run.COST_S["checkpoint"]
+    bf16 = long_run.plan_budget(9200, "bf16", "NVIDIA H200", corpus_reused=True, warmup=False, kill_after=40,
+                                tokens_per_step=32768, caches_warm=True)
+    assert bf16["parts_s"]["corpus build"] == 0 and bf16["parts_s"]["quant stats (21)"] == 0
+    long_run.print_plan(plan, budget_s=585, reserve_s=20, steps=9200, tokens_per_step=32768)
+    out = capsys.readouterr().out
+    over = plan["total_s"] - 565
+    fits = 9200 - int(over / plan["step_s"]) - 1
+    assert f"over by {over:.0f} s" in out and f"--steps {fits} would end it on schedule" in out
+    long_run.print_plan(bf16, budget_s=585, reserve_s=20, steps=9200, tokens_per_step=32768)
+    assert f"{565 - bf16['total_s']:.0f} s to spare: 9,200 steps = 301.5M tokens" in capsys.readouterr().out
+
+
+def test_a_whole_call_on_the_cpu_kills_resumes_and_reports(tmp_path):
+    """The driver end to end on the tiny model: corpus, the kill past the boundary, --resume-from auto, the
+    status of both legs, the archive, then `report` on that archive."""
+    root = tmp_path / "root"
+    make_tree(root)
+    for i in range(30):
+        (root / "pkg" / f"doc{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(400)))
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bitnet", "--device", "cpu", "--preset", "tiny",
+                        "--seq-len", "32", "--batch-size", "2", "--steps", "40", "--kill-after", "4",
+                        "--log-interval", "2", "--eval-sequences", "2", "--roots", str(root), "--eval-chars", "3000",
+                        "--work", str(work), "--out", str(out), "--workers", "2", "--budget-s", "500"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "plan (H100 rates" in r.stdout and "tokens reached: 2,560 of 2,560 planned (step 40 of 40)" in r.stdout
+    summary = json.loads((work / "summary_bitnet.json").read_text())
+    assert summary["tokens"] == 40 * 2 * 32 and summary["resumed_after_kill"] and summary["resume_step"] == 20
+    assert 24 <= summary["killed_at_step"] < 40 and summary["run_dirs"] == ["long_bitnet", "long_bitnet_r20"]
+    driver = json.loads((work / "driver_bitnet.json").read_text())
+    assert driver["warmups"] == [] and driver["plan"]["total_s"] == sum(driver["plan"]["parts_s"].values())
+    status = (work / "status_bitnet.txt").read_text()
+    assert "(2 legs)" in status and "FINISHED" in status
+    archive = out / "long_run_bitnet.tar.gz"
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "driver_bitnet.json" in names and "runs/long_bitnet_r20/metrics/scalars.jsonl" in names
+    assert not any(n.endswith(".pt") for n in names)
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "report", str(archive), "--json", str(report), "--png", "",
+                        "--extract-dir", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(report.read_text())["runs"]["bitnet"]["tokens"] == 2560
+
+
+def test_report_of_the_2026_12_06_archives_is_the_committed_json(tmp_path):
+    """The report reads the archives of the 177M-token runs as it did: long_run.json comes out the same."""
+    results = ROOT / "benchmarks" / "results"
+    archives = [results / "2026-12-06" / f"long_run_{kind}.tar.gz" for kind in ("bitnet", "bf16")]
+    out = tmp_path / "long_run.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, str(SCRIPT), "report", *map(str, archives), "--json", str(out), "--png", "",
+                        "--extract-dir", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text()) == json.loads((results / "long_run.json").read_text())
+    assert "eval gap bitnet vs bf16: +3.19% (goal: within 5%)" in r.stdout

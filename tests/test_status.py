@@ -289,10 +289,10 @@ def test_watch_max_iterations_and_json_lines(run, capsys, monkeypatch):
 
 def test_imports_only_the_standard_library():
     """Top-level imports are stdlib; matplotlib may appear only inside functions (plot is lazy). The run
-    directory's names and its JSONL reader (bitnet.run.layout, bitnet.run.jsonl) are the only bitnet
-    modules it imports, and they hold to the same rule."""
+    directory's names, its JSONL reader and its continuation names (bitnet.run.layout, bitnet.run.jsonl,
+    bitnet.run.directory) are the only bitnet modules it imports, and they hold to the same rule."""
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    allowed = {"bitnet.run.layout", "bitnet.run.jsonl"}
+    allowed = {"bitnet.run.layout", "bitnet.run.jsonl", "bitnet.run.directory"}
 
     def imports(nodes):
         return {(a.name if isinstance(n, ast.Import) else n.module)
@@ -367,3 +367,101 @@ def test_a_bf16_twin_says_quant_does_not_apply(tmp_path, capsys):
     assert status_cli.main([str(run)]) == 0
     out = capsys.readouterr().out
     assert "quant      n/a (quantization none: no ternary layers)" in out and "none yet" not in out.split("quant")[1]
+
+
+def add_leg(runs: Path, name: str, resumed_from: str, start: float, steps: range, anomalies=(), checkpoints=()) -> Path:
+    """A continuation as `--resume-from` leaves it: its own directory whose provenance names the checkpoint."""
+    run = runs / name
+    (run / "meta").mkdir(parents=True)
+    (run / "meta/config.json").write_text(json.dumps({"train": {"num_steps": NUM_STEPS}}))
+    (run / "meta/provenance.json").write_text(json.dumps({"start_time": start, "resumed_from": resumed_from}))
+    _write_jsonl(run / "metrics/scalars.jsonl", [
+        {"step": i, "tokens": i * TOKENS_PER_STEP, "loss": 1.0 + i / 1000, "step_ms": 100.0, "tok_s": 300_000.0,
+         "time": start + 10 + 0.5 * (i - steps[0])} for i in steps])
+    _write_jsonl(run / "eval/eval_results.jsonl", [{"step": steps[-1], "eval_loss": 1.5, "train_loss": 1.2}])
+    for step, event in anomalies:
+        d = run / f"anomalies/step_{step:06d}_{event}"
+        d.mkdir(parents=True)
+        (d / "info.json").write_text(json.dumps({"step": step, "event": event, "message": f"{event} at {step} again"}))
+    for step in checkpoints:
+        (run / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step:06d}" / "meta.json").write_text("{}")
+    return run
+
+
+@pytest.fixture
+def two_legs(tmp_path):
+    """demo-run (steps 1-100, killed; checkpoint 80 complete) and demo-run_r80, which resumed from step 80
+    and redid 81-100 on its way to 150. The kill fell after step 100: the anomaly of step 90 was dumped
+    by both legs. resumed_from holds the path as the trainer was given it, from another directory."""
+    first = make_run(tmp_path)
+    d = first / "anomalies/step_000090_loss_spike"
+    d.mkdir()
+    (d / "info.json").write_text(json.dumps({"step": 90, "event": "loss_spike", "message": "loss_spike at 90"}))
+    second = add_leg(first.parent, "demo-run_r80", "elsewhere/runs/demo-run/checkpoints/step_000080", T0 + 300,
+                     range(81, 151), anomalies=((90, "loss_spike"), (120, "grad_norm")), checkpoints=(150,))
+    return first, second
+
+
+def test_a_resumed_run_is_summarized_over_its_legs(two_legs):
+    first, second = two_legs
+    s = status.summarize(second, smoothing=70, now=T0 + 400)
+    assert [(leg["run_id"], leg["resumed_step"], leg["first_step"], leg["last_step"]) for leg in s["legs"]] == [
+        ("demo-run", None, 1, 100), ("demo-run_r80", 80, 81, 150)]
+    assert s["step"] == 150 and s["rows"] == 150 and s["tokens"] == 150 * TOKENS_PER_STEP
+    # steps 81-100 are the resumed leg's rows
+    assert s["loss_smoothed"] == pytest.approx(statistics_mean(1.0 + i / 1000 for i in range(81, 151)))
+    # elapsed: 1-100 took 49.5 s from the first row; the continuation 10 s of setup + 69 x 0.5 s
+    assert s["elapsed_s"] == pytest.approx(49.5 + 10 + 34.5)
+    assert s["tok_s_sustained"] == pytest.approx(149 * TOKENS_PER_STEP / 94.0)
+    assert s["eta_wall_s"] == pytest.approx(850 * 0.5) and s["eta_s"] == pytest.approx(850 * 0.1)
+    assert s["eval"]["step"] == 150 and s["samples"]["step"] == 50  # the killed leg's samples at 100: redone
+    assert s["quant"]["latest_step"] == 10  # quant 100 was redone; the continuation logged none
+    an = s["anomalies"]
+    assert an["count"] == 4 and an["repeated_after_resume"] == 1  # 42, 77, 90 (twice), 120
+    assert an["latest"] == ["step_000077_grad_norm", "step_000090_loss_spike", "step_000120_grad_norm"]
+    assert s["checkpoints"] == {"latest_step": 150, "count": 3, "incomplete": 1}
+    assert s["continued_in"] == [] and s["stalled"] is False
+    text = status.render_text(s)
+    assert "elapsed 1m34s (2 legs)" in text and f"sustained {149 * TOKENS_PER_STEP / 94.0 / 1e3:.1f}k tok/s" in text
+    assert "legs       demo-run (steps 1-100, redone after 80) -> demo-run_r80 (steps 81-150)" in text
+    assert "anomalies  4 (latest: " in text and "(1 dumped again by a resumed leg, counted once)" in text
+
+
+def test_a_continuation_behind_the_killed_leg_cuts_its_redone_steps(tmp_path):
+    """Resumed from 80 and now at 90: the killed leg's steps 81-100 (rows, samples, quant) were redone and
+    are not shown, though the new leg has not reached 100 yet."""
+    first = make_run(tmp_path)
+    add_leg(first.parent, "demo-run_r80", "runs/demo-run/checkpoints/step_000080", T0 + 300, range(81, 91))
+    s = status.summarize(first.parent / "demo-run_r80", smoothing=10)
+    assert s["step"] == 90 and s["rows"] == 90 and s["loss"] == pytest.approx(1.09)
+    assert s["loss_smoothed"] == pytest.approx(statistics_mean(1.0 + i / 1000 for i in range(81, 91)))
+    assert s["samples"]["step"] == 50 and s["eval"]["step"] == 90 and s["quant"]["latest_step"] == 10
+
+
+def test_the_killed_leg_names_its_continuation_and_is_not_stalled(two_legs):
+    first, _ = two_legs
+    s = status.summarize(first, now=T0 + 10_000)
+    assert s["continued_in"] == ["demo-run_r80"] and s["stalled"] is False and len(s["legs"]) == 1
+    assert s["step"] == 100 and s["anomalies"]["count"] == 3 and s["anomalies"]["repeated_after_resume"] == 0
+    assert "continued  in demo-run_r80 (this leg was resumed there)" in status.render_text(s)
+
+
+def test_legs_plot_and_odd_links(two_legs, tmp_path, capsys):
+    first, second = two_legs
+    assert status_cli.main([str(second), "--plot", str(tmp_path / "legs.png")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'legs.png'} (step 150)\n"
+    # a checkpoint outside any run directory: one leg, its steps only
+    outside = add_leg(first.parent, "other", str(tmp_path / "ckpts/step_000500/checkpoint.pt"), T0, range(501, 511))
+    s = status.summarize(outside)
+    assert [leg["resumed_step"] for leg in s["legs"]] == [500] and s["elapsed_s"] == pytest.approx(4.5)
+    # two directories naming each other (hand-edited files): each read once
+    a = add_leg(tmp_path / "loop", "x_r5", "runs/x/checkpoints/step_000005", T0, range(6, 11))
+    b = add_leg(tmp_path / "loop", "x", "runs/x_r5/checkpoints/step_000010", T0, range(11, 16))
+    assert [leg["run_id"] for leg in status.summarize(a)["legs"]] == ["x", "x_r5"]
+    assert [leg["run_id"] for leg in status.summarize(b)["legs"]] == ["x_r5", "x"]
+
+
+def statistics_mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)

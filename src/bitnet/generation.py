@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitnet.model import KVCache, Transformer
 
@@ -39,6 +40,16 @@ MODES = {
 }
 TOP5_POSITIONS = 10
 """Generated positions whose top-5 logits a `Generation` keeps."""
+DECODE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+"""The attention kernels decoding may use: every one but cuDNN's.
+
+Each decoded token attends over one more cached key, so each token brings an attention shape not seen
+before. PyTorch 2.9+ tries cuDNN's attention first on H100/H200 (cuDNN > 9.15), and cuDNN builds an
+execution graph for every new shape (cached per process; PyTorch's opt-in TORCH_CUDNN_SDPA_AVOID_RECOMPILE
+exists for this). A sample event of the long run (5 prompts, up to 64 tokens) meets 70 new shapes: its
+first event in each process cost 14-25 s against 3-5 s for the next ones, which meet the same shapes
+again (issue 24; about 0.2 s a shape; benchmarks/sample_cost.py times both ways). Flash, efficient and
+math attention need no per-shape setup. Off CUDA the choice among flash and math is unchanged."""
 
 
 def stable_seed(*parts) -> int:
@@ -110,7 +121,8 @@ def cpu_threads(n: int | None):
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompt_ids: list[int], modes: list[str], seeds: list[int],
                    max_new_tokens: int = 64, eos_id: int | None = None, autocast=contextlib.nullcontext,
-                   vocab_limit: int | None = None, on_token=None, threads: int | None = 1) -> list[Generation]:
+                   vocab_limit: int | None = None, on_token=None, threads: int | None = 1,
+                   sdpa_backends: tuple | None = DECODE_SDPA_BACKENDS) -> list[Generation]:
     """Continue one prompt in several (mode, seed) rows at once: one batched forward per token.
 
     Each row draws from its own generator, so a row's tokens depend only on its mode and seed
@@ -119,6 +131,8 @@ def generate_batch(model: Transformer, prompt_ids: list[int], modes: list[str], 
     threads: torch CPU threads while decoding on the CPU. Decoding is hundreds of tiny ops per
     token, which one thread runs fastest: on a busy 2-core machine, two threads made a sample round
     of the tiny model 14x slower (86 s against 6 s) by waiting on each other at every op.
+    sdpa_backends: the attention kernels the decoding may use (`DECODE_SDPA_BACKENDS`); None: PyTorch's
+    own choice, cuDNN included (benchmarks/sample_cost.py's "before").
     """
     if len(modes) != len(seeds) or not modes:
         raise ValueError("give one seed per mode, and at least one mode")
@@ -141,7 +155,8 @@ def generate_batch(model: Transformer, prompt_ids: list[int], modes: list[str], 
     model.eval()
     t0 = time.perf_counter()
     try:
-        with autocast(), cpu_threads(threads if device.type == "cpu" else None):
+        attention = sdpa_kernel(list(sdpa_backends)) if sdpa_backends is not None else contextlib.nullcontext()
+        with autocast(), cpu_threads(threads if device.type == "cpu" else None), attention:
             dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                      else model.embed_tokens.weight.dtype)
             cache = KVCache.empty(model.cfg, rows, total, device, dtype)

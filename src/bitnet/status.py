@@ -1,4 +1,11 @@
-"""Read-only monitor for one training run directory (docs/design.md, "run directory"; bitnet.run.layout).
+"""Read-only monitor for one training run (docs/design.md, "run directory"; bitnet.run.layout).
+
+A run killed and resumed lives in several directories, its legs: X, then X_r<step> (each continuation's
+meta/provenance.json names the checkpoint it resumed from). Given any leg, the monitor reads the legs
+before it too: curves, evals, samples and quant stats are joined at the resume steps (a killed leg's
+steps past the checkpoint were redone by the next leg, whose rows replace them), elapsed time and the
+sustained speed add every leg's time, and an anomaly that the killed leg dumped and the next leg
+dumped again when it redid the step counts once.
 
 Prints a text summary, one JSON object (--json) or a dashboard plot (--plot OUT.png|.html) of a
 run, refreshing with --watch. Standard library only (matplotlib is imported lazily by plot()), it
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 from bitnet.run import layout
+from bitnet.run.directory import base_run_id
 from bitnet.run.jsonl import read_jsonl as load_jsonl
 
 MAX_SMOOTHING = 20  # default loss moving-average window in rows: a fifth of the rows, at most this
@@ -102,13 +110,109 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
 
 
 def _anomalies(run: Path) -> list[tuple[int, str, Path]]:
-    """(step, event, dir) of anomaly dumps, oldest first."""
+    """(step, event, dir) of one directory's anomaly dumps, oldest first."""
     found = []
     for p in _listdir(run / layout.ANOMALIES):
         m = layout.ANOMALY_DIR.match(p.name)
         if m and p.is_dir():
             found.append((int(m.group(1)), m.group(2), p))
     return sorted(found)
+
+
+MAX_LEGS = 1000  # a chain of resumed_from links longer than this is cut (a loop of hand-edited files)
+
+
+def _is_run_dir(d: Path) -> bool:
+    return d.is_dir() and ((d / layout.META).is_dir() or (d / layout.METRICS).is_dir())
+
+
+def resumed_from_leg(run: Path, resumed_from) -> tuple[Path | None, int | None]:
+    """(the run directory a continuation resumed from, the checkpoint's step), from its provenance's
+    resumed_from: .../<run>/checkpoints/step_000500[/checkpoint.pt]. The path was recorded as given to
+    the trainer (maybe relative to another working directory), so a sibling of `run` with that name is
+    looked for first. (None, None): a fresh run; (None, step): a checkpoint from outside any run dir."""
+    if not isinstance(resumed_from, str) or not resumed_from:
+        return None, None
+    ckpt = Path(resumed_from)
+    if ckpt.name == layout.CHECKPOINT_FILE:
+        ckpt = ckpt.parent
+    m = layout.STEP_DIR.match(ckpt.name)
+    if not m:
+        return None, None
+    step = int(m.group(1))
+    if ckpt.parent.name != layout.CHECKPOINTS:
+        return None, step
+    for d in (run.parent / ckpt.parent.parent.name, ckpt.parent.parent):
+        if _is_run_dir(d) and d.resolve() != run.resolve():
+            return d, step
+    return None, step
+
+
+def run_legs(run_dir) -> list[dict]:
+    """The legs of the run that `run_dir` continues, oldest first, `run_dir` last: {"dir", "resumed_step",
+    "provenance"}; resumed_step is the checkpoint step a leg started from (None: a fresh start)."""
+    legs, seen, d = [], set(), Path(run_dir)
+    while d is not None and d.resolve() not in seen and len(legs) < MAX_LEGS:
+        seen.add(d.resolve())
+        prov = load_json(d / layout.PROVENANCE)
+        prev, step = resumed_from_leg(d, prov.get("resumed_from"))
+        legs.insert(0, {"dir": d, "resumed_step": step, "provenance": prov})
+        d = prev
+    return legs
+
+
+def continued_in(run_dir) -> list[str]:
+    """Ids of the runs that resumed from a checkpoint of `run_dir` (its family's directories beside it)."""
+    run = Path(run_dir)
+    if not run.parent.is_dir():
+        return []
+    out = []
+    for d in sorted(run.parent.iterdir()):
+        if d.name != run.name and base_run_id(d.name) == base_run_id(run.name) and _is_run_dir(d):
+            prev, _ = resumed_from_leg(d, load_json(d / layout.PROVENANCE).get("resumed_from"))
+            if prev is not None and prev.resolve() == run.resolve():
+                out.append(d.name)
+    return out
+
+
+def _joined(legs: list[dict], rel: str) -> list[dict]:
+    """One JSONL file of every leg, rows by step: each leg up to the step the next leg resumed from (the
+    later steps it ran were redone by that leg), a step logged twice keeping its last row."""
+    rows = []
+    for i, leg in enumerate(legs):
+        upto = legs[i + 1]["resumed_step"] if i + 1 < len(legs) else None
+        part = load_jsonl(leg["dir"] / rel)
+        rows += part if upto is None else [r for r in part if (_num(r.get("step")) or 0) <= upto]
+    return rows
+
+
+def _leg_anomalies(legs: list[dict]) -> tuple[list[tuple[int, str, Path]], int]:
+    """(step, event, dir) of every leg's dumps, one per (step, event): a dump repeated by the leg that
+    redid its step (the newer one kept); and how many repeats were dropped."""
+    found = {}
+    total = 0
+    for leg in legs:
+        for step, event, d in _anomalies(leg["dir"]):
+            found[(step, event)] = d
+            total += 1
+    unique = sorted((step, event, d) for (step, event), d in found.items())
+    return unique, total - len(unique)
+
+
+def _leg_spans(legs: list[dict]) -> list[dict]:
+    """Each leg's first and last scalar-row times, tokens and steps (all its rows: time spent redoing
+    steps counts), and its process start time (provenance)."""
+    spans = []
+    for leg in legs:
+        rows = _by_step(load_jsonl(leg["dir"] / layout.SCALARS))
+        times = [(r["step"], t, _int(r.get("tokens"))) for r in rows if (t := _num(r.get("time"))) is not None]
+        span = {"run_id": leg["dir"].name, "resumed_step": leg["resumed_step"], "rows": len(rows),
+                "first_step": rows[0]["step"] if rows else None, "last_step": rows[-1]["step"] if rows else None,
+                "start_time": _num(leg["provenance"].get("start_time")), "first_time": None, "last_time": None}
+        if times:
+            span.update(first_time=times[0][1], last_time=times[-1][1], first_tokens=times[0][2])
+        spans.append(span)
+    return spans
 
 
 # ---------------------------------------------------------------------------- summary
@@ -120,7 +224,8 @@ def auto_smoothing(n_rows: int) -> int:
 
 
 def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -> dict:
-    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known).
+    """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known), over
+    every leg of the run that `run_dir` continues (the module's docstring).
     smoothing: the loss moving-average window in rows (None: auto_smoothing of the run's rows)."""
     run = Path(run_dir)
     if not run.is_dir():
@@ -135,8 +240,14 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
          "model": {k: v for k, v in model_cfg.items() if isinstance(v, (int, float, str, bool))},
          "train_config": {k: train_cfg.get(k) for k in ("num_steps", "batch_size", "seq_len", "grad_accum")}}
 
+    legs = run_legs(run)
+    resumed_steps = [leg["resumed_step"] or 0 for leg in legs]
+
+    def leg_of(step: int) -> int:  # the leg whose rows hold this step
+        return max(i for i, r in enumerate(resumed_steps) if i == 0 or r < step)
+
     # Training scalars. Progress counts optimizer steps, so gradient accumulation cannot distort it.
-    rows = _by_step(load_jsonl(run / layout.SCALARS))
+    rows = _by_step(_joined(legs, layout.SCALARS))
     smoothing = auto_smoothing(len(rows)) if smoothing is None else smoothing
     s["smoothing"] = smoothing
     recent = rows[-RECENT_ROWS:]
@@ -146,10 +257,11 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
     num_steps = int(num_steps) if num_steps and num_steps > 0 else None
     losses = _xy(rows[-smoothing:], "loss")[1]  # finite losses among the last `smoothing` rows
     step_ms = _median(_xy(recent, "step_ms")[1])
-    # Wall seconds per step between consecutive rows: includes eval/checkpoint time that step_ms omits.
+    # Wall seconds per step between consecutive rows of one leg: includes eval/checkpoint time that step_ms
+    # omits (a restart between legs does not count: it is no per-step cost).
     tail = list(zip(*_xy(rows[-RECENT_ROWS - 1:], "time")))
-    first_time = next((t for t in (_num(r.get("time")) for r in rows) if t is not None), None)
-    pairs = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in zip(tail, tail[1:]) if s1 > s0 and t1 >= t0]
+    pairs = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in zip(tail, tail[1:])
+             if s1 > s0 and t1 >= t0 and leg_of(s0) == leg_of(s1)]
     wall_s_per_step = _median([dt / ds for ds, dt in pairs])
     row_interval_s = _median([dt for _, dt in pairs])
     remaining = max(num_steps - step, 0) if num_steps and step is not None else None
@@ -158,22 +270,39 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
     stalled = None if age_s is None or row_interval_s is None else (
         not finished and age_s > max(STALL_FACTOR * row_interval_s, STALL_MIN_S))
     mems = _xy(rows, "mem_gib")[1]
+    # Elapsed: each leg from its first row (a continuation from its process start, so that the restart's
+    # setup and recompile count) to its last row, redone steps included; the legs summed.
+    spans = _leg_spans(legs)
+    timed = [(i, sp) for i, sp in enumerate(spans) if sp["last_time"] is not None]
+    elapsed = None
+    for i, sp in timed:
+        start = sp["start_time"] if i and sp["start_time"] is not None and sp["start_time"] <= sp["first_time"] \
+            else sp["first_time"]
+        elapsed = (elapsed or 0.0) + sp["last_time"] - start
+    first_tokens = timed[0][1].get("first_tokens") if timed else None
+    tokens = _int(last.get("tokens"))
+    gained = tokens - first_tokens if tokens is not None and first_tokens is not None else None
+    s["legs"] = [{k: sp[k] for k in ("run_id", "resumed_step", "first_step", "last_step", "rows")} for sp in spans]
+    s["continued_in"] = continued_in(run)
+    if s["continued_in"]:  # a killed leg is no stalled run: it went on elsewhere
+        stalled = False
     s.update({
         "step": step, "num_steps": num_steps, "rows": len(rows),
         "pct_done": 100.0 * step / num_steps if num_steps and step is not None else None,
-        "tokens": _int(last.get("tokens")),
+        "tokens": tokens,
         "loss": _num(last.get("loss")), "loss_raw": repr(last.get("loss")) if "loss" in last else None,
         "loss_smoothed": statistics.fmean(losses[-smoothing:]) if losses else None,
         "lr": _num(last.get("lr")), "wd": _num(last.get("wd")), "grad_norm": _num(last.get("grad_norm")),
         "tok_s": _median(_xy(recent, "tok_s")[1]), "step_ms": step_ms, "wall_s_per_step": wall_s_per_step,
         "eta_s": remaining * step_ms / 1000.0 if remaining is not None and step_ms is not None else None,
         "eta_wall_s": remaining * wall_s_per_step if remaining is not None and wall_s_per_step is not None else None,
-        "elapsed_s": tail[-1][1] - first_time if tail else None,
+        "elapsed_s": elapsed,
+        "tok_s_sustained": gained / elapsed if gained is not None and elapsed else None,
         "mem_gib": _num(last.get("mem_gib")), "mem_gib_max": max(mems) if mems else None,
         "last_row_age_s": age_s, "row_interval_s": row_interval_s, "stalled": stalled, "finished": finished,
     })
 
-    evals = _by_step(load_jsonl(run / layout.EVAL_RESULTS))
+    evals = _by_step(_joined(legs, layout.EVAL_RESULTS))
     s["eval"] = None
     if evals:
         e = evals[-1]
@@ -189,7 +318,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
                      "gap": gap, "best_eval_loss": best[0], "best_step": best[1], "count": len(evals)}
 
     # Samples: the newest step only, first row of each mode (one line per mode on screen).
-    samples = [r for r in load_jsonl(run / layout.SAMPLES_FILE) if _num(r.get("step")) is not None]
+    samples = [r for r in _joined(legs, layout.SAMPLES_FILE) if _num(r.get("step")) is not None]
     s["samples"] = None
     if samples:
         newest = max(_num(r["step"]) for r in samples)
@@ -203,17 +332,17 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
              "unique_tokens": _int(r.get("unique_tokens"))}
             for mode, r in by_mode.items()]}
 
-    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / layout.QUANT))]
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(_joined(legs, layout.QUANT))]
     quant = [(step, g) for step, g in quant if g]
     s["quant"] = {"first_step": quant[0][0], "latest_step": quant[-1][0], "first": quant[0][1],
                   "latest": quant[-1][1]} if quant else None
 
-    found = _anomalies(run)
-    s["anomalies"] = {"count": len(found), "latest": [p.name for _, _, p in found[-3:]],
+    found, repeated = _leg_anomalies(legs)
+    s["anomalies"] = {"count": len(found), "repeated_after_resume": repeated, "latest": [p.name for _, _, p in found[-3:]],
                       "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 
     ckpts, incomplete = [], 0
-    for p in _listdir(run / layout.CHECKPOINTS):
+    for p in [p for leg in legs for p in _listdir(leg["dir"] / layout.CHECKPOINTS)]:
         m = layout.STEP_DIR.match(p.name)
         if m and (p / layout.CHECKPOINT_META).is_file():
             ckpts.append(int(m.group(1)))
@@ -282,8 +411,10 @@ def render_text(s: dict) -> str:
             f"{_f(s['loss_smoothed'], '.4f')} (mean of last {s['smoothing']} rows)",
             f"optim      lr {_f(s['lr'], '.3e')}   wd {_f(s['wd'], '.3g')}   grad_norm {_f(s['grad_norm'], '.4g')}",
             f"speed      {_count(s['tok_s'])} tok/s   {_f(s['step_ms'], '.1f')} ms/step   "
+            f"sustained {_count(s['tok_s_sustained'])} tok/s   "
             f"mem {_f(s['mem_gib'], '.1f')} GiB (max {_f(s['mem_gib_max'], '.1f')})",
-            f"time       elapsed {_dur(s['elapsed_s'])}   ETA {_dur(s['eta_s'])} (step_ms) / "
+            f"time       elapsed {_dur(s['elapsed_s'])}"
+            + (f" ({len(s['legs'])} legs)" if len(s["legs"]) > 1 else "") + f"   ETA {_dur(s['eta_s'])} (step_ms) / "
             f"{_dur(s['eta_wall_s'])} (wall)   last row {_dur(s['last_row_age_s'])} ago"
             + ("   stalled?" if s["stalled"] else ""),
         ]
@@ -307,14 +438,28 @@ def render_text(s: dict) -> str:
         lines.append(f"{'quant' if i == 0 else '':<10} {name:<5} -1/0/+1 {fr(a)} (step {q['first_step']:,}) -> "
                      f"{fr(b)} (step {q['latest_step']:,})")
     an = s["anomalies"]
+    repeats = an["repeated_after_resume"]
     lines.append("anomalies  none yet" if not an["count"] else
                  f"anomalies  {an['count']} (latest: {', '.join(an['latest'])})"
+                 + (f" ({repeats} dumped again by a resumed leg, counted once)" if repeats else "")
                  + (f"  {_one_line(an['latest_message'], 60)!r}" if an["latest_message"] else ""))
     ck = s["checkpoints"]
     lines.append(("checkpoint none yet" if ck["latest_step"] is None else
                   f"checkpoint step {ck['latest_step']:,} ({ck['count']} complete)")
                  + (f", {ck['incomplete']} incomplete/in progress" if ck["incomplete"] else ""))
     lines.append(f"resumed    {p.get('resumed_from') or 'no (fresh run)'}")
+    if len(s["legs"]) > 1:  # the directories this summary joined, and where each leg's rows were cut
+        legs = s["legs"]
+        parts = []
+        for i, leg in enumerate(legs):
+            upto = legs[i + 1]["resumed_step"] if i + 1 < len(legs) else None
+            ran = f"steps {_f(leg['first_step'], ',')}-{_f(leg['last_step'], ',')}" if leg["rows"] else "no rows"
+            redone = (f", redone after {upto:,}" if upto is not None and leg["last_step"] is not None
+                      and leg["last_step"] > upto else "")
+            parts.append(f"{leg['run_id']} ({ran}{redone})")
+        lines.append("legs       " + " -> ".join(parts))
+    if s["continued_in"]:
+        lines.append(f"continued  in {', '.join(s['continued_in'])} (this leg was resumed there)")
     return "\n".join(lines)
 
 
@@ -362,7 +507,8 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
     except ImportError:
         raise StatusError("--plot needs matplotlib (pip install matplotlib)") from None
 
-    rows = _by_step(load_jsonl(run / layout.SCALARS))
+    legs = run_legs(run)
+    rows = _by_step(_joined(legs, layout.SCALARS))
     fig = Figure(figsize=(16, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     (ax_loss, ax_lr, ax_gn), (ax_tok, ax_q, ax_gap) = fig.subplots(2, 3)
@@ -392,12 +538,12 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
                 ax.plot(xs, rolling_mean(ys, smoothing), color=color, lw=1.5, label=f"mean of {smoothing} rows")
         return bool(xs)
 
-    evals = _by_step(load_jsonl(run / layout.EVAL_RESULTS))
+    evals = _by_step(_joined(legs, layout.EVAL_RESULTS))
     if panel(ax_loss, "loss (orange lines: anomalies)", "loss", "C0"):
         ex, ey = _xy(evals, "eval_loss")
         if ex:
             ax_loss.plot(ex, ey, "o-", color="C3", ms=4, lw=1, label="eval_loss")
-        for step, _, _ in _anomalies(run)[-100:]:
+        for step, _, _ in _leg_anomalies(legs)[0][-100:]:
             ax_loss.axvline(step, color="C1", lw=0.8, alpha=0.4)
         ax_loss.legend(fontsize=8)
     if panel(ax_lr, "learning rate (solid) and weight decay (dashed)", "lr", "C0", smooth=False):
@@ -415,7 +561,7 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
         ax_gap.plot(gx, gy, "o-", color="C3", ms=4)
         ax_gap.axhline(0, color="0.5", lw=0.8)
 
-    quant = [(q["step"], _quant_groups(q)) for q in _by_step(load_jsonl(run / layout.QUANT))]
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(_joined(legs, layout.QUANT))]
     if frame(ax_q, "ternary weight fractions (attn solid, ffn dashed)", any(g for _, g in quant)):
         for name, ls in (("attn", "-"), ("ffn", "--")):
             for k, label, color, lw in (("neg", "-1", "C0", 2.5), ("zero", "0", "0.4", 1.5), ("pos", "+1", "C3", 1.2)):

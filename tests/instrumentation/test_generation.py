@@ -5,9 +5,12 @@ import math
 import pytest
 import torch
 
+from torch.overrides import TorchFunctionMode
+
 from bitnet.cli.generate import main
 from bitnet.generation import (MODES, Generation, Mode, generate, generate_batch, max_repetition, sample_metrics,
                                sample_token, stable_seed, unique_ratio)
+from bitnet.instrumentation.samples import sample_rows
 from bitnet.model import PRESETS, KVCache, Transformer
 
 PROMPT = [1, 450, 2106, 310, 278]  # BOS + "The state of the"
@@ -71,6 +74,62 @@ def test_batched_rows_match_single_generations(model):
     assert cut[1].token_ids == rows[1].token_ids[:rows[1].token_ids.index(eos) + 1]
     assert len(cut[1].entropies) == len(cut[1].token_ids) and len(cut[1].top5) == min(10, len(cut[1].token_ids))
     assert cut[2].token_ids[:3] == rows[2].token_ids[:3]
+
+
+class AttentionBackends(TorchFunctionMode):
+    """Records, at every scaled_dot_product_attention call, which attention backends torch may pick."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            b = torch.backends.cuda
+            self.calls.append({"key_len": args[1].shape[-2], "cudnn": b.cudnn_sdp_enabled(),
+                               "flash": b.flash_sdp_enabled(), "efficient": b.mem_efficient_sdp_enabled(),
+                               "math": b.math_sdp_enabled()})
+        return func(*args, **(kwargs or {}))
+
+
+class TinyTok:
+    """The tokenizer surface sample_rows reads: ids are the characters' codes, capped to the tiny vocab."""
+
+    vocab_size, eos_id = 256, None
+
+    def encode(self, text, add_bos=False):
+        return ([1] if add_bos else []) + [ord(c) % 256 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_sample_decoding_never_meets_cudnn_attention(model):
+    """Issue 24: each decoded token is a new attention shape, and cuDNN attention (PyTorch's first pick on
+    H100/H200) builds a graph per new shape: the first sample event of each process cost 14-25 s. The sample
+    hook's decoding runs with cuDNN attention off and the other backends as they were, then restores it."""
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with AttentionBackends() as seen:
+        rows = sample_rows(model, TinyTok(), ["The state of", "Science"], step=10, seed=0, max_new_tokens=6)
+    assert len(rows) == 6 and all(len(r["token_ids"]) == 6 for r in rows)
+    layers = model.cfg.n_layers
+    assert len(seen.calls) == 2 * 6 * layers  # two prompts x 6 forwards (prefill, 5 decoded) x layers
+    # prompts of 8 and 13 ids: prefill at 8 and 13, then one key more per token: a new shape each time
+    assert sorted({c["key_len"] for c in seen.calls}) == list(range(8, 19))
+    assert all(not c["cudnn"] and c["flash"] and c["efficient"] and c["math"] for c in seen.calls)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the generation
+
+
+def test_decode_backends_leave_cpu_generations_unchanged(model):
+    """Off CUDA the restriction picks the same kernels as PyTorch's own choice: bit-identical samples."""
+    modes, seeds = ["greedy", "typical", "stress"], [4, 5, 6]
+    rows = generate_batch(model, PROMPT, modes, seeds, 12)
+    with AttentionBackends() as seen:
+        own = generate_batch(model, PROMPT, modes, seeds, 12, sdpa_backends=None)
+    assert all(c["cudnn"] for c in seen.calls)  # None: PyTorch's choice, cuDNN included (the old behaviour)
+    assert [r.token_ids for r in rows] == [o.token_ids for o in own]
+    assert [r.entropies for r in rows] == [o.entropies for o in own]
+    assert [r.top5 for r in rows] == [o.top5 for o in own]
 
 
 def test_generation_leaves_global_rng_untouched(model):
