@@ -134,8 +134,17 @@ def main(argv=None) -> int:
     p.add_argument("--tail-steps", type=int, default=200, help="steps at the end whose train loss is averaged")
     p.add_argument("--budget-s", type=float, default=570, help="skip rows that would end after this many seconds")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, embedded corpus: the plumbing")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no runs: join the rows of these result files "
+                   "(rows split over GPU calls on one machine), compare, print the table")
     p.add_argument("--out", default="fp8_quality.json")
     a = p.parse_args(argv)
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        results = {name: r for part in parts for name, r in part["results"].items() if "skipped" not in r}
+        out = {**parts[0], "results": results, "comparison": compare(results), "merged_from": a.merge}
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        print(table(results, out["comparison"]))
+        return 0
     t0 = time.time()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

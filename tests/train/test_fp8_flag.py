@@ -61,6 +61,17 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
     assert d["head-s0"]["tok_s_ratio"] == pytest.approx(1.1) and d["head-s0"]["peak_gib_delta"] == pytest.approx(-1)
     assert d["head-s0"]["holds"] is True and d["all-s0"]["holds"] is False  # tail +0.05 > floor 0.02
     assert "noise floor" in q.table(results, d)
+    # rows from two GPU calls are joined and compared as one
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b, out = (Path(tmp) / n for n in ("a.json", "b.json", "out.json"))
+        a.write_text(json.dumps({"steps": 2000, "results": {k: results[k] for k in ("exact-s0", "head-s0")}}))
+        b.write_text(json.dumps({"steps": 2000, "results": {"exact-s1": results["exact-s1"],
+                                                             "all-s0": {"skipped": "budget"}}}))
+        assert q.main(["--merge", str(a), str(b), "--out", str(out)]) == 0
+        merged = json.loads(out.read_text())
+        assert sorted(merged["results"]) == ["exact-s0", "exact-s1", "head-s0"]
+        assert merged["comparison"]["head-s0"]["holds"] is True
     with pytest.raises(SystemExit, match="not <switches>-s<seed>"):
         q.parse_row("head")
 
