@@ -174,7 +174,7 @@ def fused_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
 def ternary_matmul(x: torch.Tensor, layers: Sequence[BitLinear], dtype: torch.dtype) -> torch.Tensor:
     """x @ [W_q1; W_q2; ...]^T for already-quantized x in dtype; under the FP8 switches (`KernelChoice.fp8_*`,
     training on FP8 hardware) the backward's GEMMs run in FP8 (`kernels/fp8.py`), the forward the same GEMM."""
-    grad_input_fp8, grad_weight_fp8 = choice.fp8_backward(x)
+    grad_input_fp8, grad_weight_fp8 = choice.fp8_backward(x, sum(layer.out_features for layer in layers))
     if not (grad_input_fp8 or grad_weight_fp8):
         weights = [layer.quantized_weight(dtype) for layer in layers]
         return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))

@@ -24,6 +24,20 @@ def test_switches_are_off_by_default_and_only_take_booleans():
     assert KernelChoice.from_dict({"fp8_grad_weight": True}).fp8_grad_weight is True
 
 
+def test_fp8_backward_applies_only_to_gemm_dims_that_are_multiples_of_16(monkeypatch):
+    from bitnet.model.kernels import choice
+    x = torch.zeros(32, 2048)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the CUDA check alone, on a CPU
+    with use_kernels(ALL_ON):
+        assert choice.fp8_backward(x, 6144) == (True, True)
+        assert choice.fp8_backward(x, 10920) == (False, False)  # the 1.3b preset's gate/up: 2 x 5460
+        assert choice.fp8_backward(torch.zeros(32, 5460), 2048) == (False, False)  # its down_proj
+        assert choice.fp8_backward(torch.zeros(31, 2048), 2048) == (False, False)  # a token count off 16
+        with torch.no_grad():
+            assert choice.fp8_backward(x, 6144) == (False, False)  # eval and sampling: no FP8
+    assert choice.fp8_backward(x, 6144) == (False, False)  # switches off
+
+
 def _loss_and_grads(model, idx, y):
     model.zero_grad()
     loss = model(idx, targets=y)
