@@ -216,6 +216,8 @@ BAD_FILES = {  # name: (file name, bytes, pieces of the error)
                             ["d.jsonl.gz", "truncated or corrupt compressed file"]),
     "garbled .jsonl.gz": ("d.jsonl.gz", b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, ["d.jsonl.gz"]),
     "prompts not UTF-8": ("p.txt", b"The\n\xff\xfe\n", ["p.txt", "--sample-prompts", "not UTF-8"]),
+    "text file not UTF-8": ("d.txt", b"The quick brown fox.\n" * 50 + b"caf\xe9\n",  # latin-1, not replaced
+                            ["d.txt", "not UTF-8 text at byte 1053"]),
 }
 
 

@@ -142,6 +142,14 @@ class LocalSource:
         return _FileReader(self.files, position or {"file": 0, "offset": 0})
 
 
+def _utf8_text(path: Path) -> str:
+    """A .txt file's text; a byte that is not UTF-8 is refused with its offset, as a .jsonl row's is."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text at byte {e.start} ({e.reason})") from None
+
+
 class _FileReader:
     def __init__(self, files: list[Path], position: dict):
         self.files = files
@@ -154,7 +162,7 @@ class _FileReader:
             if kind == ".txt":
                 if self.offset == 0:
                     self.offset = 1
-                    yield path.read_text(encoding="utf-8", errors="replace")
+                    yield _utf8_text(path)
             elif kind == ".parquet":
                 yield from self._parquet(path)
             else:
