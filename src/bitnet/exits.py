@@ -1,7 +1,7 @@
 """Exit statuses shared by the bitnet commands (README "Exit codes"), and one-line warnings.
 
     0    done (or stopped by SIGINT/SIGTERM with a checkpoint saved)
-    1    failed mid-run: disk full, out of memory, bad data reached mid-run (newest checkpoint named)
+    1    failed: disk full (mid-run, or while setting up), out of memory, bad data reached mid-run
     2    bad input: nothing was trained or written
     3    stopped by a policy (--anomaly-policy stop), checkpoint saved
     130  interrupted: a second Ctrl-C, or Ctrl-C before training started

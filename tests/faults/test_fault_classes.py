@@ -88,6 +88,19 @@ def test_a_real_full_tmpfs_at_checkpoint_time(policy, tmpfs, tmp_path, capsys):
         assert len(warned) >= 3 and all("No space left on device" in w and "training goes on" in w for w in warned)
 
 
+def test_a_full_tmpfs_before_the_run_starts_is_a_failure_not_bad_input(tmpfs, tmp_path, capsys):
+    """The disk is full before the run directory gets its first file: exit 1 (the machine), one line."""
+    with open(tmpfs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    assert train(flags(tmpfs / "runs", "setup", **small_vocab(tmp_path))) == exits.FAILED
+    one_error_line(capsys.readouterr().err, "No space left on device")
+
+
 # ---- 2. checkpoints that pass their checksum but cannot be used -----------------------------------
 
 def reseal(step_dir):

@@ -8,6 +8,7 @@ config < --config FILE (TOML or YAML, parsed, never evaluated) < flags given on 
 import argparse
 import contextlib
 import dataclasses
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -230,9 +231,9 @@ def train_main(argv: list[str] | None = None, prog: str = "bitnet-train") -> int
     except (UserError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.BAD_INPUT
-    except OSError as e:
+    except OSError as e:  # a path that cannot be used is bad input; a disk that fills or fails is the machine's
         print(f"error: {os_error_message(e)}", file=sys.stderr)
-        return exits.BAD_INPUT
+        return exits.FAILED if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else exits.BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return exits.INTERRUPTED
