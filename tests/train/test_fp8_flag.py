@@ -36,8 +36,9 @@ def test_use_fp8_sets_exactly_the_named_switches_and_warns_off_cuda():
 
 def test_a_cpu_run_with_fp8_trains_exactly_as_without(runs, capsys):
     assert train_main(fast_args(runs, "exact")) == 0
-    with use_kernels(KernelChoice()):  # the run sets the process's switches; put them back after
-        assert train_main(fast_args(runs, "fp8", fp8="all")) == 0
+    before = current_kernels()
+    assert train_main(fast_args(runs, "fp8", fp8="all")) == 0
+    assert current_kernels() == before  # the run's switches end with the run
     assert "applies on CUDA only" in capsys.readouterr().err
     losses = [[r["loss"] for r in read_rows(runs / name / "metrics" / "scalars.jsonl")] for name in ("exact", "fp8")]
     assert losses[0] == losses[1]

@@ -18,7 +18,7 @@ from bitnet.instrumentation.quant_stats import QuantStatsHook
 from bitnet.instrumentation.samples import SampleHook
 from bitnet.instrumentation.tensorboard import TensorBoardHook
 from bitnet.model import ModelConfig, Transformer
-from bitnet.model.kernels import current_kernels, set_kernels
+from bitnet.model.kernels import current_kernels, fp8, set_kernels
 from bitnet.run import layout
 from bitnet.run.directory import create_run_dir, default_run_id, lock_run_dir
 from bitnet.run.files import write_json
@@ -66,7 +66,7 @@ def settings(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World) ->
 def use_fp8(parts: tuple[str, ...], device: torch.device) -> None:
     """Turn the FP8 switches named by --fp8 on (the others off) for this process; refuse a CUDA card without
     FP8 tensor cores, and say so where they do not apply (CPU runs keep the exact math)."""
-    if parts and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if parts and device.type == "cuda" and not fp8.supported(torch.empty(0, device=device)):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"--fp8 {','.join(parts)} needs FP8 tensor cores (compute capability 8.9+); "
                          f"{torch.cuda.get_device_name(device)} has {major}.{minor}; use --fp8 none")

@@ -22,6 +22,7 @@ from bitnet.device import pick_device
 from bitnet.instrumentation.samples import load_prompts
 from bitnet.instrumentation.tensorboard import require_tensorboard
 from bitnet.model import ModelConfig
+from bitnet.model.kernels import current_kernels, use_kernels
 from bitnet.run import layout
 from bitnet.train import parallel
 from bitnet.train.checkpointer import Checkpointer, TrainingFailed, resume_command  # noqa: F401 (cli)
@@ -84,7 +85,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
     """
     world = parallel.init(pick_device(cfg.device), cfg.dist_timeout_s)
     try:
-        return _train(cfg, model_cfg, world, resume, resumed_from, quiet)
+        with use_kernels(current_kernels()):  # the run's --fp8 switches (settings) end with it
+            return _train(cfg, model_cfg, world, resume, resumed_from, quiet)
     except BaseException as e:
         parallel.report_failure(world, e)  # every rank says on its own stderr why it stopped
         raise

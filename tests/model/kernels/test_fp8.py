@@ -26,13 +26,14 @@ def test_switches_are_off_by_default_and_only_take_booleans():
 
 def test_fp8_backward_applies_only_to_gemm_dims_that_are_multiples_of_16(monkeypatch):
     from bitnet.model.kernels import choice
-    x = torch.zeros(32, 2048)
+    x = torch.zeros(32, 2048, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the CUDA check alone, on a CPU
     with use_kernels(ALL_ON):
         assert choice.fp8_backward(x, 6144) == (True, True)
         assert choice.fp8_backward(x, 10920) == (False, False)  # the 1.3b preset's gate/up: 2 x 5460
-        assert choice.fp8_backward(torch.zeros(32, 5460), 2048) == (False, False)  # its down_proj
-        assert choice.fp8_backward(torch.zeros(31, 2048), 2048) == (False, False)  # a token count off 16
+        assert choice.fp8_backward(torch.zeros(32, 5460, dtype=torch.bfloat16), 2048) == (False, False)  # down_proj
+        assert choice.fp8_backward(torch.zeros(31, 2048, dtype=torch.bfloat16), 2048) == (False, False)  # 31 tokens
+        assert choice.fp8_backward(x.float(), 6144) == (False, False)  # fp32 (no autocast): the exact GEMMs
         with torch.no_grad():
             assert choice.fp8_backward(x, 6144) == (False, False)  # eval and sampling: no FP8
     assert choice.fp8_backward(x, 6144) == (False, False)  # switches off
@@ -116,6 +117,8 @@ def test_ternary_linear_forward_is_f_linear_and_fp8_grads_are_close(grad_input_f
     assert rel(xa.grad, xb.grad) <= tol_x and rel(wa.grad, wb.grad) <= tol_w
     if grad_input_fp8:
         assert rel(xa.grad, xb.grad) > 0  # the FP8 path really ran
+    if grad_weight_fp8:
+        assert rel(wa.grad, wb.grad) > 0
 
 
 def test_cross_entropy_rows_reference_gives_loss_and_the_scaled_gradient_in_both_layouts():

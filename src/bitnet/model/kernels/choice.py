@@ -152,10 +152,10 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
 
 def fp8_backward(x: torch.Tensor, out_features: int) -> tuple[bool, bool]:
     """Whether a BitLinear (x @ W^T, W: out_features rows) runs its (input, weight) gradient GEMMs in FP8:
-    training on CUDA, switch on, and every GEMM dimension a multiple of 16, as FP8 tensor cores need (the
+    training on CUDA in bf16 (autocast), switch on, and every GEMM dimension a multiple of 16, as FP8 tensor cores need (the
     1.3b preset's FFN width 5460 is not: its FFN layers keep the exact GEMMs)."""
     fits = x.shape[-1] % 16 == 0 and out_features % 16 == 0 and x.numel() // x.shape[-1] % 16 == 0
-    training = x.is_cuda and torch.is_grad_enabled() and fits
+    training = x.is_cuda and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and fits
     return training and _current.fp8_grad_input, training and _current.fp8_grad_weight
 
 

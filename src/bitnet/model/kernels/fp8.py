@@ -1,16 +1,18 @@
 """FP8 tensor-core GEMMs for the training step, through `torch._scaled_mm` (docs/design.md, section "FP8").
 
-Three switches, each off by default and each used only where FP8 tensor cores exist (CUDA compute capability
-8.9+; `KernelChoice.fp8_*` and `choice.fp8_applies` decide):
+Three switches (`KernelChoice.fp8_*`), each off by default, used when training on CUDA in bf16 (`choice.fp8_backward`,
+`choice.head_cross_entropy`); whoever turns them on checks the card has FP8 tensor cores (compute capability 8.9+,
+`supported`), as `bitnet-train --fp8` does:
 
 - `fp8_grad_input`: BitLinear's dX = dY @ W_q. W_q = W_t / s with W_t in {-1, 0, +1}; the per-output-row
   scales 1/s move onto dY's columns, so the ternary matrix enters the GEMM exactly in e4m3 and only dY
   (row-scaled e4m3) rounds.
 - `fp8_grad_weight`: BitLinear's dW = dY^T @ X, both operands e4m3 with one scale per output (dY's columns)
-  and per input feature (X's columns). X holds the int8 activation levels times a per-token scale; e4m3 keeps
-  3 mantissa bits, so levels above 16 round to the nearest of 18, 20, ..., 32, 36, ..., 64, 72, ..., 128
-  (at most 1/17 = 5.9% relative error, round to nearest even). This touches the weight gradient only; the
-  forward stays exact.
+  and per input feature (X's columns). X holds int8 levels times a per-token scale; what is cast is that
+  product over its feature's scale, not the level, so every value rounds to e4m3's 3 mantissa bits (at most
+  1/16 relative error in its normal range; values below 2^-6 of their feature's largest fall into subnormals
+  or flush to zero). Unlike the ternary weights, the int8 levels themselves are not exact in e4m3 above 16
+  (17 -> 16 or 18, 100 -> 96). This touches the weight gradient only; the forward stays exact.
 - `fp8_head`: the tied head + cross entropy. The forward logits come from e4m3 x and W (one scale each);
   one Triton kernel turns each chunk of logits into the loss and the logits' gradient g = softmax - onehot
   in e5m2 (g * 2^15; a transposed copy feeds dW), and the gradient GEMMs run
@@ -78,7 +80,11 @@ class _TernaryLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_q, w_ternary_t, inv_scale, grad_input_fp8: bool, grad_weight_fp8: bool):
-        ctx.save_for_backward(x, w_q, w_ternary_t, inv_scale)
+        # only what the backward reads: the FP8 dX needs W_t and 1/s, the exact one W_q; both dW need x
+        if grad_input_fp8:
+            ctx.save_for_backward(x, None, w_ternary_t, inv_scale)
+        else:
+            ctx.save_for_backward(x, w_q, None, None)
         ctx.fp8 = grad_input_fp8, grad_weight_fp8
         return F.linear(x, w_q)
 
@@ -113,7 +119,7 @@ def ternary_linear(x: torch.Tensor, w_q: torch.Tensor, w_ternary: torch.Tensor, 
 
     x (..., K) and w_q (N, K) in the matmul dtype, w_ternary (N, K) in {-1, 0, +1}, inv_scale (N,) fp32.
     """
-    w_ternary_t = w_ternary.detach().t().contiguous().to(E4M3) if grad_input_fp8 else w_ternary.detach()
+    w_ternary_t = w_ternary.detach().t().contiguous().to(E4M3) if grad_input_fp8 else None
     return _TernaryLinear.apply(x, w_q, w_ternary_t, inv_scale.detach(), grad_input_fp8, grad_weight_fp8)
 
 
