@@ -437,6 +437,10 @@ def test_a_continuation_behind_the_killed_leg_cuts_its_redone_steps(tmp_path):
     assert s["step"] == 90 and s["rows"] == 90 and s["loss"] == pytest.approx(1.09)
     assert s["loss_smoothed"] == pytest.approx(statistics_mean(1.0 + i / 1000 for i in range(81, 91)))
     assert s["samples"]["step"] == 50 and s["eval"]["step"] == 90 and s["quant"]["latest_step"] == 10
+    # a checkpoint the killed leg completed after step 80 is a dead end: the run's newest is still 80
+    (first / "checkpoints/step_000100").mkdir()
+    (first / "checkpoints/step_000100/meta.json").write_text("{}")
+    assert status.summarize(first.parent / "demo-run_r80")["checkpoints"]["latest_step"] == 80
 
 
 def test_the_killed_leg_names_its_continuation_and_is_not_stalled(two_legs):

@@ -342,12 +342,16 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
                       "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 
     ckpts, incomplete = [], 0
-    for p in [p for leg in legs for p in _listdir(leg["dir"] / layout.CHECKPOINTS)]:
-        m = layout.STEP_DIR.match(p.name)
-        if m and (p / layout.CHECKPOINT_META).is_file():
-            ckpts.append(int(m.group(1)))
-        elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
-            incomplete += 1
+    for i, leg in enumerate(legs):  # a killed leg's checkpoints past the step the next leg resumed from are dead ends
+        upto = legs[i + 1]["resumed_step"] if i + 1 < len(legs) else None
+        for p in _listdir(leg["dir"] / layout.CHECKPOINTS):
+            m = layout.STEP_DIR.match(p.name)
+            if m and upto is not None and int(m.group(1)) > upto:
+                continue
+            if m and (p / layout.CHECKPOINT_META).is_file():
+                ckpts.append(int(m.group(1)))
+            elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
+                incomplete += 1
     s["checkpoints"] = {"latest_step": max(ckpts, default=None), "count": len(ckpts), "incomplete": incomplete}
     return s
 
