@@ -143,6 +143,7 @@ def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed
         results = pool.imap(_read_document, files, chunksize=64)
     else:
         results = map(_read_document, files)
+    finished = False
     try:
         for outcome, digest, size, chars, line in results:
             if outcome == "unreadable":
@@ -159,9 +160,10 @@ def pack_corpus(roots: list[str], path: Path, eval_chars: int = EVAL_CHARS, seed
             seen_hashes.add(digest)
             docs.append((chars, line))
             total_bytes += size
+        finished = True
     finally:
-        if pool is not None:
-            pool.close()
+        if pool is not None:  # on an error (or Ctrl-C) the files still queued are not read
+            pool.close() if finished else pool.terminate()
             pool.join()
     random.Random(seed).shuffle(docs)
     chars, eval_docs = 0, 0
