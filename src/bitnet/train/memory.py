@@ -1,13 +1,15 @@
 """Will this run fit in memory? A lower-bound estimate checked before anything is allocated, and the
 message for an out-of-memory error that happens anyway.
 
-The estimate counts only what a step cannot do without, so a refusal is never a false alarm:
+The estimate counts only what a step cannot do without, so that a refusal is not a false alarm:
 weights, gradients and AdamW's two moments (16 bytes a parameter, fp32; a rank's 1/world_size share
-of them under FSDP2), the activations the backward keeps (about 10 x dim + 3 x ffn_dim values a token
-and layer, 2 bytes each) and one vocabulary-wide row of logits a token; plus the frozen eval set (int64
-tokens). The 95m step at 32 x 1024 estimates 11.6 GiB against the 11.6-11.8 GiB peak measured on
-H100s and H200s (README). When the weights and their state alone do not fit, no micro-batch helps: the
-message says to shard them with FSDP2 instead.
+of them under FSDP2), 70% of the activations the backward keeps on the exact path (about 10 x dim +
+3 x ffn_dim values a token and layer, 2 bytes each), and one vocabulary-wide row of logits a token (a
+chunk's under --fp8 head); plus the frozen eval set (int64 tokens). Why 70%: the full activation term
+matched the measured peaks of the exact path (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and
+52.9), so it was no lower bound, and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it
+(benchmarks/RESULTS.md, 2026-12-06). When the weights and their state alone do not fit, no micro-batch
+helps: the message says to shard them with FSDP2 instead.
 """
 
 import os
@@ -15,7 +17,8 @@ import os
 import torch
 
 from bitnet.model import ModelConfig, Transformer
-from bitnet.train.config import TrainConfig
+from bitnet.model.kernels.fp8 import HEAD_CHUNK_ROWS
+from bitnet.train.config import TrainConfig, fp8_parts
 
 GiB = 2**30
 LOWER = "--micro-batch-size, --batch-size or --seq-len"
@@ -24,14 +27,21 @@ LOWER = "--micro-batch-size, --batch-size or --seq-len"
 STATE = "weights, grads and AdamW state"
 
 
-def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1) -> dict[str, int]:
-    """Lower-bound bytes of one rank's step, by part; `shards`: the ranks FSDP2 splits the weights over."""
+ACTIVATIONS_LOWER_BOUND = 0.7
+"""The share of the exact path's activation estimate counted as certain (see the module docstring)."""
+
+
+def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1,
+               fp8_head: bool = False) -> dict[str, int]:
+    """Lower-bound bytes of one rank's step, by part; `shards`: the ranks FSDP2 splits the weights over;
+    `fp8_head`: the head's logits exist one chunk of tokens at a time."""
     with torch.device("meta"):
         params = Transformer(model_cfg).num_params()
     tokens = micro * seq_len
-    return {STATE: 16 * params // shards,
-            "activations": tokens * model_cfg.n_layers * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2,
-            "logits": tokens * model_cfg.vocab_size * 2}
+    activations = tokens * model_cfg.n_layers * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2
+    logit_rows = min(tokens, HEAD_CHUNK_ROWS) if fp8_head else tokens
+    return {STATE: 16 * params // shards, "activations": int(ACTIVATIONS_LOWER_BOUND * activations),
+            "logits": logit_rows * model_cfg.vocab_size * 2}
 
 
 def device_bytes(device: torch.device) -> int | None:
@@ -55,7 +65,7 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: tor
         return
     where = "GPU" if device.type == "cuda" else "machine"
     shards = world_size if cfg.parallel == "fsdp2" else 1
-    need = step_bytes(model_cfg, micro, cfg.seq_len, shards)
+    need = step_bytes(model_cfg, micro, cfg.seq_len, shards, fp8_head="head" in fp8_parts(cfg.fp8))
     if need[STATE] > total:  # no micro-batch or sequence length helps
         per_rank = f" per rank ({shards} FSDP2 ranks)" if shards > 1 else ""
         raise ValueError(f"the {STATE} (fp32, 16 bytes a parameter) alone need {need[STATE] / GiB:,.1f} GiB"
