@@ -64,8 +64,9 @@ def settings(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World) ->
 
 
 def use_fp8(parts: tuple[str, ...], device: torch.device) -> None:
-    """Turn the FP8 switches named by --fp8 on (the others off) for this process; refuse a CUDA card without
-    FP8 tensor cores, and say so where they do not apply (CPU runs keep the exact math)."""
+    """Turn the FP8 switches named by --fp8 on (the others off) for this run (`train` puts the previous choice
+    back when it ends); refuse a CUDA card without FP8 tensor cores, and say so where they do not apply (CPU
+    runs keep the exact math)."""
     if parts and device.type == "cuda" and not fp8.supported(torch.empty(0, device=device)):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"--fp8 {','.join(parts)} needs FP8 tensor cores (compute capability 8.9+); "
