@@ -287,6 +287,41 @@ def test_watch_max_iterations_and_json_lines(run, capsys, monkeypatch):
     assert json.loads(lines[0])["step"] == 100 and "\033" not in lines[0]
 
 
+def test_watch_frames_of_a_growing_run_match_a_fresh_read(run, capsys, monkeypatch):
+    """--watch keeps one JsonlReader across refreshes (only appended rows are parsed): every frame must
+    still equal a summary read from scratch at that moment, rows, evals and a torn last line included."""
+    scalars, evals = run / "metrics/scalars.jsonl", run / "eval/eval_results.jsonl"
+    fresh, frames = [], 0
+
+    def row(i: int) -> str:
+        return json.dumps({"step": i, "tokens": i * TOKENS_PER_STEP, "loss": 5.0 - i / 1000, "step_ms": 250.0,
+                           "tok_s": 1e5, "time": T0 + 0.5 * i}) + "\n"
+    torn = ""
+
+    def grow(_seconds):  # between frames: 10 more rows, the last one cut mid-line (completed next time)
+        nonlocal frames, torn
+        fresh.append(status.summarize(run))
+        frames += 1
+        if frames == 3:
+            raise KeyboardInterrupt
+        with open(scalars, "a") as f:
+            text = torn + "".join(row(i) for i in range(N_ROWS + 10 * frames - 9, N_ROWS + 10 * frames + 2))
+            cut = len(text) - len(row(N_ROWS + 10 * frames + 1)) // 2
+            f.write(text[:cut])
+            torn = text[cut:]
+        with open(evals, "a") as f:
+            f.write(json.dumps({"step": N_ROWS + 10 * frames, "eval_loss": 4.0 - frames, "time": T0}) + "\n")
+    monkeypatch.setattr(status.time, "sleep", grow)
+    assert status_cli.main([str(run), "--watch", "1", "--json"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [s["step"] for s in shown] == [100, 110, 120]
+    assert [s["eval"]["eval_loss"] for s in shown] == [5.3, 3.0, 2.0]
+    for frame, expected in zip(shown, fresh):
+        for clock in ("now", "last_row_age_s"):
+            frame.pop(clock), expected.pop(clock)
+        assert frame == json.loads(status.render_json(expected))
+
+
 def test_imports_only_the_standard_library():
     """Top-level imports are stdlib; matplotlib may appear only inside functions (plot is lazy). The run
     directory's names, its JSONL reader and its continuation names (bitnet.run.layout, bitnet.run.jsonl,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bitnet.run import layout
 from bitnet.run.directory import base_run_id
-from bitnet.run.jsonl import read_jsonl as load_jsonl
+from bitnet.run.jsonl import JsonlReader
 
 MAX_SMOOTHING = 20  # default loss moving-average window in rows: a fifth of the rows, at most this
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
@@ -175,13 +175,13 @@ def continued_in(run_dir) -> list[str]:
     return out
 
 
-def _joined(legs: list[dict], rel: str) -> list[dict]:
+def _joined(legs: list[dict], rel: str, reader: JsonlReader) -> list[dict]:
     """One JSONL file of every leg, rows by step: each leg up to the step the next leg resumed from (the
     later steps it ran were redone by that leg), a step logged twice keeping its last row."""
     rows = []
     for i, leg in enumerate(legs):
         upto = legs[i + 1]["resumed_step"] if i + 1 < len(legs) else None
-        part = load_jsonl(leg["dir"] / rel)
+        part = reader.read(leg["dir"] / rel)
         rows += part if upto is None else [r for r in part if (_num(r.get("step")) or 0) <= upto]
     return rows
 
@@ -199,18 +199,20 @@ def _leg_anomalies(legs: list[dict]) -> tuple[list[tuple[int, str, Path]], int]:
     return unique, total - len(unique)
 
 
-def _leg_spans(legs: list[dict]) -> list[dict]:
+def _leg_spans(legs: list[dict], reader: JsonlReader) -> list[dict]:
     """Each leg's first and last scalar-row times, tokens and steps (all its rows: time spent redoing
     steps counts), and its process start time (provenance)."""
     spans = []
     for leg in legs:
-        rows = _by_step(load_jsonl(leg["dir"] / layout.SCALARS))
-        times = [(r["step"], t, _int(r.get("tokens"))) for r in rows if (t := _num(r.get("time"))) is not None]
+        rows = _by_step(reader.read(leg["dir"] / layout.SCALARS))
+        # the first and the last row that has a time (a search from each end: a leg can have 400k rows)
+        first = next(((r, t) for r in rows if (t := _num(r.get("time"))) is not None), None)
+        last = next(((r, t) for r in reversed(rows) if (t := _num(r.get("time"))) is not None), None)
         span = {"run_id": leg["dir"].name, "resumed_step": leg["resumed_step"], "rows": len(rows),
                 "first_step": rows[0]["step"] if rows else None, "last_step": rows[-1]["step"] if rows else None,
                 "start_time": _num(leg["provenance"].get("start_time")), "first_time": None, "last_time": None}
-        if times:
-            span.update(first_time=times[0][1], last_time=times[-1][1], first_tokens=times[0][2])
+        if first:
+            span.update(first_time=first[1], last_time=last[1], first_tokens=_int(first[0].get("tokens")))
         spans.append(span)
     return spans
 
@@ -223,11 +225,14 @@ def auto_smoothing(n_rows: int) -> int:
     return max(1, min(MAX_SMOOTHING, n_rows // 5))
 
 
-def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -> dict:
+def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
+              reader: JsonlReader | None = None) -> dict:
     """Everything the screen, --json and the plot show, as one JSON-able dict (None = not known), over
     every leg of the run that `run_dir` continues (the module's docstring).
-    smoothing: the loss moving-average window in rows (None: auto_smoothing of the run's rows)."""
+    smoothing: the loss moving-average window in rows (None: auto_smoothing of the run's rows).
+    reader: keeps the rows parsed so far across calls (--watch parses only what was appended)."""
     run = Path(run_dir)
+    reader = reader or JsonlReader()
     if not run.is_dir():
         raise StatusError(f"no such run directory: {run}" if not run.exists() else f"not a directory: {run}")
     if not ((run / layout.META).is_dir() or (run / layout.METRICS).is_dir()):
@@ -247,7 +252,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
         return max(i for i, r in enumerate(resumed_steps) if i == 0 or r < step)
 
     # Training scalars. Progress counts optimizer steps, so gradient accumulation cannot distort it.
-    rows = _by_step(_joined(legs, layout.SCALARS))
+    rows = _by_step(_joined(legs, layout.SCALARS, reader))
     smoothing = auto_smoothing(len(rows)) if smoothing is None else smoothing
     s["smoothing"] = smoothing
     recent = rows[-RECENT_ROWS:]
@@ -272,7 +277,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
     mems = _xy(rows, "mem_gib")[1]
     # Elapsed: each leg from its first row (a continuation from its process start, so that the restart's
     # setup and recompile count) to its last row, redone steps included; the legs summed.
-    spans = _leg_spans(legs)
+    spans = _leg_spans(legs, reader)
     timed = [(i, sp) for i, sp in enumerate(spans) if sp["last_time"] is not None]
     elapsed = None
     for i, sp in timed:
@@ -302,7 +307,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
         "last_row_age_s": age_s, "row_interval_s": row_interval_s, "stalled": stalled, "finished": finished,
     })
 
-    evals = _by_step(_joined(legs, layout.EVAL_RESULTS))
+    evals = _by_step(_joined(legs, layout.EVAL_RESULTS, reader))
     s["eval"] = None
     if evals:
         e = evals[-1]
@@ -318,7 +323,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
                      "gap": gap, "best_eval_loss": best[0], "best_step": best[1], "count": len(evals)}
 
     # Samples: the newest step only, first row of each mode (one line per mode on screen).
-    samples = [r for r in _joined(legs, layout.SAMPLES_FILE) if _num(r.get("step")) is not None]
+    samples = [r for r in _joined(legs, layout.SAMPLES_FILE, reader) if _num(r.get("step")) is not None]
     s["samples"] = None
     if samples:
         newest = max(_num(r["step"]) for r in samples)
@@ -332,7 +337,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None) -
              "unique_tokens": _int(r.get("unique_tokens"))}
             for mode, r in by_mode.items()]}
 
-    quant = [(q["step"], _quant_groups(q)) for q in _by_step(_joined(legs, layout.QUANT))]
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(_joined(legs, layout.QUANT, reader))]
     quant = [(step, g) for step, g in quant if g]
     s["quant"] = {"first_step": quant[0][0], "latest_step": quant[-1][0], "first": quant[0][1],
                   "latest": quant[-1][1]} if quant else None
@@ -497,13 +502,15 @@ def refuse_inside_run(run: Path, out: Path) -> None:
         raise StatusError(f"refusing to write {out} inside the run directory {run} (status is read-only)")
 
 
-def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = None) -> dict:
+def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = None,
+         reader: JsonlReader | None = None) -> dict:
     """Write a 2x3 dashboard as PNG, or as HTML embedding the PNG when `out` ends in .html
     (refresh_s adds an auto-reload for --watch). Uses the Agg canvas directly, never pyplot, so no
     global backend state changes. Returns the summary it drew."""
     run, out = Path(run_dir), Path(out)
     refuse_inside_run(run, out)
-    s = summarize(run, smoothing)
+    reader = reader or JsonlReader()
+    s = summarize(run, smoothing, reader=reader)
     smoothing = s["smoothing"]
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -512,7 +519,7 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
         raise StatusError("--plot needs matplotlib (pip install matplotlib)") from None
 
     legs = run_legs(run)
-    rows = _by_step(_joined(legs, layout.SCALARS))
+    rows = _by_step(_joined(legs, layout.SCALARS, reader))
     fig = Figure(figsize=(16, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     (ax_loss, ax_lr, ax_gn), (ax_tok, ax_q, ax_gap) = fig.subplots(2, 3)
@@ -542,7 +549,7 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
                 ax.plot(xs, rolling_mean(ys, smoothing), color=color, lw=1.5, label=f"mean of {smoothing} rows")
         return bool(xs)
 
-    evals = _by_step(_joined(legs, layout.EVAL_RESULTS))
+    evals = _by_step(_joined(legs, layout.EVAL_RESULTS, reader))
     if panel(ax_loss, "loss (orange lines: anomalies)", "loss", "C0"):
         ex, ey = _xy(evals, "eval_loss")
         if ex:
@@ -565,7 +572,7 @@ def plot(run_dir, out, smoothing: int | None = None, refresh_s: float | None = N
         ax_gap.plot(gx, gy, "o-", color="C3", ms=4)
         ax_gap.axhline(0, color="0.5", lw=0.8)
 
-    quant = [(q["step"], _quant_groups(q)) for q in _by_step(_joined(legs, layout.QUANT))]
+    quant = [(q["step"], _quant_groups(q)) for q in _by_step(_joined(legs, layout.QUANT, reader))]
     if frame(ax_q, "ternary weight fractions (attn solid, ffn dashed)", any(g for _, g in quant)):
         for name, ls in (("attn", "-"), ("ffn", "--")):
             for k, label, color, lw in (("neg", "-1", "C0", 2.5), ("zero", "0", "0.4", 1.5), ("pos", "+1", "C3", 1.2)):

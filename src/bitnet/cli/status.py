@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bitnet.cli.args import OneLineParser, UserError
+from bitnet.run.jsonl import JsonlReader
 from bitnet.status import (MAX_SMOOTHING, StatusError, plot, plot_message, refuse_inside_run, render_json,
                            render_text, summarize, watch)
 
@@ -57,13 +58,13 @@ def main(argv=None) -> int:
             raise StatusError("--smoothing must be >= 1")
         if args.plot:
             refuse_inside_run(Path(args.run_dir), Path(args.plot))
-        last = {}
+        last, reader = {}, JsonlReader()  # one reader for every refresh: each parses only the appended rows
 
         def render() -> str:
             if args.plot:
-                s = last["s"] = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s)
+                s = last["s"] = plot(args.run_dir, args.plot, args.smoothing, refresh_s=interval_s, reader=reader)
                 return plot_message(args.plot, s)
-            s = last["s"] = summarize(args.run_dir, args.smoothing)
+            s = last["s"] = summarize(args.run_dir, args.smoothing, reader=reader)
             return render_json(s) if args.json else render_text(s)
 
         if interval_s is None:

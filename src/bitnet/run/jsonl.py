@@ -7,6 +7,7 @@ most. Standard library only: the status tool reads through it.
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -57,3 +58,32 @@ def read_jsonl(path) -> list[dict]:
             return parse_lines(f)
     except OSError:
         return []
+
+
+class JsonlReader:
+    """read_jsonl for files read again and again (bitnet-status --watch): each file's lines up to its
+    last newline are parsed once and kept, so a refresh parses only what was appended since. The text
+    after the last newline (a row being written) is parsed afresh on every read, as read_jsonl does.
+    A file that shrank or was replaced by another file is read again from its start."""
+
+    def __init__(self):
+        self._files: dict[str, tuple[tuple[int, int], int, list[dict]]] = {}  # path: ((dev, ino), offset, rows)
+
+    def read(self, path) -> list[dict]:
+        key = str(path)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                ident, offset, rows = self._files.get(key, (None, 0, []))
+                if ident != (st.st_dev, st.st_ino) or st.st_size < offset:
+                    offset, rows = 0, []
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            self._files.pop(key, None)
+            return []
+        complete = data.rfind(b"\n") + 1
+        if complete:
+            rows = rows + parse_lines(data[:complete].decode("utf-8", errors="replace").split("\n"))
+        self._files[key] = ((st.st_dev, st.st_ino), offset + complete, rows)
+        return rows + parse_lines([data[complete:].decode("utf-8", errors="replace")])
