@@ -30,6 +30,15 @@ def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def fake_checkpoint(step_dir: Path) -> Path:
+    """A step directory as checkpoint.save leaves it, as far as the monitor looks (a manifest and a file of the
+    size it records; the monitor never hashes or loads it)."""
+    step_dir.mkdir(parents=True)
+    (step_dir / "checkpoint.pt").write_bytes(b"weights" * 10)
+    (step_dir / "meta.json").write_text(json.dumps({"step": int(step_dir.name[5:]), "sha256": "0" * 64, "bytes": 70}))
+    return step_dir
+
+
 def make_run(root: Path, *, n_rows=N_ROWS, evals=True, samples=True, quant=True, anomalies=True,
              checkpoints=True, scalars=True) -> Path:
     """A run dir as a trainer would leave it. Row i (1-based step): loss 10 - 0.05 i, step_ms alternating
@@ -72,8 +81,7 @@ def make_run(root: Path, *, n_rows=N_ROWS, evals=True, samples=True, quant=True,
             (d / "info.json").write_text(json.dumps({"step": step, "event": event, "message": f"{event} at {step}"}))
     if checkpoints:
         for name in ("step_000050", "step_000080"):
-            (run / "checkpoints" / name).mkdir(parents=True)
-            (run / "checkpoints" / name / "meta.json").write_text("{}")
+            fake_checkpoint(run / "checkpoints" / name)
         (run / "checkpoints/step_000100.tmp").mkdir()
     return run
 
@@ -115,7 +123,7 @@ def test_summary_numbers(run):
     assert s["samples"]["step"] == 100 and [m["mode"] for m in s["samples"]["modes"]] == ["greedy", "typical", "stress"]
     assert s["quant"]["first_step"] == 10 and s["quant"]["latest"]["ffn"]["zero"] == pytest.approx(0.6)
     assert s["anomalies"]["count"] == 2 and s["anomalies"]["latest_message"] == "grad_norm at 77"
-    assert s["checkpoints"] == {"latest_step": 80, "count": 2, "incomplete": 1}
+    assert s["checkpoints"] == {"latest_step": 80, "count": 2, "incomplete": 1, "broken": []}
 
 
 def test_stalled_and_finished(tmp_path):
@@ -287,6 +295,32 @@ def test_watch_max_iterations_and_json_lines(run, capsys, monkeypatch):
     assert json.loads(lines[0])["step"] == 100 and "\033" not in lines[0]
 
 
+@pytest.mark.parametrize("spoil, problem", [
+    (lambda d: (d / "meta.json").unlink(), "no meta.json"),
+    (lambda d: (d / "meta.json").write_text('{"step": 80, "sha'), "meta.json unreadable"),
+    (lambda d: (d / "meta.json").write_text("[1, 2]"), "meta.json is no checkpoint manifest"),
+    (lambda d: (d / "meta.json").write_text("{}"), "meta.json is no checkpoint manifest"),
+    (lambda d: (d / "checkpoint.pt").unlink(), "no checkpoint.pt"),
+    (lambda d: (d / "checkpoint.pt").write_bytes(b"w" * 20), "checkpoint.pt has 20 bytes, meta.json records 70"),
+])
+def test_a_broken_newest_checkpoint_is_named_and_not_taken_for_the_resume_point(run, capsys, spoil, problem):
+    spoil(run / "checkpoints" / "step_000080")
+    s = status.summarize(run)
+    assert s["checkpoints"] == {"latest_step": 50, "count": 1, "incomplete": 1,
+                                "broken": [{"name": "step_000080", "problem": problem}]}
+    assert status_cli.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint step 50 (1 complete), 1 in progress" in out
+    assert f"BROKEN     1 checkpoint(s), not usable to resume: step_000080 ({problem})" in out
+
+
+def test_a_manifest_without_a_size_is_not_judged_by_size(run):
+    """Checkpoints written before meta.json recorded "bytes" are taken on their manifest alone."""
+    d = run / "checkpoints" / "step_000080"
+    (d / "meta.json").write_text(json.dumps({"step": 80, "sha256": "0" * 64}))
+    assert status.summarize(run)["checkpoints"]["latest_step"] == 80
+
+
 def test_watch_frames_of_a_growing_run_match_a_fresh_read(run, capsys, monkeypatch):
     """--watch keeps one JsonlReader across refreshes (only appended rows are parsed): every frame must
     still equal a summary read from scratch at that moment, rows, evals and a torn last line included."""
@@ -419,8 +453,7 @@ def add_leg(runs: Path, name: str, resumed_from: str, start: float, steps: range
         d.mkdir(parents=True)
         (d / "info.json").write_text(json.dumps({"step": step, "event": event, "message": f"{event} at {step} again"}))
     for step in checkpoints:
-        (run / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
-        (run / "checkpoints" / f"step_{step:06d}" / "meta.json").write_text("{}")
+        fake_checkpoint(run / "checkpoints" / f"step_{step:06d}")
     return run
 
 
@@ -455,7 +488,7 @@ def test_a_resumed_run_is_summarized_over_its_legs(two_legs):
     an = s["anomalies"]
     assert an["count"] == 4 and an["repeated_after_resume"] == 1  # 42, 77, 90 (twice), 120
     assert an["latest"] == ["step_000077_grad_norm", "step_000090_loss_spike", "step_000120_grad_norm"]
-    assert s["checkpoints"] == {"latest_step": 150, "count": 3, "incomplete": 1}
+    assert s["checkpoints"] == {"latest_step": 150, "count": 3, "incomplete": 1, "broken": []}
     assert s["continued_in"] == [] and s["stalled"] is False
     text = status.render_text(s)
     assert "elapsed 1m34s (2 legs)" in text and f"sustained {149 * TOKENS_PER_STEP / 94.0 / 1e3:.1f}k tok/s" in text
@@ -473,8 +506,7 @@ def test_a_continuation_behind_the_killed_leg_cuts_its_redone_steps(tmp_path):
     assert s["loss_smoothed"] == pytest.approx(statistics_mean(1.0 + i / 1000 for i in range(81, 91)))
     assert s["samples"]["step"] == 50 and s["eval"]["step"] == 90 and s["quant"]["latest_step"] == 10
     # a checkpoint the killed leg completed after step 80 is a dead end: the run's newest is still 80
-    (first / "checkpoints/step_000100").mkdir()
-    (first / "checkpoints/step_000100/meta.json").write_text("{}")
+    fake_checkpoint(first / "checkpoints/step_000100")
     assert status.summarize(first.parent / "demo-run_r80")["checkpoints"]["latest_step"] == 80
 
 

@@ -60,3 +60,17 @@ def test_status_joins_the_legs_of_a_killed_and_resumed_run(tmp_path, capsys):
     assert f"({len(redone)} dumped again by a resumed leg, counted once)" in out
     killed = status.summarize(first)
     assert killed["continued_in"] == [second.name] and killed["stalled"] is False
+
+    # the trainer's checkpoints look sound to the monitor; one cut short (a disk fault, a partial copy) does not
+    assert s["checkpoints"]["broken"] == [] and s["checkpoints"]["latest_step"] == NUM_STEPS
+    newest = second / "checkpoints" / f"step_{NUM_STEPS:06d}" / "checkpoint.pt"
+    size = newest.stat().st_size
+    newest.write_bytes(newest.read_bytes()[:1000])
+    cut = status.summarize(second)["checkpoints"]
+    sound = [st for st in checkpoint_steps(first) if st <= resume_step] + checkpoint_steps(second)
+    assert cut["latest_step"] == max(st for st in sound if st != NUM_STEPS)
+    assert cut["broken"] == [{"name": f"step_{NUM_STEPS:06d}",
+                              "problem": f"checkpoint.pt has 1,000 bytes, meta.json records {size:,}"}]
+    assert status_cli.main([str(second)]) == 0
+    assert f"BROKEN     1 checkpoint(s), not usable to resume: step_{NUM_STEPS:06d} (checkpoint.pt has 1,000 bytes" \
+        in capsys.readouterr().out

@@ -346,19 +346,47 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
     s["anomalies"] = {"count": len(found), "repeated_after_resume": repeated, "latest": [p.name for _, _, p in found[-3:]],
                       "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 
-    ckpts, incomplete = [], 0
+    ckpts, incomplete, broken = [], 0, []
     for i, leg in enumerate(legs):  # a killed leg's checkpoints past the step the next leg resumed from are dead ends
         upto = legs[i + 1]["resumed_step"] if i + 1 < len(legs) else None
         for p in _listdir(leg["dir"] / layout.CHECKPOINTS):
             m = layout.STEP_DIR.match(p.name)
             if m and upto is not None and int(m.group(1)) > upto:
                 continue
-            if m and (p / layout.CHECKPOINT_META).is_file():
-                ckpts.append(int(m.group(1)))
-            elif p.name.endswith(".tmp") or m:  # a rename still to come, or a dir still lacking meta.json
+            if m:  # a step directory is complete by construction (written as .tmp, renamed last)
+                problem = checkpoint_problem(p)
+                if problem:
+                    broken.append({"name": p.name, "problem": problem})
+                else:
+                    ckpts.append(int(m.group(1)))
+            elif p.name.endswith(layout.TMP_SUFFIX):  # being written: the rename is still to come
                 incomplete += 1
-    s["checkpoints"] = {"latest_step": max(ckpts, default=None), "count": len(ckpts), "incomplete": incomplete}
+    s["checkpoints"] = {"latest_step": max(ckpts, default=None), "count": len(ckpts), "incomplete": incomplete,
+                        "broken": sorted(broken, key=lambda b: b["name"])}
     return s
+
+
+def checkpoint_problem(step_dir: Path) -> str | None:
+    """Why a step directory is no usable checkpoint, from its manifest alone (the monitor never hashes or
+    loads a checkpoint: a 95m one is a gigabyte): meta.json missing, unreadable or no manifest,
+    checkpoint.pt missing, or of another size than meta.json records. None: it looks sound (the trainer
+    still checks its sha256 before resuming from it)."""
+    try:
+        meta = json.loads((step_dir / layout.CHECKPOINT_META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no meta.json"
+    except (OSError, ValueError):
+        return "meta.json unreadable"
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        return "meta.json is no checkpoint manifest"
+    try:
+        size = (step_dir / layout.CHECKPOINT_FILE).stat().st_size
+    except OSError:
+        return "no checkpoint.pt"
+    recorded = meta.get("bytes")  # written since 2026-12-06; older manifests have no size
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and size != recorded:
+        return f"checkpoint.pt has {size:,} bytes, meta.json records {recorded:,}"
+    return None
 
 
 def _quant_groups(row: dict) -> dict:
@@ -455,7 +483,10 @@ def render_text(s: dict) -> str:
     ck = s["checkpoints"]
     lines.append(("checkpoint none yet" if ck["latest_step"] is None else
                   f"checkpoint step {ck['latest_step']:,} ({ck['count']} complete)")
-                 + (f", {ck['incomplete']} incomplete/in progress" if ck["incomplete"] else ""))
+                 + (f", {ck['incomplete']} in progress" if ck["incomplete"] else ""))
+    if ck["broken"]:
+        lines.append(f"BROKEN     {len(ck['broken'])} checkpoint(s), not usable to resume: "
+                     + "; ".join(f"{b['name']} ({b['problem']})" for b in ck["broken"][-3:]))
     lines.append(f"resumed    {p.get('resumed_from') or 'no (fresh run)'}")
     if len(s["legs"]) > 1:  # the directories this summary joined, and where each leg's rows were cut
         legs = s["legs"]

@@ -71,6 +71,28 @@ def test_retention_keeps_last_k_and_milestones(runs):
     assert ck["train_state"]["data"]["index"] == 10 * 4  # ten steps of 4 windows consumed
 
 
+def test_manifest_records_the_file_size_and_prune_never_shows_a_half_deleted_step(tmp_path, monkeypatch):
+    for step in range(1, 5):
+        checkpoint.save(tmp_path, step, state(step))
+    root = tmp_path / "checkpoints"
+    for step, d in checkpoint.list_checkpoints(tmp_path):
+        assert json.loads((d / "meta.json").read_text())["bytes"] == (d / "checkpoint.pt").stat().st_size > 0
+    seen = []
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def watching_rmtree(path, *a, **k):  # what a reader listing the directory sees mid-delete
+        seen.append(sorted(os.listdir(root)))
+        return real_rmtree(path, *a, **k)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", watching_rmtree)
+    (root / "step_000000.deleting").mkdir()  # left by a crash mid-prune: removed by the next prune
+    removed = checkpoint.prune(tmp_path, keep_last=2)
+    assert [d.name for d in removed] == ["step_000001", "step_000002"]
+    assert sorted(os.listdir(root)) == ["step_000003", "step_000004"]
+    # while each pruned directory was deleted, it no longer had its step name
+    assert seen[0] == ["step_000000.deleting", "step_000001.deleting", "step_000002", "step_000003", "step_000004"]
+    assert "step_000002.deleting" in seen[1] and "step_000002" not in seen[1]
+
+
 def test_old_checkpoints_keep_the_anomaly_memory_in_train_state():
     """Before the "hooks" table, the anomaly detector's memory was train_state["anomaly"]: a resume still reads it."""
     from bitnet.train.state import TrainState, saved_hook_states

@@ -24,7 +24,8 @@ import torch
 
 import bitnet
 from bitnet.run.files import fsync_dir, sha256_file
-from bitnet.run.layout import CHECKPOINT_FILE, CHECKPOINT_META, CHECKPOINTS, STEP_DIR, TMP_SUFFIX, step_dir_name
+from bitnet.run.layout import (CHECKPOINT_FILE, CHECKPOINT_META, CHECKPOINTS, DELETING_SUFFIX, STEP_DIR, TMP_SUFFIX,
+                               step_dir_name)
 
 
 class CheckpointError(Exception):
@@ -46,7 +47,8 @@ def save(run_dir: Path, step: int, state: dict, milestone: bool = False) -> Path
             f.flush()
             os.fsync(f.fileno())
         meta = {"step": step, "tokens": state.get("tokens"), "milestone": milestone,
-                "sha256": sha256_file(tmp / CHECKPOINT_FILE), "bitnet_version": bitnet.__version__,
+                "sha256": sha256_file(tmp / CHECKPOINT_FILE), "bytes": (tmp / CHECKPOINT_FILE).stat().st_size,
+                "bitnet_version": bitnet.__version__,
                 "torch_version": torch.__version__}
         with open(tmp / CHECKPOINT_META, "w") as f:
             json.dump(meta, f, indent=1)
@@ -275,6 +277,14 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
         if not milestone:
             ordinary.append(d)
     for d in ordinary[:max(len(ordinary) - keep_last, 0)]:
-        shutil.rmtree(d, ignore_errors=True)
+        # renamed first, so no reader (a resume, bitnet-status) ever sees a half-deleted step directory
+        doomed = d.with_name(d.name + DELETING_SUFFIX)
+        try:
+            os.rename(d, doomed)
+        except OSError:
+            doomed = d
+        shutil.rmtree(doomed, ignore_errors=True)
         removed.append(d)
+    for left in Path(run_dir, CHECKPOINTS).glob("*" + DELETING_SUFFIX):  # a crash mid-prune left it
+        shutil.rmtree(left, ignore_errors=True)
     return removed

@@ -31,7 +31,8 @@ TENSORBOARD = "tensorboard"
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_META = "meta.json"
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # a checkpoint being written (renamed to its step name when complete)
+DELETING_SUFFIX = ".deleting"  # a pruned checkpoint being removed
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 """A checkpoint's step directory (step_000500); the one pattern for it."""
 ANOMALY_DIR = re.compile(r"^step_(\d+)_(.+)$")
