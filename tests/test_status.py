@@ -115,7 +115,8 @@ def test_summary_numbers(run):
     assert s["tok_s"] == pytest.approx(100_090.5)  # median of steps 81..100
     assert s["eta_s"] == pytest.approx(900 * 0.25)  # remaining steps * median step_ms
     assert s["eta_wall_s"] == pytest.approx(900 * 0.5)  # remaining steps * wall seconds per step
-    assert s["elapsed_s"] == pytest.approx(99 * 0.5)
+    assert s["elapsed_s"] == pytest.approx(100 * 0.5)  # from the process start (T0) to the last row
+    assert s["tok_s_sustained"] == pytest.approx(100 * TOKENS_PER_STEP / 50.0)  # tokens from 0 over that span
     assert s["last_row_age_s"] == pytest.approx(3.0) and s["stalled"] is False
     assert s["mem_gib"] == pytest.approx(11.0)
     assert s["eval"]["step"] == 100 and s["eval"]["gap"] == pytest.approx(0.3)
@@ -479,9 +480,9 @@ def test_a_resumed_run_is_summarized_over_its_legs(two_legs):
     assert s["step"] == 150 and s["rows"] == 150 and s["tokens"] == 150 * TOKENS_PER_STEP
     # steps 81-100 are the resumed leg's rows
     assert s["loss_smoothed"] == pytest.approx(statistics_mean(1.0 + i / 1000 for i in range(81, 151)))
-    # elapsed: 1-100 took 49.5 s from the first row; the continuation 10 s of setup + 69 x 0.5 s
-    assert s["elapsed_s"] == pytest.approx(49.5 + 10 + 34.5)
-    assert s["tok_s_sustained"] == pytest.approx(149 * TOKENS_PER_STEP / 94.0)
+    # elapsed: 1-100 took 50 s from the process start; the continuation 10 s of setup + 69 x 0.5 s
+    assert s["elapsed_s"] == pytest.approx(50 + 10 + 34.5)
+    assert s["tok_s_sustained"] == pytest.approx(150 * TOKENS_PER_STEP / 94.5)
     assert s["eta_wall_s"] == pytest.approx(850 * 0.5) and s["eta_s"] == pytest.approx(850 * 0.1)
     assert s["eval"]["step"] == 150 and s["samples"]["step"] == 50  # the killed leg's samples at 100: redone
     assert s["quant"]["latest_step"] == 10  # quant 100 was redone; the continuation logged none
@@ -491,7 +492,7 @@ def test_a_resumed_run_is_summarized_over_its_legs(two_legs):
     assert s["checkpoints"] == {"latest_step": 150, "count": 3, "incomplete": 1, "broken": []}
     assert s["continued_in"] == [] and s["stalled"] is False
     text = status.render_text(s)
-    assert "elapsed 1m34s (2 legs)" in text and f"sustained {149 * TOKENS_PER_STEP / 94.0 / 1e3:.1f}k tok/s" in text
+    assert "elapsed 1m34s (2 legs)" in text and f"sustained {150 * TOKENS_PER_STEP / 94.5 / 1e3:.1f}k tok/s" in text
     assert "legs       demo-run (steps 1-100, redone after 80) -> demo-run_r80 (steps 81-150)" in text
     assert "anomalies  4 (latest: " in text and "(1 dumped again by a resumed leg, counted once)" in text
 

@@ -275,18 +275,21 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
     stalled = None if age_s is None or row_interval_s is None else (
         not finished and age_s > max(STALL_FACTOR * row_interval_s, STALL_MIN_S))
     mems = _xy(rows, "mem_gib")[1]
-    # Elapsed: each leg from its first row (a continuation from its process start, so that the restart's
-    # setup and recompile count) to its last row, redone steps included; the legs summed.
+    # Elapsed: each leg from its process start (setup, compile and a restart's recompile count) to its
+    # last row, redone steps included; the legs summed. The tokens gained cover the same span: from 0
+    # at a fresh run's start. Where the first leg's start is unknown (or it is a continuation whose
+    # predecessor is not found), both count from its first row.
     spans = _leg_spans(legs, reader)
     timed = [(i, sp) for i, sp in enumerate(spans) if sp["last_time"] is not None]
-    elapsed = None
-    for i, sp in timed:
-        start = sp["start_time"] if i and sp["start_time"] is not None and sp["start_time"] <= sp["first_time"] \
-            else sp["first_time"]
-        elapsed = (elapsed or 0.0) + sp["last_time"] - start
-    first_tokens = timed[0][1].get("first_tokens") if timed else None
+    elapsed, tokens_at_start = None, None
+    for n, (i, sp) in enumerate(timed):
+        from_start = sp["start_time"] is not None and sp["start_time"] <= sp["first_time"]
+        if n == 0:
+            from_start = from_start and legs[i]["resumed_step"] is None
+            tokens_at_start = 0 if from_start else sp.get("first_tokens")
+        elapsed = (elapsed or 0.0) + sp["last_time"] - (sp["start_time"] if from_start else sp["first_time"])
     tokens = _int(last.get("tokens"))
-    gained = tokens - first_tokens if tokens is not None and first_tokens is not None else None
+    gained = tokens - tokens_at_start if tokens is not None and tokens_at_start is not None else None
     s["legs"] = [{k: sp[k] for k in ("run_id", "resumed_step", "first_step", "last_step", "rows")} for sp in spans]
     s["continued_in"] = continued_in(run)
     if s["continued_in"]:  # a killed leg is no stalled run: it went on elsewhere
