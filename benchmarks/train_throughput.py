@@ -76,7 +76,10 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"com
                     "bitnet-train-fp8-dx": {"argv": ["--fp8", "grad_input"]},
                     "bitnet-train-fp8-dw": {"argv": ["--fp8", "grad_weight"]},
                     "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]},
-                    "bitnet-train-fa4": {"kernels": {"attention": "fa4"}}}
+                    "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
+                    # the exact head in chunks of rows: the 2 GiB logits one 0.5 GiB chunk at a time (peak memory)
+                    "bitnet-train-headchunk": {"kernels": {"cross_entropy_launch": {"chunk_rows": 8192}}},
+                    "bitnet-train-headchunk4k": {"kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 

@@ -63,7 +63,8 @@ def run_cross_entropy_vs_reference(device: str, cases, dtypes,
 
 
 @interpreter
-@pytest.mark.parametrize("launch", [CrossEntropyLaunch(block=256), CrossEntropyLaunch()])
+@pytest.mark.parametrize("launch", [CrossEntropyLaunch(block=256), CrossEntropyLaunch(),
+                                    CrossEntropyLaunch(block=256, chunk_rows=2)])
 def test_cross_entropy_kernels_on_the_interpreter(launch):
     # block 256: several strips per row at these sizes; the shipped block: one strip; fp32 and bf16 logits
     run_cross_entropy_vs_reference("cpu", [(5, 8, 1000), (3, 16, 700), (4, 8, 100)], [torch.float32, torch.bfloat16],
@@ -72,6 +73,42 @@ def test_cross_entropy_kernels_on_the_interpreter(launch):
 
 @pytest.mark.gpu
 @cuda
-def test_cross_entropy_kernels_on_gpu():
+@pytest.mark.parametrize("launch", [CrossEntropyLaunch(), CrossEntropyLaunch(chunk_rows=256)])
+def test_cross_entropy_kernels_on_gpu(launch):
     run_cross_entropy_vs_reference("cuda", [(1, 768, 32000), (1000, 768, 32000), (333, 64, 1000), (64, 32, 100)],
-                                   [torch.bfloat16, torch.float32])
+                                   [torch.bfloat16, torch.float32], launch)
+
+
+def chunked_against_whole(device: str, m: int, d: int, v: int, chunk_rows: int, dt: torch.dtype) -> None:
+    """The head in chunks of rows gives the loss of the whole head, and its gradients up to grad_W's summation
+    order; without autograd it runs whole (nothing to make gradients for)."""
+    x, w, t = (a.to(device) for a in head_inputs(m, d, v, seed=7))
+    grads = []
+    for launch in (CrossEntropyLaunch(), CrossEntropyLaunch(chunk_rows=chunk_rows)):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = cross_entropy.linear_cross_entropy(xa, wa, t, dt, launch)
+        (loss * 0.5).backward()
+        grads.append((loss.detach(), xa.grad, wa.grad))
+        with torch.no_grad():
+            assert torch.equal(cross_entropy.linear_cross_entropy(x, w, t, dt, launch), loss.detach())
+    (l0, gx0, gw0), (l1, gx1, gw1) = grads
+    assert torch.equal(l0, l1)  # the loss rows do not depend on the chunking
+    assert rel(gx1, gx0) < 1e-6  # each row's G @ W alone
+    assert rel(gw1, gw0) < (1e-2 if dt == torch.bfloat16 else 1e-6)  # chunks summed in fp32
+
+
+@interpreter
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_the_head_in_chunks_of_rows_on_the_interpreter(dt):
+    chunked_against_whole("cpu", 10, 16, 300, 4, dt)  # chunks of 4, 4, 2
+
+
+@pytest.mark.gpu
+@cuda
+def test_the_head_in_chunks_of_rows_on_gpu():
+    chunked_against_whole("cuda", 4096, 768, 32000, 1024, torch.bfloat16)
+
+
+def test_chunk_rows_must_be_a_count():
+    with pytest.raises(ValueError, match="chunk_rows must be an int >= 0"):
+        CrossEntropyLaunch(chunk_rows=-1)
