@@ -14,7 +14,7 @@ source "$ROOT/scripts/export_tools.sh"  # lm-eval, and llama-cpp-python from a c
 # 2-core CI machine two workers take the suite from 6.5 to 3.5 min.
 WORKERS="${BITNET_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 if (( WORKERS > 4 )); then WORKERS=4; fi
-python -m pytest -q -n "$WORKERS" "$@"
+python -m pytest -q -n "$WORKERS" --dist loadgroup "$@"  # loadgroup: tests/faults on one worker (its conftest)
 if [[ $# -eq 0 ]]; then
   TRITON_DIR="${BITNET_TRITON_DIR:-$ROOT/.triton-interp}"
   if ! PYTHONPATH="$TRITON_DIR" python -c "import triton" 2>/dev/null; then

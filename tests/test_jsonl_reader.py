@@ -76,3 +76,25 @@ def test_returned_lists_are_the_callers_own(tmp_path):
     reader = JsonlReader()
     reader.read(path).append({"step": 99})
     assert reader.read(path) == [{"step": 1}]
+
+
+def test_a_file_rewritten_behind_the_readers_back_is_never_mixed_with_the_kept_rows(tmp_path):
+    """Inode numbers are reused at once (ext4), and a file can be cut and regrown past the kept offset
+    between two refreshes: the kept rows are checked against the file's bytes, not its identity."""
+    path = tmp_path / "m.jsonl"
+    rows = lambda tag, n: "".join(json.dumps({"tag": tag, "i": i}) + "\n" for i in range(n))  # noqa: E731
+    reader = JsonlReader()
+    path.write_text(rows("a", 2))
+    assert reader.read(path) == read_jsonl(path)
+    path.unlink()
+    path.write_text(rows("b", 3))  # deleted and made again, longer: likely the same inode
+    assert reader.read(path) == read_jsonl(path) and {r["tag"] for r in reader.read(path)} == {"b"}
+    with open(path, "r+") as f:  # cut and rewritten longer in place: same inode, larger size
+        f.truncate(0)
+        f.write(rows("c", 5))
+    assert reader.read(path) == read_jsonl(path) and {r["tag"] for r in reader.read(path)} == {"c"}
+    for tag, n in (("d", 6), ("e", 7)):  # two replacements between refreshes (rsync mirroring a run)
+        other = tmp_path / f"{tag}.jsonl"
+        other.write_text(rows(tag, n))
+        os.replace(other, path)
+    assert reader.read(path) == read_jsonl(path) and [r["tag"] for r in reader.read(path)] == ["e"] * 7

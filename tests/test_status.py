@@ -124,7 +124,7 @@ def test_summary_numbers(run):
     assert s["samples"]["step"] == 100 and [m["mode"] for m in s["samples"]["modes"]] == ["greedy", "typical", "stress"]
     assert s["quant"]["first_step"] == 10 and s["quant"]["latest"]["ffn"]["zero"] == pytest.approx(0.6)
     assert s["anomalies"]["count"] == 2 and s["anomalies"]["latest_message"] == "grad_norm at 77"
-    assert s["checkpoints"] == {"latest_step": 80, "count": 2, "incomplete": 1, "broken": []}
+    assert s["checkpoints"] == {"latest_step": 80, "count": 2, "incomplete": 1, "broken": [], "deleting": []}
 
 
 def test_stalled_and_finished(tmp_path):
@@ -308,11 +308,24 @@ def test_a_broken_newest_checkpoint_is_named_and_not_taken_for_the_resume_point(
     spoil(run / "checkpoints" / "step_000080")
     s = status.summarize(run)
     assert s["checkpoints"] == {"latest_step": 50, "count": 1, "incomplete": 1,
-                                "broken": [{"name": "step_000080", "problem": problem}]}
+                                "broken": [{"name": "step_000080", "problem": problem}], "deleting": []}
     assert status_cli.main([str(run)]) == 0
     out = capsys.readouterr().out
     assert "checkpoint step 50 (1 complete), 1 in progress" in out
     assert f"BROKEN     1 checkpoint(s), not usable to resume: step_000080 ({problem})" in out
+
+
+def test_a_pruned_dir_left_by_a_kill_is_listed_not_hidden(run, capsys):
+    """A kill mid-prune leaves step_XXXXXX.deleting; the run's continuation prunes its own directory, so the
+    killed run keeps it: the monitor names it (it is never a checkpoint)."""
+    left = run / "checkpoints" / "step_000020.deleting"
+    left.mkdir()
+    (left / "checkpoint.pt").write_bytes(b"half")
+    ck = status.summarize(run)["checkpoints"]
+    assert ck["latest_step"] == 80 and ck["count"] == 2 and ck["deleting"] == ["demo-run/checkpoints/step_000020.deleting"]
+    assert status_cli.main([str(run)]) == 0
+    assert ("pruned     1 checkpoint dir(s) being deleted or left by a kill (safe to remove): "
+            "demo-run/checkpoints/step_000020.deleting") in capsys.readouterr().out
 
 
 def test_a_manifest_without_a_size_is_not_judged_by_size(run):
@@ -489,7 +502,7 @@ def test_a_resumed_run_is_summarized_over_its_legs(two_legs):
     an = s["anomalies"]
     assert an["count"] == 4 and an["repeated_after_resume"] == 1  # 42, 77, 90 (twice), 120
     assert an["latest"] == ["step_000077_grad_norm", "step_000090_loss_spike", "step_000120_grad_norm"]
-    assert s["checkpoints"] == {"latest_step": 150, "count": 3, "incomplete": 1, "broken": []}
+    assert s["checkpoints"] == {"latest_step": 150, "count": 3, "incomplete": 1, "broken": [], "deleting": []}
     assert s["continued_in"] == [] and s["stalled"] is False
     text = status.render_text(s)
     assert "elapsed 1m34s (2 legs)" in text and f"sustained {150 * TOKENS_PER_STEP / 94.5 / 1e3:.1f}k tok/s" in text

@@ -349,7 +349,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
     s["anomalies"] = {"count": len(found), "repeated_after_resume": repeated, "latest": [p.name for _, _, p in found[-3:]],
                       "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 
-    ckpts, incomplete, broken = [], 0, []
+    ckpts, incomplete, deleting, broken = [], 0, [], []
     for i, leg in enumerate(legs):  # a killed leg's checkpoints past the step the next leg resumed from are dead ends
         upto = legs[i + 1]["resumed_step"] if i + 1 < len(legs) else None
         for p in _listdir(leg["dir"] / layout.CHECKPOINTS):
@@ -364,8 +364,10 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
                     ckpts.append(int(m.group(1)))
             elif p.name.endswith(layout.TMP_SUFFIX):  # being written: the rename is still to come
                 incomplete += 1
+            elif p.name.endswith(layout.DELETING_SUFFIX):  # pruned: being deleted, or left by a kill mid-prune
+                deleting.append(str(p.relative_to(leg["dir"].parent)))
     s["checkpoints"] = {"latest_step": max(ckpts, default=None), "count": len(ckpts), "incomplete": incomplete,
-                        "broken": sorted(broken, key=lambda b: b["name"])}
+                        "broken": sorted(broken, key=lambda b: b["name"]), "deleting": sorted(deleting)}
     return s
 
 
@@ -487,6 +489,9 @@ def render_text(s: dict) -> str:
     lines.append(("checkpoint none yet" if ck["latest_step"] is None else
                   f"checkpoint step {ck['latest_step']:,} ({ck['count']} complete)")
                  + (f", {ck['incomplete']} in progress" if ck["incomplete"] else ""))
+    if ck["deleting"]:  # a kill mid-prune leaves one in a run that its continuation no longer prunes
+        lines.append(f"pruned     {len(ck['deleting'])} checkpoint dir(s) being deleted or left by a kill "
+                     f"(safe to remove): {', '.join(ck['deleting'][-3:])}")
     if ck["broken"]:
         lines.append(f"BROKEN     {len(ck['broken'])} checkpoint(s), not usable to resume: "
                      + "; ".join(f"{b['name']} ({b['problem']})" for b in ck["broken"][-3:]))

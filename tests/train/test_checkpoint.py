@@ -80,8 +80,9 @@ def test_manifest_records_the_file_size_and_prune_never_shows_a_half_deleted_ste
     seen = []
     real_rmtree = checkpoint.shutil.rmtree
 
-    def watching_rmtree(path, *a, **k):  # what a reader listing the directory sees mid-delete
-        seen.append(sorted(os.listdir(root)))
+    def watching_rmtree(path, *a, **k):  # what a reader listing the directory sees as each one is deleted
+        if os.path.exists(path):
+            seen.append(sorted(os.listdir(root)))
         return real_rmtree(path, *a, **k)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", watching_rmtree)
     (root / "step_000000.deleting").mkdir()  # left by a crash mid-prune: removed by the next prune
@@ -91,6 +92,21 @@ def test_manifest_records_the_file_size_and_prune_never_shows_a_half_deleted_ste
     # while each pruned directory was deleted, it no longer had its step name
     assert seen[0] == ["step_000000.deleting", "step_000001.deleting", "step_000002", "step_000003", "step_000004"]
     assert "step_000002.deleting" in seen[1] and "step_000002" not in seen[1]
+
+
+def test_a_leftover_of_the_same_name_does_not_stop_the_rename(tmp_path, monkeypatch):
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, state(step))
+    root = tmp_path / "checkpoints"
+    (root / "step_000001.deleting").mkdir()
+    (root / "step_000001.deleting" / "checkpoint.pt").write_bytes(b"old")  # not empty: a rename onto it fails
+    renamed = []
+    real_rename = checkpoint.os.rename
+    monkeypatch.setattr(checkpoint.os, "rename", lambda a, b: renamed.append((a.name, b.name)) or real_rename(a, b))
+    checkpoint.prune(tmp_path, keep_last=1)
+    assert renamed == [("step_000001", "step_000001.deleting")] and sorted(os.listdir(root)) == ["step_000002"]
+    checkpoint.save(tmp_path, 2, state(2))  # saving a step again replaces it the same way
+    assert ("step_000002", "step_000002.deleting") in renamed and sorted(os.listdir(root)) == ["step_000002"]
 
 
 def test_old_checkpoints_keep_the_anomaly_memory_in_train_state():

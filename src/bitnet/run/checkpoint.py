@@ -59,7 +59,7 @@ def save(run_dir: Path, step: int, state: dict, milestone: bool = False) -> Path
         # seconds, so a test can SIGKILL the trainer between the last write and the rename.
         time.sleep(float(os.environ.get("BITNET_TEST_SLOW_CHECKPOINT_S", "0") or 0))
         if final.exists():
-            shutil.rmtree(final)
+            remove_step_dir(final)
         os.rename(tmp, final)
         fsync_dir(ckpt_root)
     except BaseException:
@@ -277,14 +277,21 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
         if not milestone:
             ordinary.append(d)
     for d in ordinary[:max(len(ordinary) - keep_last, 0)]:
-        # renamed first, so no reader (a resume, bitnet-status) ever sees a half-deleted step directory
-        doomed = d.with_name(d.name + DELETING_SUFFIX)
-        try:
-            os.rename(d, doomed)
-        except OSError:
-            doomed = d
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_step_dir(d)
         removed.append(d)
-    for left in Path(run_dir, CHECKPOINTS).glob("*" + DELETING_SUFFIX):  # a crash mid-prune left it
+    for left in Path(run_dir, CHECKPOINTS).glob("*" + DELETING_SUFFIX):  # a kill mid-prune left it
         shutil.rmtree(left, ignore_errors=True)
     return removed
+
+
+def remove_step_dir(d: Path) -> None:
+    """Delete a checkpoint directory after renaming it to step_XXXXXX.deleting (a leftover of that name
+    goes first), so no reader (a resume, bitnet-status) ever sees a half-deleted one under a step name.
+    Where the rename fails, it is deleted where it is."""
+    doomed = d.with_name(d.name + DELETING_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.rename(d, doomed)
+    except OSError:
+        doomed = d
+    shutil.rmtree(doomed, ignore_errors=True)

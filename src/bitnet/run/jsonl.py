@@ -52,38 +52,49 @@ def parse_lines(lines) -> list[dict]:
 
 
 def read_jsonl(path) -> list[dict]:
-    """All complete rows of a JSONL file, [] if it is missing or unreadable."""
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as f:
-            return parse_lines(f)
-    except OSError:
-        return []
+    """All complete rows of a JSONL file, [] if it is missing or unreadable. Lines end at "\n" (a "\r"
+    before it is JSON whitespace); text after the last one is parsed too, and skipped if it does not parse."""
+    return JsonlReader().read(path)
 
 
 class JsonlReader:
     """read_jsonl for files read again and again (bitnet-status --watch): each file's lines up to its
-    last newline are parsed once and kept, so a refresh parses only what was appended since. The text
-    after the last newline (a row being written) is parsed afresh on every read, as read_jsonl does.
-    A file that shrank or was replaced by another file is read again from its start."""
+    last newline are parsed once and kept, so a refresh parses only what was appended since; the text
+    after the last newline (a row being written) is parsed afresh on every read.
+
+    The kept rows are reused only while the file still holds the same bytes at its start and just before
+    where the kept rows end (ANCHOR_BYTES each): a file cut, rewritten or replaced by another (whose
+    inode number may be the old one's, reused) is read again from its start."""
+
+    ANCHOR_BYTES = 256
 
     def __init__(self):
-        self._files: dict[str, tuple[tuple[int, int], int, list[dict]]] = {}  # path: ((dev, ino), offset, rows)
+        self._files: dict[str, tuple[int, bytes, bytes, list[dict]]] = {}  # path: (offset, head, tail, rows)
 
     def read(self, path) -> list[dict]:
         key = str(path)
         try:
             with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                ident, offset, rows = self._files.get(key, (None, 0, []))
-                if ident != (st.st_dev, st.st_ino) or st.st_size < offset:
+                offset, head, tail, rows = self._files.get(key, (0, b"", b"", []))
+                if offset and not (_bytes_at(f, 0, len(head)) == head and _bytes_at(f, offset - len(tail), len(tail)) == tail):
                     offset, rows = 0, []
-                f.seek(offset)
-                data = f.read()
+                data = _bytes_at(f, offset, -1)
+                complete = data.rfind(b"\n") + 1
+                if complete:
+                    rows = rows + _parse(data[:complete])
+                    offset += complete
+                    n = min(offset, self.ANCHOR_BYTES)
+                    self._files[key] = (offset, _bytes_at(f, 0, n), _bytes_at(f, offset - n, n), rows)
         except OSError:
             self._files.pop(key, None)
             return []
-        complete = data.rfind(b"\n") + 1
-        if complete:
-            rows = rows + parse_lines(data[:complete].decode("utf-8", errors="replace").split("\n"))
-        self._files[key] = ((st.st_dev, st.st_ino), offset + complete, rows)
-        return rows + parse_lines([data[complete:].decode("utf-8", errors="replace")])
+        return rows + _parse(data[complete:])
+
+
+def _bytes_at(f, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _parse(data: bytes) -> list[dict]:
+    return parse_lines(data.decode("utf-8", errors="replace").split("\n"))

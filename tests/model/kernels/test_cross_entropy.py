@@ -79,10 +79,14 @@ def test_cross_entropy_kernels_on_gpu(launch):
                                    [torch.bfloat16, torch.float32], launch)
 
 
-def chunked_against_whole(device: str, m: int, d: int, v: int, chunk_rows: int, dt: torch.dtype) -> None:
+def chunked_against_whole(device: str, m: int, d: int, v: int, chunk_rows: int, dt: torch.dtype, monkeypatch) -> None:
     """The head in chunks of rows gives the loss of the whole head, and its gradients up to grad_W's summation
-    order; without autograd it runs whole (nothing to make gradients for)."""
+    order; without autograd it runs whole (nothing to make gradients for). Counts the kernel's launches: one
+    per chunk of rows, so the comparison cannot pass with the chunking off."""
     x, w, t = (a.to(device) for a in head_inputs(m, d, v, seed=7))
+    rows_per_launch, real = [], cross_entropy.launch_cross_entropy
+    monkeypatch.setattr(cross_entropy, "launch_cross_entropy",
+                        lambda logits, *a, **k: rows_per_launch.append(logits.shape[0]) or real(logits, *a, **k))
     grads = []
     for launch in (CrossEntropyLaunch(), CrossEntropyLaunch(chunk_rows=chunk_rows)):
         xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -91,6 +95,14 @@ def chunked_against_whole(device: str, m: int, d: int, v: int, chunk_rows: int, 
         grads.append((loss.detach(), xa.grad, wa.grad))
         with torch.no_grad():
             assert torch.equal(cross_entropy.linear_cross_entropy(x, w, t, dt, launch), loss.detach())
+    chunks = [min(chunk_rows, m - start) for start in range(0, m, chunk_rows)]
+    assert rows_per_launch == [m, m] + chunks + [m], rows_per_launch
+    # only one input needing a gradient: only its GEMM runs, and the other gets none
+    for needs in ("x", "w"):
+        xa, wa = x.clone().requires_grad_(needs == "x"), w.clone().requires_grad_(needs == "w")
+        cross_entropy.linear_cross_entropy(xa, wa, t, dt, CrossEntropyLaunch(chunk_rows=chunk_rows)).backward()
+        assert (xa.grad is not None, wa.grad is not None) == (needs == "x", needs == "w")
+        assert rel(xa.grad if needs == "x" else wa.grad, 2 * (grads[1][1] if needs == "x" else grads[1][2])) < 1e-6
     (l0, gx0, gw0), (l1, gx1, gw1) = grads
     assert torch.equal(l0, l1)  # the loss rows do not depend on the chunking
     assert rel(gx1, gx0) < 1e-6  # each row's G @ W alone
@@ -99,16 +111,17 @@ def chunked_against_whole(device: str, m: int, d: int, v: int, chunk_rows: int, 
 
 @interpreter
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
-def test_the_head_in_chunks_of_rows_on_the_interpreter(dt):
-    chunked_against_whole("cpu", 10, 16, 300, 4, dt)  # chunks of 4, 4, 2
+def test_the_head_in_chunks_of_rows_on_the_interpreter(dt, monkeypatch):
+    chunked_against_whole("cpu", 10, 16, 300, 4, dt, monkeypatch)  # chunks of 4, 4, 2
 
 
 @pytest.mark.gpu
 @cuda
-def test_the_head_in_chunks_of_rows_on_gpu():
-    chunked_against_whole("cuda", 4096, 768, 32000, 1024, torch.bfloat16)
+def test_the_head_in_chunks_of_rows_on_gpu(monkeypatch):
+    chunked_against_whole("cuda", 4096, 768, 32000, 1024, torch.bfloat16, monkeypatch)
 
 
-def test_chunk_rows_must_be_a_count():
+@pytest.mark.parametrize("bad", [-1, True, 2.0])
+def test_chunk_rows_must_be_a_count(bad):
     with pytest.raises(ValueError, match="chunk_rows must be an int >= 0"):
-        CrossEntropyLaunch(chunk_rows=-1)
+        CrossEntropyLaunch(chunk_rows=bad)
