@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/status_scale.py --rows 400000 --out status_scale.json   # ~1 min
 
 The seed's job is 400k steps. At the default log interval (100) that is 4,000 scalar rows and any
-refresh is instant; with --log-interval 1 it is 400,000 rows (~140 MB), and bitnet-status --watch used
+refresh is instant; with --log-interval 1 it is 400,000 rows (~100 MB), and bitnet-status --watch used
 to parse all of them on every refresh (twice: once for the curves, once for the elapsed time). This
 script writes such a run directory (rows shaped as the trainer writes them; an eval every 5,000 steps,
 quant stats every 1,000) into a temporary folder and times, in one process:

@@ -11,10 +11,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 source "$ROOT/scripts/export_tools.sh"  # lm-eval, and llama-cpp-python from a cached wheel (opt-in build)
 # pytest-xdist: one worker per core, at most 4 ($BITNET_TEST_WORKERS overrides; 0: one process). On the
-# 2-core CI machine two workers take the suite from 6.5 to 3.5 min.
+# 2-core CI machine two workers take the suite from 6.5 to about 4 min. Each worker that runs a test of
+# tests/faults starts that folder's background scenarios (its conftest): duplicated work, yet keeping the
+# folder on one worker (--dist loadgroup) measured slower (4.5 min against 3.9).
 WORKERS="${BITNET_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 if (( WORKERS > 4 )); then WORKERS=4; fi
-python -m pytest -q -n "$WORKERS" --dist loadgroup "$@"  # loadgroup: tests/faults on one worker (its conftest)
+python -m pytest -q -n "$WORKERS" "$@"
 if [[ $# -eq 0 ]]; then
   TRITON_DIR="${BITNET_TRITON_DIR:-$ROOT/.triton-interp}"
   if ! PYTHONPATH="$TRITON_DIR" python -c "import triton" 2>/dev/null; then

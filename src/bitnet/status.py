@@ -278,7 +278,8 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
     # Elapsed: each leg from its process start (setup, compile and a restart's recompile count) to its
     # last row, redone steps included; the legs summed. The tokens gained cover the same span: from 0
     # at a fresh run's start. Where the first leg's start is unknown (or it is a continuation whose
-    # predecessor is not found), both count from its first row.
+    # predecessor is not found), both count from its first row. A leg without a timed row (one that died
+    # in its setup) adds nothing: its time is not in the run directory.
     spans = _leg_spans(legs, reader)
     timed = [(i, sp) for i, sp in enumerate(spans) if sp["last_time"] is not None]
     elapsed, tokens_at_start = None, None

@@ -17,14 +17,6 @@ from tests.faults.scenarios import SCENARIOS
 HERE = Path(__file__).parent
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (scripts/run_tests.sh: --dist loadgroup) this folder's tests share one worker, so
-    the reference run and the background scenarios run once, not once on every worker."""
-    for item in items:
-        if HERE in Path(str(item.path)).parents:
-            item.add_marker(pytest.mark.xdist_group("faults"))
-
-
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
     """BASE trained straight through in-process, every checkpoint kept: the losses every resume must equal."""
