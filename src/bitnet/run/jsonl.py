@@ -7,7 +7,6 @@ most. Standard library only: the status tool reads through it.
 
 import json
 import math
-import os
 from pathlib import Path
 
 
@@ -76,7 +75,8 @@ class JsonlReader:
         try:
             with open(path, "rb") as f:
                 offset, head, tail, rows = self._files.get(key, (0, b"", b"", []))
-                if offset and not (_bytes_at(f, 0, len(head)) == head and _bytes_at(f, offset - len(tail), len(tail)) == tail):
+                same = _bytes_at(f, 0, len(head)) == head and _bytes_at(f, offset - len(tail), len(tail)) == tail
+                if not same:
                     offset, rows = 0, []
                 data = _bytes_at(f, offset, -1)
                 complete = data.rfind(b"\n") + 1
