@@ -80,7 +80,8 @@ COST_S = {
     "compile_warm": 6.0,  # ... with the caches of an earlier process (5-6.6 s)
     "eval": 0.19,  # one eval of 256 sequences (steady)
     "eval_first": 3.1,  # the first eval of a process recompiles the blocks without autograd (cold caches)
-    "sample": 4.5,  # one sample event, 5 prompts x 3 modes x 64 tokens (3.4-4.8 s steady)
+    "sample": 1.5,  # one sample event, 5 prompts x 3 modes x 64 tokens: 3.4-4.8 s steady a prompt at a time;
+    # all 15 rows in one batch (64 forwards, not 320) projected at ~1.5 s, not yet measured
     "quant": 0.06,  # one quant-stats event (BitNet)
     "quant_first": 4.0,  # the first one of a process (Triton compiling the eager norm kernel, cold caches)
     "checkpoint": 2.8,  # 1.14 GB (2.6-3.0 s)

@@ -76,6 +76,53 @@ def test_batched_rows_match_single_generations(model):
     assert cut[2].token_ids[:3] == rows[2].token_ids[:3]
 
 
+def test_prompts_of_different_lengths_in_one_batch_match_each_alone(model):
+    """Shorter prompts are padded at the start (KVCache.left_pad): each row's tokens, entropies and top-5 are
+    those of its prompt generated alone, and the padding ids never matter. Not bitwise: the shifted positions
+    rotate q and k by other angles (same differences in exact math), so values agree to fp32 rounding."""
+    prompts = [PROMPT, [1, 99], PROMPT + [7, 8, 9, 10, 11], [1]]
+    modes, seeds = ["greedy", "typical", "stress", "typical"], [7, 8, 9, 10]
+    rows = generate_batch(model, prompts, modes, seeds, 12)
+    for prompt, mode, seed, row in zip(prompts, modes, seeds, rows):
+        alone = generate_batch(model, prompt, [mode], [seed], 12)[0]
+        assert row.prompt_ids == prompt
+        assert row.token_ids == alone.token_ids
+        assert row.entropies == pytest.approx(alone.entropies, rel=1e-4)
+        for got, want in zip(row.top5, alone.top5):
+            assert got["token_ids"] == want["token_ids"]
+            assert got["logits"] == pytest.approx(want["logits"], rel=1e-4, abs=1e-4)
+    cache = KVCache.empty(model.cfg, 2, 8, "cpu", torch.float32, left_pad=[3, 0])
+    mask = cache.attention_mask(4, "cpu")  # a 4-token prefill: row 0 starts at position 3
+    assert mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, False, True]]
+    assert mask[1, 0].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    with pytest.raises(ValueError, match="one prompt per row"):
+        generate_batch(model, [PROMPT, PROMPT], ["greedy"], [0], 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_batch(model, [PROMPT, []], ["greedy", "greedy"], [0, 1], 4)
+
+
+def test_sample_rows_batch_the_prompts_with_room(model):
+    """Prompts with room for max_new_tokens go in one batch; one without goes alone with what is left; the rows
+    equal each prompt sampled alone (same seeds), in prompt then mode order."""
+    tok = TinyTok()
+    long = "x" * (model.cfg.max_seq_len - 4)  # BOS + this leaves 3 positions
+    prompts = ["The state of", long, "Science"]
+    rows = sample_rows(model, tok, prompts, step=20, seed=3, max_new_tokens=6)
+    assert [(r["prompt_index"], r["mode"]) for r in rows] == [(i, m) for i in range(3) for m in MODES]
+    assert [len(r["token_ids"]) for r in rows] == [6] * 3 + [3] * 3 + [6] * 3
+    for i, prompt in enumerate(prompts):
+        alone = sample_rows(model, tok, [prompt], step=20, seed=3, max_new_tokens=6)
+        mine = [r for r in rows if r["prompt_index"] == i]
+        if i == 0:  # the seed is per (step, prompt index, mode): alone, prompt 0 keeps its seeds
+            assert [r["token_ids"] for r in mine] == [r["token_ids"] for r in alone]
+        assert mine[0]["mode"] == "greedy" and mine[0]["token_ids"] == alone[0]["token_ids"]  # needs no seed
+        assert [r["seed"] for r in mine] == [stable_seed("sample", 3, 20, i, m) for m in MODES]
+    with pytest.raises(ValueError, match="sample prompt 1 .* fills the model's context"):
+        sample_rows(model, tok, ["a", "x" * model.cfg.max_seq_len], step=1, seed=0, max_new_tokens=4)
+
+
 class AttentionBackends(TorchFunctionMode):
     """Records, at every scaled_dot_product_attention call, which attention backends torch may pick."""
 
@@ -113,9 +160,9 @@ def test_sample_decoding_never_meets_cudnn_attention(model):
         rows = sample_rows(model, TinyTok(), ["The state of", "Science"], step=10, seed=0, max_new_tokens=6)
     assert len(rows) == 6 and all(len(r["token_ids"]) == 6 for r in rows)
     layers = model.cfg.n_layers
-    assert len(seen.calls) == 2 * 6 * layers  # two prompts x 6 forwards (prefill, 5 decoded) x layers
-    # prompts of 8 and 13 ids: prefill at 8 and 13, then one key more per token: a new shape each time
-    assert sorted({c["key_len"] for c in seen.calls}) == list(range(8, 19))
+    assert len(seen.calls) == 6 * layers  # both prompts in one batch: 6 forwards (prefill, 5 decoded) x layers
+    # prompts of 8 and 13 ids, padded to 13: prefill at 13, then one key more per token: a new shape each time
+    assert sorted({c["key_len"] for c in seen.calls}) == list(range(13, 19))
     assert all(not c["cudnn"] and c["flash"] and c["efficient"] and c["math"] for c in seen.calls)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the generation
 

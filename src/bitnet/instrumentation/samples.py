@@ -46,22 +46,34 @@ def _piece(tok, token_id: int) -> str:
 
 def sample_rows(model, tok, prompts: list[str], step: int, seed: int, max_new_tokens: int,
                 autocast=contextlib.nullcontext) -> list[dict]:
-    """One row per (prompt, mode), in prompt then mode order: the samples.jsonl format."""
+    """One row per (prompt, mode), in prompt then mode order: the samples.jsonl format.
+
+    Every prompt with room for max_new_tokens in the context is decoded in one batch (prompts x modes rows);
+    a prompt without that room goes alone, with the tokens its context leaves."""
+    prompt_ids = [tok.encode(prompt, add_bos=True) for prompt in prompts]
+    context = model.cfg.max_seq_len
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= context:
+            raise ValueError(f"sample prompt {i} ({len(ids)} tokens) fills the model's context")
+    roomy = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens <= context]
+    groups = ([roomy] if roomy else []) + [[i] for i in range(len(prompts)) if i not in roomy]
+    modes = list(MODES)
+    gens = {}
+    for group in groups:
+        budget = min(max_new_tokens, context - max(len(prompt_ids[i]) for i in group))
+        keys = [(i, mode) for i in group for mode in modes]
+        seeds = [sample_seed(seed, step, i, mode) for i, mode in keys]
+        batch = generate_batch(model, [prompt_ids[i] for i, _ in keys], [m for _, m in keys], seeds, budget,
+                               eos_id=tok.eos_id, autocast=autocast, vocab_limit=tok.vocab_size)
+        gens.update({key: (s, gen) for key, s, gen in zip(keys, seeds, batch)})
     rows = []
     for i, prompt in enumerate(prompts):
-        prompt_ids = tok.encode(prompt, add_bos=True)
-        budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
-        if budget < 1:
-            raise ValueError(f"sample prompt {i} ({len(prompt_ids)} tokens) fills the model's context")
-        modes = list(MODES)
-        seeds = [sample_seed(seed, step, i, mode) for mode in modes]
-        gens = generate_batch(model, prompt_ids, modes, seeds, budget, eos_id=tok.eos_id, autocast=autocast,
-                              vocab_limit=tok.vocab_size)  # the three modes as one batch of three rows
-        for mode, s, gen in zip(modes, seeds, gens):
+        for mode in modes:
+            s, gen = gens[(i, mode)]
             top5 = [{"position": p, "token_ids": t["token_ids"], "tokens": [_piece(tok, j) for j in t["token_ids"]],
                      "logits": t["logits"]} for p, t in enumerate(gen.top5)]
             rows.append({"step": step, "prompt": prompt, "prompt_index": i, "mode": mode, "seed": s,
-                         "text": continuation_text(tok, prompt_ids, gen.token_ids), "token_ids": gen.token_ids,
+                         "text": continuation_text(tok, prompt_ids[i], gen.token_ids), "token_ids": gen.token_ids,
                          **sample_metrics(gen), "top5": top5})
     return rows
 

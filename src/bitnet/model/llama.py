@@ -64,14 +64,32 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     length: int = 0
+    left_pad: torch.Tensor | None = None
+    """(B,) how many positions at the start of each row are padding (rows of prompts of different lengths,
+    aligned at their ends): no query attends to them. None: no padding."""
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype,
+              left_pad: list[int] | None = None) -> "KVCache":
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            left_pad=None if left_pad is None else torch.tensor(left_pad, device=device),
         )
+
+    def attention_mask(self, T: int, device) -> torch.Tensor:
+        """Which keys the next T queries see: (T, S) causal, or (B, 1, T, S) with the padding hidden."""
+        start = self.length
+        # Query i (absolute position start+i) sees keys 0..start+i.
+        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        if self.left_pad is None:
+            return causal
+        keys = torch.arange(start + T, device=device)
+        real = keys >= self.left_pad[:, None]  # (B, S)
+        # A padding query sees itself only, so its softmax has one key (no NaN); its output is never read.
+        itself = keys == (start + torch.arange(T, device=device))[:, None]  # (T, S)
+        return ((causal & real[:, None]) | itself)[:, None]  # (B, 1, T, S)
 
 
 class Attention(nn.Module):
@@ -113,8 +131,7 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start:start + T] = v
             k_all = cache.k[layer][:, :, :start + T]  # (B, Hkv, S, D)
             v_all = cache.v[layer][:, :, :start + T]
-            # Query i (absolute position start+i) sees keys 0..start+i.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            mask = cache.attention_mask(T, q.device)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
             y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(self.attn_sub_norm(y))
