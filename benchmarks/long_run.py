@@ -12,14 +12,14 @@ run's files:
 What `run` does:
 0. The plan: the seconds each part is expected to take (`plan_budget`: the step rates and per-event costs
    measured in issue 24's calls, by GPU and kind), against --budget-s; it names the --steps that would
-   end on schedule when the default 9,200 (301.5M tokens) would not.
+   end on schedule when the default 9,160 (300.2M tokens) would not.
 1. Corpus: every *.py, *.pyi, *.rst, *.md, *.txt and *.h under the interpreter's site-packages,
    /usr/lib/python3* and /usr/share/doc (symlinks resolved, exact duplicates and non-UTF-8 files
    dropped), shuffled with a fixed seed and packed one file a line into corpus.jsonl by worker
    processes, then tokenized by `bitnet-prepare-data` on every core. The first documents (about 2M
    characters) are the held-out eval set. It is mostly Python code and documentation, not FineWeb-Edu.
    A complete corpus left by an earlier call on the same machine is reused.
-   Meanwhile on the GPU, a warm-up: a two-step run of the same model and shapes on the embedded corpus
+   Meanwhile on the GPU, a warm-up: a four-step run of the same model and shapes on the embedded corpus
    (--warmup; also of --warmup-also's kind) fills the compile and Triton caches, so the trainer starts
    in about 6 s instead of 15-18 s, and its first eval, quant-stats and sample events skip their compiles.
 2. Training: `bitnet-train --preset 95m --data shards:...`, 32 x 1024, the seed's two-stage schedule
@@ -64,14 +64,14 @@ SEED_STEPS = 400_000  # the seed's run: 400k steps x 32 x 1024 = 13.1B tokens
 SEED_TOKENS = SEED_STEPS * 32 * 1024
 SEED_HOURS = 28.0
 PROMPTS = Path(__file__).with_name("long_run_prompts.txt")
-DEFAULT_STEPS = 9200  # 9,200 x 32 x 1024 = 301.5M tokens per model, 1.78 passes over the 169M-token corpus
+DEFAULT_STEPS = 9160  # 9,160 x 32 x 1024 = 300.2M tokens per model, 1.77 passes over the 169M-token corpus
 TERM_GRACE_S = 12.0  # after the guard's SIGTERM: the step, a hook in progress, the stop checkpoint, the exit
 RESERVE_S = 20.0  # the guard fires this long before --budget-s: TERM_GRACE_S, then the status, report, archive
 
 # What the plan (`plan_budget`) expects, from issue 24's calls (benchmarks/RESULTS.md, results/2026-12-06/):
 STEP_TOK_S = {  # trainer step rate at 32 x 1024 by GPU and kind (tok/s, step time only)
-    "H200": {"bitnet": 697_800, "bf16": 641_800},  # the 177M-token runs
-    "H100": {"bitnet": 653_800, "bf16": 601_300},  # bitnet: the merged-code rerun; bf16: H200's ratio (projected)
+    "H200": {"bitnet": 697_800, "bf16": 641_800},  # the 177M-token runs (H200)
+    "H100": {"bitnet": 653_100, "bf16": 606_400},  # the 300M-token runs
 }
 COST_S = {
     "corpus": 40.0,  # pack + tokenize, 16 cores: 47 s (H200 box) and 31 s (H100 box) with the one-process pack
@@ -80,8 +80,8 @@ COST_S = {
     "compile_warm": 6.0,  # ... with the caches of an earlier process (5-6.6 s)
     "eval": 0.19,  # one eval of 256 sequences (steady)
     "eval_first": 3.1,  # the first eval of a process recompiles the blocks without autograd (cold caches)
-    "sample": 1.5,  # one sample event, 5 prompts x 3 modes x 64 tokens: 3.4-4.8 s steady a prompt at a time;
-    # all 15 rows in one batch (64 forwards, not 320) projected at ~1.5 s, not yet measured
+    "sample": 1.2,  # one sample event, 5 prompts x 3 modes x 64 tokens in one batch: 0.79-0.98 s steady, the
+    # first of a process 1.0-3.1 s (H100, 300M-token calls); a prompt at a time it was 3.4-4.8 s
     "quant": 0.06,  # one quant-stats event (BitNet)
     "quant_first": 4.0,  # the first one of a process (Triton compiling the eager norm kernel, cold caches)
     "checkpoint": 2.8,  # 1.14 GB (2.6-3.0 s)
@@ -399,15 +399,15 @@ def warm_marker(work: Path, kind: str) -> Path:
 
 
 def start_warmup(args, work: Path, kind: str):
-    """A two-step run of the same model and shapes on the embedded corpus, while the corpus is built: its
-    compile (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
+    """A four-step run of the same model and shapes on the embedded corpus (four: the fewest steps whose warmup
+    step ends before the stage boundary), while the corpus is built: its compile (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
     loading fill the on-disk caches that the real trainer then reads (a cold start measured 15-18 s of
     compile, a warm one 5-6.6 s). Its checkpoints go to /dev/shm when there is one; it is deleted after."""
     shm = Path("/dev/shm")  # its 3 checkpoints (3.4 GB) need not wait for the disk the corpus is written to
     use_shm = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 8 << 30
     runs = (shm if use_shm else work) / f"long_run_warmup_{kind}_{os.getpid()}"
     flags = ["--preset", args.preset, "--data", "embedded", "--run-id", "warm", "--runs-dir", str(runs),
-             "--overwrite", "--device", args.device, "--batch-size", str(args.batch_size), "--num-steps", "2",
+             "--overwrite", "--device", args.device, "--batch-size", str(args.batch_size), "--num-steps", "4",
              "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "2", "--eval-sequences", "64",
              "--quant-interval", "2", "--sample-interval", "2", "--sample-max-tokens", "2",
              "--sample-prompts", str(PROMPTS), "--checkpoint-interval", "1000", "--quiet",
@@ -430,7 +430,9 @@ def finish_warmup(warm, wait_s: float, work: Path) -> dict:
     shutil.rmtree(warm["runs"], ignore_errors=True)
     if proc.returncode == 0:
         warm_marker(work, warm["kind"]).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n", time.gmtime()))
-    return {"kind": warm["kind"], "rc": proc.returncode, "s": time.time() - warm["start"], "flags": warm["flags"]}
+    lines = Path(warm["log"].name).read_text(errors="replace").strip().splitlines()
+    return {"kind": warm["kind"], "rc": proc.returncode, "s": time.time() - warm["start"], "flags": warm["flags"],
+            "last_line": lines[-1] if lines else ""}
 
 
 def run(args) -> int:
@@ -480,7 +482,8 @@ def run(args) -> int:
     corpus_end = time.time()
     info["warmups"] = [finish_warmup(w, corpus_end + args.warmup_wait_s - time.time(), work) for w in warms]
     for w in info["warmups"]:
-        print(f"[{time.time() - t_start:6.1f}s] warm-up {w['kind']}: exit {w['rc']} after {w['s']:.1f} s", flush=True)
+        print(f"[{time.time() - t_start:6.1f}s] warm-up {w['kind']}: exit {w['rc']} after {w['s']:.1f} s"
+              + ("" if w["rc"] == 0 else f" (caches stay cold; its last line: {w['last_line']})"), flush=True)
     info["caches_warm_at_start"] = caches_warm
 
     runs = work / "runs"
@@ -558,12 +561,48 @@ def pack(work: Path, kind: str, archive: Path) -> None:
 
 # ------------------------------------------------------------------ analysis
 
-def analyze(work: Path, kind: str) -> dict:
-    """Numbers of one model's run from its files (driver, timings, run directories)."""
+def finishing_legs(work: Path, kind: str, legs: list[dict]) -> list[dict]:
+    """Legs the driver did not start: a run its wall-clock guard stopped, finished by hand in the same work
+    directory with the command the trainer printed (`bitnet-train --resume-from <its checkpoint>`). Found
+    through each provenance's resumed_from, in resume order. Their processes were not timed: each counts
+    from its provenance's start_time to its last file (no imports before it, no exit after it)."""
+    found, last = [], legs[-1]["run_id"] if legs else None
+    known = {leg.get("run_id") for leg in legs}
+    while last:
+        nxt = None
+        for d in sorted((work / "runs").glob(f"long_{kind}_r*")):
+            prov = read_json(d / "meta" / "provenance.json")
+            if d.name not in known and Path(prov.get("resumed_from") or "").parent.parent.name == last:
+                nxt = d, prov
+                break
+        if nxt is None:
+            break
+        d, prov = nxt
+        times = [r["time"] for f in ("metrics/scalars.jsonl", "eval/eval_results.jsonl", "samples/samples.jsonl")
+                 for r in read_rows(d / f) if "time" in r]
+        times += [m.stat().st_mtime for m in d.glob("checkpoints/step_*/meta.json")]
+        found.append({"run_id": d.name, "start": prov["start_time"], "end": max(times, default=prov["start_time"]),
+                      "rc": None, "killed": None, "guard_sigterm": None, "untimed": True})
+        known.add(d.name)
+        last = d.name
+    return found
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
+    """Numbers of one model's run from its files (driver, timings, run directories). leg_walls: run id ->
+    seconds, the process wall of a finishing leg measured outside (its files only bound it from below)."""
     work = Path(work)
     info = json.loads((work / f"driver_{kind}.json").read_text())
-    legs = info["legs"]
-    dirs = [work / "runs" / leg["run_id"] for leg in legs if leg.get("run_id")]
+    legs = [leg for leg in info["legs"] if leg.get("run_id")]
+    legs += finishing_legs(work, kind, legs)
+    dirs = [work / "runs" / leg["run_id"] for leg in legs]
     scal = [read_rows(d / "metrics" / "scalars.jsonl") for d in dirs]
     evals = [read_rows(d / "eval" / "eval_results.jsonl") for d in dirs]
     quant = [read_rows(d / "metrics" / "quant.jsonl") for d in dirs]
@@ -573,16 +612,17 @@ def analyze(work: Path, kind: str) -> dict:
     for row in tim:
         if row["ev"] == "proc_start":
             pids.append(row["pid"])
-    resume_step = None
-    if len(dirs) > 1:
-        cfg = json.loads((dirs[1] / "meta" / "provenance.json").read_text())
-        resume_step = int(Path(cfg.get("resumed_from") or "step_0").name.split("_")[-1] or 0)
-    # the merged curve: the first leg up to the resume step, then the resumed leg
-    merged = [r for r in scal[0] if resume_step is None or r["step"] <= resume_step] + (scal[1] if len(scal) > 1 else [])
-    merged_eval = [e for e in evals[0] if resume_step is None or e["step"] <= resume_step] + (
-        evals[1] if len(evals) > 1 else [])
-    merged_quant = [q for q in quant[0] if resume_step is None or q["step"] <= resume_step] + (
-        quant[1] if len(quant) > 1 else [])
+    # where each leg after the first took over: the step of the checkpoint it resumed from
+    starts = [0] + [int(Path(read_json(d / "meta" / "provenance.json").get("resumed_from") or "step_0").name
+                        .split("_")[-1] or 0) for d in dirs[1:]]
+    resume_step = starts[1] if len(dirs) > 1 else None
+
+    def merge(per_leg):
+        """One curve: each leg's rows up to the step the next leg resumed from."""
+        ends = starts[1:] + [None]
+        return [r for rows, end in zip(per_leg, ends) for r in rows if end is None or r["step"] <= end]
+
+    merged, merged_eval, merged_quant = merge(scal), merge(evals), merge(quant)
     last = merged[-1] if merged else {}
     tail = [r for r in merged if r["step"] > last.get("step", 0) - 100]  # the rows of the last 100 steps
     out = {"kind": kind, "gpu": info["gpu"], "started_utc": info["started_utc"], "torch": info["torch"],
@@ -596,10 +636,13 @@ def analyze(work: Path, kind: str) -> dict:
            "peak_gib": max((r.get("mem_gib", 0) for s in scal for r in s), default=None),
            "run_dirs": [d.name for d in dirs], "resumed_after_kill": len(dirs) > 1 and bool(legs[0].get("killed")),
            "killed_at_step": (legs[0].get("killed") or {}).get("step"), "resume_step": resume_step,
-           "guard_sigterm": [leg.get("guard_sigterm") for leg in legs], "exit_codes": [leg["rc"] for leg in legs]}
+           "guard_sigterm": [leg.get("guard_sigterm") for leg in legs], "exit_codes": [leg["rc"] for leg in legs],
+           "untimed_legs": [leg["run_id"] for leg in legs if leg.get("untimed")]}
     # wall time of the trainer processes (process start to exit) and its parts
     proc_start = {r["pid"]: r["t"] for r in tim if r["ev"] == "proc_start"}
-    legs_wall = [leg["end"] - proc_start.get(pid, leg["start"]) for leg, pid in zip(legs, pids)]
+    pid_of = pids + [None] * (len(legs) - len(pids))  # finishing legs ran outside the driver: no pid
+    legs_wall = [(leg_walls or {}).get(leg["run_id"]) or leg["end"] - proc_start.get(pid, leg["start"])
+                 for leg, pid in zip(legs, pid_of)]
     trainer_wall = sum(legs_wall)
     hook_s = {}
     for r in tim:
@@ -613,12 +656,12 @@ def analyze(work: Path, kind: str) -> dict:
     step_ms = statistics.median(r["step_ms"] for s in scal for r in s[1:]) if any(len(s) > 1 for s in scal) else 0.0
     setup, compile_s, steps_s = [], [], 0.0
     redone_s, redone_steps = 0.0, 0
-    for i, (d, pid, rows) in enumerate(zip(dirs, pids, scal)):
+    for i, (d, pid, rows) in enumerate(zip(dirs, pid_of, scal)):
         if not rows:
             continue
-        start_step = resume_step if i else 0
+        start_step = starts[i]
         cfg_t = (d / "meta" / "config.json").stat().st_mtime  # written once data, model and resume are set up
-        setup.append(cfg_t - proc_start[pid])
+        setup.append(max(0.0, cfg_t - proc_start.get(pid, legs[i]["start"])))  # archives keep whole-second mtimes
         train_start = sum(r["s"] for r in tim if r["ev"] == "hook" and r["pid"] == pid and r["fn"] == "on_train_start")
         n_first = rows[0]["step"] - start_step
         # the first row holds the on_train_start hooks, the compile and graph capture, and its steps
@@ -628,7 +671,7 @@ def analyze(work: Path, kind: str) -> dict:
         for r in rows[1:]:
             n = r["step"] - prev
             steps_s += n * r["step_ms"] / 1000
-            if i == 0 and resume_step is not None and len(dirs) > 1 and r["step"] > resume_step:
+            if i + 1 < len(starts) and r["step"] > starts[i + 1]:  # the next leg ran these steps again
                 redone_s += n * r["step_ms"] / 1000
                 redone_steps += n
             prev = r["step"]
@@ -724,6 +767,14 @@ def table(summaries: dict) -> str:
 
 def report(args) -> int:
     summaries = {}
+    leg_walls = {}
+    for item in args.leg_wall:
+        run_id, _, sec = item.partition("=")
+        try:
+            leg_walls[run_id] = float(sec)
+        except ValueError:
+            print(f"error: --leg-wall {item!r}: expected RUN_ID=SECONDS", file=sys.stderr)
+            return 2
     for archive in args.archives:
         dest = Path(args.extract_dir) / Path(archive).name.replace(".tar.gz", "")
         dest.mkdir(parents=True, exist_ok=True)
@@ -731,7 +782,7 @@ def report(args) -> int:
             tar.extractall(dest, filter="data")
         for kind in ("bitnet", "bf16"):
             if (dest / f"driver_{kind}.json").exists():
-                summaries[kind] = analyze(dest, kind)
+                summaries[kind] = analyze(dest, kind, leg_walls)
     result = {"issue": 24, "runs": summaries, "definitions": {
         "tokens": "training tokens at the last step (both processes of the run)",
         "final_eval_loss": "held-out loss at the last step (eval set: the first 256 windows of eval.bin)",
@@ -813,14 +864,14 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="corpus + one model's run, killed and resumed; writes OUT/long_run_<kind>.tar.gz")
     r.add_argument("--kind", choices=["bitnet", "bf16"], required=True)
     r.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"optimizer steps, the same for both models (default {DEFAULT_STEPS:,}: 301.5M tokens)")
-    r.add_argument("--budget-s", type=float, default=585.0, help="wall-clock budget from the script's start")
+                   help=f"optimizer steps, the same for both models (default {DEFAULT_STEPS:,}: 300.2M tokens)")
+    r.add_argument("--budget-s", type=float, default=590.0, help="wall-clock budget from the script's start")
     r.add_argument("--reserve-s", type=float, default=RESERVE_S,
                    help="the wall-clock guard stops the trainer (SIGTERM: checkpoint, exit) this long before the budget")
     r.add_argument("--kill-after", type=int, default=40,
                    help="SIGKILL this many steps past the stage boundary's checkpoint (they are redone)")
     r.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
-                   help="compile a two-step run during the corpus build (auto: when the corpus is built on CUDA)")
+                   help="compile a four-step run during the corpus build (auto: when the corpus is built on CUDA)")
     r.add_argument("--warmup-also", default="", metavar="KIND",
                    help="warm the caches of this kind too (bf16 in the bitnet call: the bf16 call on the same "
                         "machine then starts warm)")
@@ -847,6 +898,8 @@ def main(argv=None) -> int:
     q.add_argument("--json", default="benchmarks/results/long_run.json")
     q.add_argument("--png", default="benchmarks/long_run.png")
     q.add_argument("--extract-dir", default="runs/long_run_report")
+    q.add_argument("--leg-wall", action="append", default=[], metavar="RUN_ID=SECONDS",
+                   help="process wall of a leg run by hand (see finishing_legs), timed outside; repeatable")
     args = p.parse_args(argv)
     return run(args) if args.cmd == "run" else report(args)
 

@@ -1,5 +1,6 @@
 """benchmarks/long_run.py: the corpus packing (which files become documents, which are held out), the plan of
-a call's seconds, a whole call on the CPU (corpus, kill, resume, report) and the report of the 2026-12-06 archives."""
+a call's seconds, the warm-up, a whole call on the CPU (corpus, kill, resume, report) and the reports of the
+2026-12-06 archives (177M and 300M tokens)."""
 
 import importlib.util
 import json
@@ -78,7 +79,7 @@ def test_plan_adds_up_and_names_the_steps_that_fit(capsys):
                                 kill_after=40, tokens_per_step=32768)
     parts = plan["parts_s"]
     assert plan["total_s"] == sum(parts.values()) and plan["tok_s"] == long_run.STEP_TOK_S["H100"]["bitnet"]
-    assert parts["steps (9,200 at 654k tok/s)"] == 9200 * 32768 / 653_800
+    assert parts["steps (9,200 at 653k tok/s)"] == 9200 * 32768 / 653_100
     assert parts["checkpoints (4)"] == 4 * long_run.COST_S["checkpoint"]
     bf16 = long_run.plan_budget(9200, "bf16", "NVIDIA H200", corpus_reused=True, warmup=False, kill_after=40,
                                 tokens_per_step=32768, caches_warm=True)
@@ -136,5 +137,42 @@ def test_report_of_the_2026_12_06_archives_is_the_committed_json(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "report", *map(str, archives), "--json", str(out), "--png", "",
                         "--extract-dir", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(out.read_text()) == json.loads((results / "long_run.json").read_text())
+    assert json.loads(out.read_text()) == json.loads((results / "2026-12-06" / "long_run_177m.json").read_text())
     assert "eval gap bitnet vs bf16: +3.19% (goal: within 5%)" in r.stdout
+
+
+def test_the_warm_up_runs_through_the_trainers_checks(tmp_path, monkeypatch):
+    """The warm-up is a real trainer run: on 2026-12-06 (300M-token call) its two steps failed the stage-boundary
+    check (exit 2), so the trainer compiled cold. It must exit 0 and leave the marker a later call reads."""
+    import argparse
+
+    long_run = load_script()
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = argparse.Namespace(preset="tiny", device="cpu", batch_size=2, seq_len=32)
+    warms = [long_run.start_warmup(args, tmp_path, kind) for kind in ("bitnet", "bf16")]
+    done = [long_run.finish_warmup(w, 300, tmp_path) for w in warms]
+    assert [d["rc"] for d in done] == [0, 0], [d["last_line"] for d in done]
+    assert long_run.warm_marker(tmp_path, "bitnet").exists() and long_run.warm_marker(tmp_path, "bf16").exists()
+    assert not any(w["runs"].exists() for w in warms)  # its run directory (checkpoints) is gone
+
+
+def test_report_of_the_300m_token_archives_is_the_committed_json(tmp_path):
+    """The 300M-token runs (2026-12-06, one H100): BitNet's guard-stopped leg was finished by hand from the
+    guard's checkpoint; the report finds that third leg through its provenance and merges all three."""
+    results = ROOT / "benchmarks" / "results"
+    archives = [results / "2026-12-06-300m" / f"long_run_{kind}.tar.gz" for kind in ("bitnet", "bf16")]
+    out = tmp_path / "long_run.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, str(SCRIPT), "report", *map(str, archives), "--json", str(out), "--png", "",
+                        "--extract-dir", str(tmp_path / "x"), "--leg-wall", "long_bitnet_r9106=21.2"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    assert got == json.loads((results / "long_run.json").read_text())
+    bitnet = got["runs"]["bitnet"]
+    assert bitnet["run_dirs"] == ["long_bitnet", "long_bitnet_r4580", "long_bitnet_r9106"]
+    assert bitnet["untimed_legs"] == ["long_bitnet_r9106"] and bitnet["wall"]["legs_s"][2] == 21.2
+    assert bitnet["steps"] == 9160 and bitnet["final_eval_step"] == 9160 and bitnet["resume_step"] == 4580
+    assert [c["step"] for c in bitnet["curve"]] == sorted({c["step"] for c in bitnet["curve"]})  # no step twice
+    assert "eval gap bitnet vs bf16: +2.46% (goal: within 5%)" in r.stdout
