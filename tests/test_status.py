@@ -510,6 +510,19 @@ def test_a_resumed_run_is_summarized_over_its_legs(two_legs):
     assert "anomalies  4 (latest: " in text and "(1 dumped again by a resumed leg, counted once)" in text
 
 
+def test_each_leg_counts_from_its_process_start_where_provenance_has_it(two_legs):
+    """The 300M-token run (issue 24): provenance is written 8-10 s after the process starts (imports, CUDA,
+    data), and the status's sustained rate was 583k tok/s where the processes' wall gave 544k. A leg's
+    process_start_time counts from there; one later than start_time (a clock oddity) is not believed."""
+    first, second = two_legs
+    prov = json.loads((second / "meta/provenance.json").read_text())
+    (second / "meta/provenance.json").write_text(json.dumps({**prov, "process_start_time": T0 + 291}))
+    s = status.summarize(second, smoothing=70, now=T0 + 400)
+    assert s["elapsed_s"] == pytest.approx(50 + 9 + 10 + 34.5)  # the continuation started 9 s before provenance
+    (second / "meta/provenance.json").write_text(json.dumps({**prov, "process_start_time": T0 + 305}))
+    assert status.summarize(second, smoothing=70, now=T0 + 400)["elapsed_s"] == pytest.approx(50 + 10 + 34.5)
+
+
 def test_a_continuation_behind_the_killed_leg_cuts_its_redone_steps(tmp_path):
     """Resumed from 80 and now at 90: the killed leg's steps 81-100 (rows, samples, quant) were redone and
     are not shown, though the new leg has not reached 100 yet."""

@@ -49,7 +49,9 @@ def test_status_joins_the_legs_of_a_killed_and_resumed_run(tmp_path, capsys):
 
     # elapsed: each leg from its process start to its last row; the tokens from 0
     a, b = rows(first), rows(second)
-    start_a, start_b = (json.loads((leg / "meta/provenance.json").read_text())["start_time"] for leg in (first, second))
+    provs = [json.loads((leg / "meta/provenance.json").read_text()) for leg in (first, second)]
+    start_a, start_b = (p["process_start_time"] for p in provs)  # before imports: earlier than provenance
+    assert all(p["process_start_time"] < p["start_time"] for p in provs)
     elapsed = (a[-1]["time"] - start_a) + (b[-1]["time"] - start_b)
     assert abs(s["elapsed_s"] - elapsed) < 1e-6 and start_a < a[0]["time"] and start_b < b[0]["time"]
     assert abs(s["tok_s_sustained"] - b[-1]["tokens"] / elapsed) < 1e-6

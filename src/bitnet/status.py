@@ -37,7 +37,7 @@ STALL_FACTOR = 5.0  # a last row older than this many typical row intervals is f
 STALL_MIN_S = 60.0  # ... but never sooner than this, so eval or checkpoint pauses don't trip it
 SAMPLE_CHARS = 80
 _PROVENANCE_KEYS = ("git_commit", "git_dirty", "command", "host", "gpu", "torch", "cuda", "seed",
-                    "start_time", "resumed_from")
+                    "start_time", "process_start_time", "resumed_from")
 
 
 class StatusError(Exception):
@@ -199,6 +199,13 @@ def _leg_anomalies(legs: list[dict]) -> tuple[list[tuple[int, str, Path]], int]:
     return unique, total - len(unique)
 
 
+def _leg_start(provenance: dict) -> float | None:
+    """A leg's process start: the process's own start where provenance has it (imports, CUDA start-up and data
+    setup came before provenance was written: 8-10 s a process on the GPU), else when provenance was written."""
+    start, written = _num(provenance.get("process_start_time")), _num(provenance.get("start_time"))
+    return start if start is not None and written is not None and start <= written else written
+
+
 def _leg_spans(legs: list[dict], reader: JsonlReader) -> list[dict]:
     """Each leg's first and last scalar-row times, tokens and steps (all its rows: time spent redoing
     steps counts), and its process start time (provenance)."""
@@ -210,7 +217,7 @@ def _leg_spans(legs: list[dict], reader: JsonlReader) -> list[dict]:
         last = next(((r, t) for r in reversed(rows) if (t := _num(r.get("time"))) is not None), None)
         span = {"run_id": leg["dir"].name, "resumed_step": leg["resumed_step"], "rows": len(rows),
                 "first_step": rows[0]["step"] if rows else None, "last_step": rows[-1]["step"] if rows else None,
-                "start_time": _num(leg["provenance"].get("start_time")), "first_time": None, "last_time": None}
+                "start_time": _leg_start(leg["provenance"]), "first_time": None, "last_time": None}
         if first:
             span.update(first_time=first[1], last_time=last[1], first_tokens=_int(first[0].get("tokens")))
         spans.append(span)

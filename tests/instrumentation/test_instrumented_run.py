@@ -2,6 +2,7 @@
 instrumentation that never changes training (bit-identical losses and weights on CPU)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,14 @@ def test_same_seed_same_samples_in_two_processes(two_prompts):
     assert outputs[0] == outputs[1]
     assert len(outputs[0]) == 2 * 3
     assert len({tuple(ids) for _, ids, _ in outputs[0]}) == 6  # and the samples really differ
+
+
+def test_process_start_time_is_the_process_start_not_the_call():
+    """provenance.process_start_time: what /proc says, so the seconds a trainer spends before writing its
+    provenance (imports, CUDA, data) count in a run's wall time."""
+    code = ("import time; time.sleep(1.0); from bitnet.instrumentation.provenance import process_start_time; "
+            "t = process_start_time(); print(time.time() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
+    assert out.returncode == 0, out.stderr
+    assert 1.0 <= float(out.stdout) < 60.0

