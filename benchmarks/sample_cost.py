@@ -1,4 +1,5 @@
-"""GPU: what a sample event costs, the first and the second of a process, decoding with and without cuDNN attention.
+"""GPU: what a sample event costs, the first and the second of a process: all prompts in one batch (the hook now)
+against a prompt at a time, decoding with and without cuDNN attention.
 
     PYTHONPATH=src python benchmarks/sample_cost.py --out $OUT/sample_cost.json          # ~60-80 s on an H100
     PYTHONPATH=src python benchmarks/sample_cost.py --kinds bitnet,bf16 --out ...          # ~2 min: both models
@@ -11,11 +12,12 @@ both ways in one process per model kind:
 
 1. the 95m model (random init), compiled for training as the trainer does (`compile_step`), trained
    --train-steps steps at 8 x 1024 (the first one compiles);
-2. sample events as the sample hook runs them (the long run's 5 prompts x greedy/typical/stress as one
-   batch of three rows, up to 64 tokens), one training step before each so BitLinear's weight caches
-   are rebuilt as in training, in this order:
-     after   event 1, event 2: decoding without cuDNN attention (the code as it is);
-     before  event 1, event 2: PyTorch's own pick, cuDNN included (the code as it was).
+2. sample events (the long run's 5 prompts x greedy/typical/stress, up to 64 tokens), one training step
+   before each so BitLinear's weight caches are rebuilt as in training, in the order given:
+     batched  all 15 rows in one batch, as the sample hook runs them now (`sample_rows`): 64 forwards;
+     after    a prompt at a time (three rows a batch; 320 forwards), without cuDNN attention: the hook
+              before the batching;
+     before   a prompt at a time with PyTorch's own pick, cuDNN included: the hook before issue 24's fix.
    "after" runs first, so its first event pays every one-off of the process (Triton compiling the
    eager kernels for the decode shapes, lazy CUDA module loading); "before"'s first event then adds
    what cuDNN's per-shape graphs cost. --separate runs each variant in its own process instead.
@@ -39,7 +41,7 @@ from functools import partial
 from pathlib import Path
 
 PROMPTS = Path(__file__).with_name("long_run_prompts.txt")
-VARIANTS = ("after", "before")
+VARIANTS = ("batched", "after", "before")
 
 
 def sdpa_choice(cfg, device, dtype, backends, query_len: int, key_len: int) -> str:
@@ -80,11 +82,15 @@ class ForwardTimer:
         self.rows.append((*self._shape, time.perf_counter() - self._t0))
 
 
-def sample_event(model, tok, prompts, step: int, max_new_tokens: int, autocast, backends) -> list[list[int]]:
-    """What SampleHook does at a sample step (sample_rows' calls), with the attention backends given."""
+def sample_event(model, tok, prompts, step: int, max_new_tokens: int, autocast, backends,
+                 batched: bool = False) -> list[list[int]]:
+    """A sample step's decoding: batched, the sample hook's own call; else a prompt at a time with the
+    attention backends given (the hook as it was)."""
     from bitnet.generation import MODES, generate_batch
-    from bitnet.instrumentation.samples import sample_seed
+    from bitnet.instrumentation.samples import sample_rows, sample_seed
 
+    if batched:
+        return [r["token_ids"] for r in sample_rows(model, tok, prompts, step, 0, max_new_tokens, autocast)]
     tokens = []
     for i, prompt in enumerate(prompts):
         ids = tok.encode(prompt, add_bos=True)
@@ -144,14 +150,15 @@ def child(args) -> int:
            "train_steps": args.train_steps, "more_train_steps_s": more_steps_s, "variants": {}}
     step = 0
     for variant in args.variants.split(","):
-        backends = DECODE_SDPA_BACKENDS if variant == "after" else None
+        backends = None if variant == "before" else DECODE_SDPA_BACKENDS
         seen, events = set(), []
         for _ in range(args.events):
             train(1)  # the weights change between sample events, as in training
             step += 1
             timer.rows.clear()
             t0 = time.perf_counter()
-            tokens = sample_event(model, tok, prompts, step, args.max_new_tokens, autocast, backends)
+            tokens = sample_event(model, tok, prompts, step, args.max_new_tokens, autocast, backends,
+                                  batched=variant == "batched")
             seconds = time.perf_counter() - t0
             new = [r for r in timer.rows if (r[0], r[1]) not in seen]
             seen.update((r[0], r[1]) for r in timer.rows)
@@ -208,7 +215,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kinds", default="bitnet", help="comma-separated: bitnet, bf16 (one process each)")
-    p.add_argument("--variants", default="after,before", help="in this order, in one process")
+    p.add_argument("--variants", default="batched,after,before", help="in this order, in one process")
     p.add_argument("--separate", action="store_true", help="each variant in its own process (one compile more each)")
     p.add_argument("--events", type=int, default=2, help="sample events per variant")
     p.add_argument("--preset", default="95m")
