@@ -75,7 +75,8 @@ STEP_TOK_S = {  # trainer step rate at 32 x 1024 by GPU and kind (tok/s, step ti
 }
 COST_S = {
     "corpus": 40.0,  # pack + tokenize, 16 cores: 47 s (H200 box) and 31 s (H100 box) with the one-process pack
-    "setup": 13.0,  # a trainer process from its start to its run directory (11-15 s; a resume loads 1.1 GB more)
+    "setup": 9.0,  # a trainer process from its start to its run directory (H100 box, 300M-token calls: 7.3-9.2 s,
+    # a resume loading 1.1 GB included; the H200 box of the 177M-token calls: 11-15 s)
     "compile": 17.0,  # compile and capture, cold caches (15-18 s)
     "compile_warm": 6.0,  # ... with the caches of an earlier process (5-6.6 s)
     "eval": 0.19,  # one eval of 256 sequences (steady)
