@@ -400,8 +400,8 @@ def warm_marker(work: Path, kind: str) -> Path:
 
 
 def start_warmup(args, work: Path, kind: str):
-    """A four-step run of the same model and shapes on the embedded corpus (four: the fewest steps whose warmup
-    step ends before the stage boundary), while the corpus is built: its compile (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
+    """A four-step run of the same model and shapes on the embedded corpus (two steps put the stage boundary at
+    step 1, where the trainer refuses a warmup of 1 step), while the corpus is built: its compile (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
     loading fill the on-disk caches that the real trainer then reads (a cold start measured 15-18 s of
     compile, a warm one 5-6.6 s). Its checkpoints go to /dev/shm when there is one; it is deleted after."""
     shm = Path("/dev/shm")  # its 3 checkpoints (3.4 GB) need not wait for the disk the corpus is written to
@@ -566,7 +566,8 @@ def finishing_legs(work: Path, kind: str, legs: list[dict]) -> list[dict]:
     """Legs the driver did not start: a run its wall-clock guard stopped, finished by hand in the same work
     directory with the command the trainer printed (`bitnet-train --resume-from <its checkpoint>`). Found
     through each provenance's resumed_from, in resume order. Their processes were not timed: each counts
-    from its provenance's start_time to its last file (no imports before it, no exit after it)."""
+    from its process start (provenance's process_start_time; start_time where that is missing, which
+    leaves out the imports before it) to its last file (not its exit), unless `report --leg-wall` gives it."""
     found, last = [], legs[-1]["run_id"] if legs else None
     known = {leg.get("run_id") for leg in legs}
     while last:
@@ -582,7 +583,8 @@ def finishing_legs(work: Path, kind: str, legs: list[dict]) -> list[dict]:
         times = [r["time"] for f in ("metrics/scalars.jsonl", "eval/eval_results.jsonl", "samples/samples.jsonl")
                  for r in read_rows(d / f) if "time" in r]
         times += [m.stat().st_mtime for m in d.glob("checkpoints/step_*/meta.json")]
-        found.append({"run_id": d.name, "start": prov["start_time"], "end": max(times, default=prov["start_time"]),
+        start = prov.get("process_start_time") or prov["start_time"]
+        found.append({"run_id": d.name, "start": start, "end": max(times, default=start), "pid": None,
                       "rc": None, "killed": None, "guard_sigterm": None, "untimed": True})
         known.add(d.name)
         last = d.name
@@ -601,18 +603,18 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
     seconds, the process wall of a finishing leg measured outside (its files only bound it from below)."""
     work = Path(work)
     info = json.loads((work / f"driver_{kind}.json").read_text())
-    legs = [leg for leg in info["legs"] if leg.get("run_id")]
-    legs += finishing_legs(work, kind, legs)
+    tim = read_rows(work / f"timings_{kind}.jsonl")
+    pids = [row["pid"] for row in tim if row["ev"] == "proc_start"]
+    # each leg the driver started is one process, in order (one that died before making its run directory
+    # has no run_id but its wall time); legs finished by hand have no pid
+    procs = [{**leg, "pid": pids[i] if i < len(pids) else None} for i, leg in enumerate(info["legs"])]
+    procs += finishing_legs(work, kind, [leg for leg in procs if leg.get("run_id")])
+    legs = [leg for leg in procs if leg.get("run_id")]  # the legs with a run directory
     dirs = [work / "runs" / leg["run_id"] for leg in legs]
     scal = [read_rows(d / "metrics" / "scalars.jsonl") for d in dirs]
     evals = [read_rows(d / "eval" / "eval_results.jsonl") for d in dirs]
     quant = [read_rows(d / "metrics" / "quant.jsonl") for d in dirs]
     samples = [read_rows(d / "samples" / "samples.jsonl") for d in dirs]
-    tim = read_rows(work / f"timings_{kind}.jsonl")
-    pids = []
-    for row in tim:
-        if row["ev"] == "proc_start":
-            pids.append(row["pid"])
     # where each leg after the first took over: the step of the checkpoint it resumed from
     starts = [0] + [int(Path(read_json(d / "meta" / "provenance.json").get("resumed_from") or "step_0").name
                         .split("_")[-1] or 0) for d in dirs[1:]]
@@ -637,13 +639,13 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
            "peak_gib": max((r.get("mem_gib", 0) for s in scal for r in s), default=None),
            "run_dirs": [d.name for d in dirs], "resumed_after_kill": len(dirs) > 1 and bool(legs[0].get("killed")),
            "killed_at_step": (legs[0].get("killed") or {}).get("step"), "resume_step": resume_step,
-           "guard_sigterm": [leg.get("guard_sigterm") for leg in legs], "exit_codes": [leg["rc"] for leg in legs],
-           "untimed_legs": [leg["run_id"] for leg in legs if leg.get("untimed")]}
+           "guard_sigterm": [leg.get("guard_sigterm") for leg in procs], "exit_codes": [leg["rc"] for leg in procs],
+           "untimed_legs": [leg["run_id"] for leg in procs if leg.get("untimed")]}
     # wall time of the trainer processes (process start to exit) and its parts
     proc_start = {r["pid"]: r["t"] for r in tim if r["ev"] == "proc_start"}
-    pid_of = pids + [None] * (len(legs) - len(pids))  # finishing legs ran outside the driver: no pid
-    legs_wall = [(leg_walls or {}).get(leg["run_id"]) or leg["end"] - proc_start.get(pid, leg["start"])
-                 for leg, pid in zip(legs, pid_of)]
+    walls = leg_walls or {}
+    legs_wall = [walls[leg["run_id"]] if leg.get("run_id") in walls else leg["end"] - proc_start.get(leg["pid"], leg["start"])
+                 for leg in procs]
     trainer_wall = sum(legs_wall)
     hook_s = {}
     for r in tim:
@@ -657,12 +659,12 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
     step_ms = statistics.median(r["step_ms"] for s in scal for r in s[1:]) if any(len(s) > 1 for s in scal) else 0.0
     setup, compile_s, steps_s = [], [], 0.0
     redone_s, redone_steps = 0.0, 0
-    for i, (d, pid, rows) in enumerate(zip(dirs, pid_of, scal)):
+    for i, (d, leg, rows) in enumerate(zip(dirs, legs, scal)):
         if not rows:
             continue
-        start_step = starts[i]
+        pid, start_step = leg["pid"], starts[i]
         cfg_t = (d / "meta" / "config.json").stat().st_mtime  # written once data, model and resume are set up
-        setup.append(max(0.0, cfg_t - proc_start.get(pid, legs[i]["start"])))  # archives keep whole-second mtimes
+        setup.append(max(0.0, cfg_t - proc_start.get(pid, leg["start"])))  # archives keep whole-second mtimes
         train_start = sum(r["s"] for r in tim if r["ev"] == "hook" and r["pid"] == pid and r["fn"] == "on_train_start")
         n_first = rows[0]["step"] - start_step
         # the first row holds the on_train_start hooks, the compile and graph capture, and its steps
@@ -774,6 +776,8 @@ def report(args) -> int:
         try:
             leg_walls[run_id] = float(sec)
         except ValueError:
+            leg_walls[run_id] = -1.0
+        if not run_id or leg_walls[run_id] < 0:
             print(f"error: --leg-wall {item!r}: expected RUN_ID=SECONDS", file=sys.stderr)
             return 2
     for archive in args.archives:
@@ -784,6 +788,11 @@ def report(args) -> int:
         for kind in ("bitnet", "bf16"):
             if (dest / f"driver_{kind}.json").exists():
                 summaries[kind] = analyze(dest, kind, leg_walls)
+    unmatched = sorted(set(leg_walls) - {run_id for s in summaries.values() for run_id in s["untimed_legs"]})
+    if unmatched:
+        print(f"error: --leg-wall {unmatched[0]}: no leg of that run id was finished by hand in these archives",
+              file=sys.stderr)
+        return 2
     result = {"issue": 24, "runs": summaries, "definitions": {
         "tokens": "training tokens at the last step (both processes of the run)",
         "final_eval_loss": "held-out loss at the last step (eval set: the first 256 windows of eval.bin)",
@@ -794,6 +803,9 @@ def report(args) -> int:
         "tok_s_steps_median": "median tok_s of the scalars rows after each process's first (step time only)",
         "peak_gib": "max of torch.cuda.max_memory_allocated over the rows",
         "resumed_after_kill": "the first trainer process got SIGKILL and --resume-from auto finished the run",
+        "untimed_legs": "legs run by hand after the driver's guard stopped the run (bitnet-train --resume-from the "
+                        "guard's checkpoint): no hook or checkpoint timings, so beyond their steps their wall time "
+                        "(report --leg-wall, else process start to last file) counts as 'other'",
         "seed_run_projection": "400k steps at this step time and these steady per-event costs at the seed's "
                                "default intervals: a projection"}}
     if "bitnet" in summaries and "bf16" in summaries:

@@ -18,9 +18,10 @@ both ways in one process per model kind:
      after    a prompt at a time (three rows a batch; 320 forwards), without cuDNN attention: the hook
               before the batching;
      before   a prompt at a time with PyTorch's own pick, cuDNN included: the hook before issue 24's fix.
-   "after" runs first, so its first event pays every one-off of the process (Triton compiling the
-   eager kernels for the decode shapes, lazy CUDA module loading); "before"'s first event then adds
-   what cuDNN's per-shape graphs cost. --separate runs each variant in its own process instead.
+   The first variant's first event pays every one-off of the process (Triton compiling the eager
+   kernels for the decode shapes, lazy CUDA module loading): compare first events across variants
+   only with --separate, which runs each variant in its own process; "before"'s first event adds what
+   cuDNN's per-shape graphs cost. The batched event also times sample_rows' text decoding (about 1 ms).
 
 Every forward is timed (synchronized) with its query and key length; the table gives each event's
 seconds, how many forwards met a shape new to that variant and the seconds those took, and the slowest

@@ -176,3 +176,9 @@ def test_report_of_the_300m_token_archives_is_the_committed_json(tmp_path):
     assert bitnet["steps"] == 9160 and bitnet["final_eval_step"] == 9160 and bitnet["resume_step"] == 4580
     assert [c["step"] for c in bitnet["curve"]] == sorted({c["step"] for c in bitnet["curve"]})  # no step twice
     assert "eval gap bitnet vs bf16: +2.46% (goal: within 5%)" in r.stdout
+    for bad, message in (("long_bitnet_r4580=9", "--leg-wall long_bitnet_r4580: no leg of that run id was finished"),
+                         ("long_bitnet_r9106=soon", "--leg-wall 'long_bitnet_r9106=soon': expected RUN_ID=SECONDS")):
+        r = subprocess.run([sys.executable, str(SCRIPT), "report", str(archives[0]), "--json", str(tmp_path / "b.json"),
+                            "--png", "", "--extract-dir", str(tmp_path / "y"), "--leg-wall", bad],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().startswith(f"error: {message}"), r.stderr

@@ -46,9 +46,9 @@ DECODE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 Each decoded token attends over one more cached key, so each token brings an attention shape not seen
 before. PyTorch 2.9+ tries cuDNN's attention first on H100/H200 (cuDNN > 9.15), and cuDNN builds an
 execution graph for every new shape (cached per process; PyTorch's opt-in TORCH_CUDNN_SDPA_AVOID_RECOMPILE
-exists for this). A sample event of the long run (5 prompts, up to 64 tokens) meets 70 new shapes: its
-first event in each process cost 14-25 s against 3-5 s for the next ones, which meet the same shapes
-again (issue 24; about 0.2 s a shape; benchmarks/sample_cost.py times both ways). Flash, efficient and
+exists for this). A sample event of the long run (5 prompts, up to 64 tokens), a prompt at a time, met 70
+new shapes (65 since the prompts go in one batch): its first event in each process cost 14-25 s against
+3-5 s for the next ones, which meet the same shapes again (issue 24; about 0.2 s a shape; benchmarks/sample_cost.py times both ways). Flash, efficient and
 math attention need no per-shape setup. Off CUDA the choice among flash and math is unchanged."""
 
 
@@ -131,7 +131,10 @@ def generate_batch(model: Transformer, prompt_ids: list[int] | list[list[int]], 
     Decoding is hundreds of small kernel launches per token whatever the batch, so one batch of all
     rows costs about what one row does (a sample event of 5 prompts: 64 forwards instead of 320).
     Each row draws from its own generator, so a row's tokens depend only on its prompt, mode and seed
-    (rows share nothing but the batch). A row that reaches EOS stops growing while the others go
+    (rows share nothing but the batch) in exact arithmetic; in floating point its logits also move with
+    the batch's shape (its GEMMs and its padding's position shift), about 1e-5 relative in fp32 and more in
+    bf16, which can flip a near-tie: samples are comparable across steps of one run, not bit for bit with a
+    prompt decoded alone or beside other prompts. A row that reaches EOS stops growing while the others go
     on. on_token(row, id) is called for each token a row keeps.
     threads: torch CPU threads while decoding on the CPU. Decoding is hundreds of tiny ops per
     token, which one thread runs fastest: on a busy 2-core machine, two threads made a sample round
@@ -144,8 +147,10 @@ def generate_batch(model: Transformer, prompt_ids: list[int] | list[list[int]], 
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode {unknown[0]!r} (known: {', '.join(MODES)})")
-    per_row = bool(prompt_ids) and isinstance(prompt_ids[0], list)
-    prompts = [list(p) for p in prompt_ids] if per_row else [list(prompt_ids)] * len(modes)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    per_row = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
+    prompts = [list(p) for p in prompt_ids] if per_row else [list(prompt_ids) for _ in modes]
     if len(prompts) != len(modes):
         raise ValueError(f"give one prompt per row: {len(prompts)} prompts for {len(modes)} modes")
     if not all(prompts):

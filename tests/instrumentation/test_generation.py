@@ -103,6 +103,55 @@ def test_prompts_of_different_lengths_in_one_batch_match_each_alone(model):
         generate_batch(model, [PROMPT, []], ["greedy", "greedy"], [0, 1], 4)
 
 
+def test_padding_ids_and_positions_never_reach_a_real_row(model):
+    """Whatever the padding holds, a padded row's logits are its prompt's alone, in the prefill and in every
+    decode step (one query over a longer cache each time)."""
+    prompt, pad = PROMPT[:3], 4
+    follow = [11, 22, 33]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        alone = model(torch.tensor([prompt + follow]))[0]  # (6, vocab), no cache
+        for trial in range(2):
+            junk = torch.randint(0, model.cfg.vocab_size, (pad,), generator=gen).tolist()
+            cache = KVCache.empty(model.cfg, 2, pad + 6, "cpu", torch.float32, left_pad=[pad, 0])
+            other = [5, 6, 7, 8] + prompt  # a row of pad + 3 real ids, no padding
+            first = model(torch.tensor([junk + prompt, other]), cache=cache)  # prefill
+            torch.testing.assert_close(first[0, pad:], alone[:3], atol=1e-4, rtol=1e-4)
+            for t, token in enumerate(follow):  # decode: row 0 continues its prompt
+                step = model(torch.tensor([[token], [token]]), cache=cache)
+                torch.testing.assert_close(step[0, 0], alone[3 + t], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_batch_refuses_no_tokens_and_takes_tuples(model):
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        generate_batch(model, PROMPT, ["greedy"], [0], 0)
+    rows = generate_batch(model, [tuple(PROMPT), tuple(PROMPT[:2])], ["greedy", "greedy"], [0, 0], 3)
+    assert rows[0].token_ids == generate(model, PROMPT, "greedy", 3).token_ids
+    shared = generate_batch(model, PROMPT, ["greedy", "typical"], [0, 1], 2)
+    assert shared[0].prompt_ids == PROMPT and shared[0].prompt_ids is not shared[1].prompt_ids
+
+
+def test_sample_batches_stay_under_the_scores_limit(model, monkeypatch):
+    """BATCH_SCORES caps rows x heads x longest prompt^2 of a batch: prompts split into batches in their
+    order, the rows (order, seeds, greedy tokens) as with one batch."""
+    import bitnet.instrumentation.samples as samples
+
+    prompts = ["The state of", "Science", "ab", "A longer prompt here"]
+    whole = sample_rows(model, TinyTok(), prompts, step=3, seed=1, max_new_tokens=5)
+    sizes, real = [], samples.generate_batch
+    monkeypatch.setattr(samples, "generate_batch",
+                        lambda m, ids, *a, **k: sizes.append([len(p) for p in ids]) or real(m, ids, *a, **k))
+    heads = model.cfg.n_heads
+    monkeypatch.setattr(samples, "BATCH_SCORES", 6 * heads * 13 ** 2)  # two prompts of up to 13 ids a batch
+    split = sample_rows(model, TinyTok(), prompts, step=3, seed=1, max_new_tokens=5)
+    # ids: 13, 8, 3 and 21: 13 and 8 fit (6 rows); with 3 it would be 9 rows at 13^2: a new batch; 21 alone
+    assert [sorted(set(b)) for b in sizes] == [[8, 13], [3], [21]]
+    assert [(r["prompt_index"], r["mode"], r["seed"]) for r in split] == [
+        (r["prompt_index"], r["mode"], r["seed"]) for r in whole]
+    assert [r["token_ids"] for r in split if r["mode"] == "greedy"] == [
+        r["token_ids"] for r in whole if r["mode"] == "greedy"]
+
+
 @pytest.mark.gpu
 def test_prompts_of_different_lengths_in_one_batch_on_gpu(model):
     """The same on CUDA in bf16 autocast, where the decoding's attention runs flash/efficient/math with the

@@ -17,14 +17,14 @@ PACKAGES = ["torch", "numpy", "tokenizers", "datasets", "safetensors", "triton",
 
 def process_start_time() -> float | None:
     """When this process started (Unix time), from /proc on Linux; None elsewhere. A trainer's provenance is
-    written after its imports, CUDA start-up and data setup (8-10 s on the GPU), which a run's wall time holds."""
+    written after its imports, CUDA start-up and data setup (8-10 s on the GPU), which a run's wall time holds.
+    Now minus the process's age by the system's uptime (10 ms ticks; /proc/stat's boot time is whole seconds)."""
     try:
         stat = Path("/proc/self/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         ticks = float(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 

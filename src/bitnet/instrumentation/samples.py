@@ -16,6 +16,12 @@ from bitnet.run import layout
 from bitnet.run.jsonl import JsonlWriter
 
 
+BATCH_SCORES = 1 << 26
+"""The most prefill attention scores (rows x heads x longest prompt^2) one sample batch may make: with the
+padding mask, attention on CUDA takes the math backend, which holds them all (256 MiB in fp32). The long
+run's 15 rows of prompts up to 8 tokens make 11,520; prompts of 1,000 tokens go a prompt at a time."""
+
+
 def load_prompts(path: str = "") -> list[str]:
     """Prompts of a file (one a line; blank lines and '#' comments skipped); "" reads the packaged default."""
     if path:
@@ -48,16 +54,25 @@ def sample_rows(model, tok, prompts: list[str], step: int, seed: int, max_new_to
                 autocast=contextlib.nullcontext) -> list[dict]:
     """One row per (prompt, mode), in prompt then mode order: the samples.jsonl format.
 
-    Every prompt with room for max_new_tokens in the context is decoded in one batch (prompts x modes rows);
-    a prompt without that room goes alone, with the tokens its context leaves."""
+    Prompts with room for max_new_tokens in the context are decoded together (prompts x modes rows in a batch,
+    as many prompts as BATCH_SCORES allows); a prompt without that room goes alone, with the tokens its
+    context leaves."""
     prompt_ids = [tok.encode(prompt, add_bos=True) for prompt in prompts]
     context = model.cfg.max_seq_len
     for i, ids in enumerate(prompt_ids):
         if len(ids) >= context:
             raise ValueError(f"sample prompt {i} ({len(ids)} tokens) fills the model's context")
-    roomy = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens <= context]
-    groups = ([roomy] if roomy else []) + [[i] for i in range(len(prompts)) if i not in roomy]
     modes = list(MODES)
+    roomy = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens <= context]
+    groups = []
+    for i in roomy:  # in prompt order; a new batch where the next prompt would pass the scores' limit
+        if groups:
+            longest = max(len(prompt_ids[j]) for j in groups[-1] + [i])
+            if (len(groups[-1]) + 1) * len(modes) * model.cfg.n_heads * longest ** 2 <= BATCH_SCORES:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    groups += [[i] for i in range(len(prompts)) if i not in roomy]
     gens = {}
     for group in groups:
         budget = min(max_new_tokens, context - max(len(prompt_ids[i]) for i in group))

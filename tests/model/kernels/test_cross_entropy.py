@@ -107,7 +107,7 @@ def chunked_against_whole(device: str, m: int, d: int, v: int, chunk_rows: int, 
     assert torch.equal(l0, l1)  # the loss rows do not depend on the chunking
     # each row's G @ W alone: exact on the CPU; cuBLAS picks another algorithm (reduction order) for a GEMM of
     # fewer rows, measured 3.1e-4 on an H100 at 1024 of 4096 rows in bf16 (one bf16 rounding is 3.9e-3)
-    assert rel(gx1, gx0) < (1e-6 if device == "cpu" else 2e-3)
+    assert rel(gx1, gx0) < (2e-3 if device != "cpu" and dt == torch.bfloat16 else 1e-6)
     assert rel(gw1, gw0) < (1e-2 if dt == torch.bfloat16 else 1e-6)  # chunks summed in fp32
 
 
