@@ -22,6 +22,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reaso
 GPU_DTYPES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
 
 
+def small_model_batch(vocab: int, n_layers: int, n_heads: int, n_kv_heads: int, data_seed: int):
+    """A small model (width 32, 16 positions, init seed 0) and a batch of 2 sequences with next-token targets."""
+    from bitnet.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      ffn_dim=64, max_seq_len=16)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    idx = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(data_seed))
+    return model, idx, idx.roll(-1, dims=1)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet.model import ModelConfig, Transformer
 from bitnet.model.kernels import CrossEntropyLaunch, cross_entropy
 from bitnet.model.kernels.references import IGNORE_INDEX, head_cross_entropy_reference
 from bitnet.model.llama import head_cross_entropy
-from tests.model.kernels.helpers import cuda, head_inputs, interpreter, rel
+from tests.model.kernels.helpers import cuda, head_inputs, interpreter, rel, small_model_batch
 
 
 def test_head_cross_entropy_fallback_is_the_reference():
@@ -24,11 +23,7 @@ def test_head_cross_entropy_fallback_is_the_reference():
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():
-    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
-    y = idx.roll(-1, dims=1)
+    model, idx, y = small_model_batch(vocab=97, n_layers=1, n_heads=2, n_kv_heads=1, data_seed=1)
     logits = model(idx)
     torch.testing.assert_close(model(idx, targets=y), F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1)))
 

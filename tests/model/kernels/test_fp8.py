@@ -11,7 +11,7 @@ from bitnet.model.bitlinear import ternary_parts
 from bitnet.model.kernels import KernelChoice, fp8, use_kernels
 from bitnet.model.kernels.references import IGNORE_INDEX, head_cross_entropy_reference
 from bitnet.model.kernels.common import INTERPRET
-from tests.model.kernels.helpers import cuda, head_inputs, interpreter, rel
+from tests.model.kernels.helpers import cuda, head_inputs, interpreter, rel, small_model_batch
 
 ALL_ON = KernelChoice(fp8_head=True, fp8_grad_input=True, fp8_grad_weight=True)
 
@@ -47,11 +47,7 @@ def _loss_and_grads(model, idx, y):
 
 
 def test_off_cuda_the_switches_leave_training_bit_identical():
-    cfg = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    y = idx.roll(-1, dims=1)
+    model, idx, y = small_model_batch(vocab=128, n_layers=2, n_heads=4, n_kv_heads=2, data_seed=0)
     loss0, grads0 = _loss_and_grads(model, idx, y)
     with use_kernels(ALL_ON):
         loss1, grads1 = _loss_and_grads(model, idx, y)
