@@ -400,8 +400,9 @@ def warm_marker(work: Path, kind: str) -> Path:
 
 
 def start_warmup(args, work: Path, kind: str):
-    """A four-step run of the same model and shapes on the embedded corpus (two steps put the stage boundary at
-    step 1, where the trainer refuses a warmup of 1 step), while the corpus is built: its compile (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
+    """A four-step run of the same model and shapes on the embedded corpus (two steps put the stage boundary
+    at step 1, where the trainer refuses a warmup of 1 step), while the corpus is built: its compile
+    (training and eval), the eager Triton kernels of quant stats and sampling, and CUDA's lazy
     loading fill the on-disk caches that the real trainer then reads (a cold start measured 15-18 s of
     compile, a warm one 5-6.6 s). Its checkpoints go to /dev/shm when there is one; it is deleted after."""
     shm = Path("/dev/shm")  # its 3 checkpoints (3.4 GB) need not wait for the disk the corpus is written to
@@ -644,8 +645,8 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
     # wall time of the trainer processes (process start to exit) and its parts
     proc_start = {r["pid"]: r["t"] for r in tim if r["ev"] == "proc_start"}
     walls = leg_walls or {}
-    legs_wall = [walls[leg["run_id"]] if leg.get("run_id") in walls else leg["end"] - proc_start.get(leg["pid"], leg["start"])
-                 for leg in procs]
+    legs_wall = [walls[leg["run_id"]] if leg.get("run_id") in walls
+                 else leg["end"] - proc_start.get(leg["pid"], leg["start"]) for leg in procs]
     trainer_wall = sum(legs_wall)
     hook_s = {}
     for r in tim:

@@ -48,8 +48,8 @@ before. PyTorch 2.9+ tries cuDNN's attention first on H100/H200 (cuDNN > 9.15), 
 execution graph for every new shape (cached per process; PyTorch's opt-in TORCH_CUDNN_SDPA_AVOID_RECOMPILE
 exists for this). A sample event of the long run (5 prompts, up to 64 tokens), a prompt at a time, met 70
 new shapes (65 since the prompts go in one batch): its first event in each process cost 14-25 s against
-3-5 s for the next ones, which meet the same shapes again (issue 24; about 0.2 s a shape; benchmarks/sample_cost.py times both ways). Flash, efficient and
-math attention need no per-shape setup. Off CUDA the choice among flash and math is unchanged."""
+3-5 s for the next ones, which meet the same shapes again (issue 24; about 0.2 s a shape;
+benchmarks/sample_cost.py times both ways). Flash, efficient and math attention need no per-shape setup. Off CUDA the choice among flash and math is unchanged."""
 
 
 def stable_seed(*parts) -> int:
