@@ -6,6 +6,8 @@ run's files:
 
     PYTHONPATH=src python benchmarks/long_run.py run --kind bitnet --warmup-also bf16 --out $OUT
     PYTHONPATH=src python benchmarks/long_run.py run --kind bf16 --out $OUT   # same machine: corpus, caches reused
+    # only if the wall-clock guard stopped a run (it says so): same machine, within the next call
+    PYTHONPATH=src python benchmarks/long_run.py finish --kind bitnet --out $OUT
     # here, from the two archives: benchmarks/results/long_run.json, the plot and the table
     python benchmarks/long_run.py report A/long_run_bitnet.tar.gz B/long_run_bf16.tar.gz
 
@@ -31,7 +33,8 @@ What `run` does:
    <id>_r<step>. The steps between the checkpoint and the kill run twice: their losses are compared.
 4. A wall-clock guard: --reserve-s (20 s) before --budget-s the trainer gets SIGTERM (it saves a
    checkpoint and exits), 12 s later SIGKILL, so that the report and the archive are always written;
-   the last lines say how many tokens the run reached of those planned.
+   the last lines say how many tokens the run reached of those planned, and how to `finish` a run it stopped
+   (`--resume-from auto` once more, a third timed leg; `--sigterm-at` injects that stop for tests).
 
 The trainer runs in a child process (`_train`) that times every hook at its event steps and every
 checkpoint write into timings.jsonl, line by line, so a SIGKILL loses none of it.
@@ -308,8 +311,9 @@ def newest(paths) -> Path:
 
 
 def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_start: float,
-          term_grace_s: float = TERM_GRACE_S) -> dict:
-    """Wait for the trainer; SIGKILL it at kill_step, SIGTERM it past guard_at (SIGKILL term_grace_s later)."""
+          term_grace_s: float = TERM_GRACE_S, term_step: int | None = None) -> dict:
+    """Wait for the trainer; SIGKILL it at kill_step, SIGTERM it past guard_at or at term_step (what the guard
+    does, on schedule: --sigterm-at), then SIGKILL term_grace_s later if it is still there."""
     last_print, killed_at, termed_at = 0.0, None, None
     while proc.poll() is None:
         time.sleep(0.25)
@@ -320,10 +324,11 @@ def watch(proc, scalars, label: str, kill_step: int | None, guard_at: float, t_s
             proc.send_signal(signal.SIGKILL)
             killed_at = {"step": step, "t": now}
             print(f"[{now - t_start:6.1f}s] {label}: SIGKILL at step {step}", flush=True)
-        if termed_at is None and now > guard_at:
+        if termed_at is None and (now > guard_at or term_step is not None and step >= term_step):
             proc.send_signal(signal.SIGTERM)
             termed_at = {"step": step, "t": now}
-            print(f"[{now - t_start:6.1f}s] {label}: wall-clock guard, SIGTERM at step {step}", flush=True)
+            why = "wall-clock guard" if now > guard_at else "--sigterm-at"
+            print(f"[{now - t_start:6.1f}s] {label}: {why}, SIGTERM at step {step}", flush=True)
         if termed_at is not None and now > termed_at["t"] + term_grace_s and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         if now - last_print > 30 and rows:
@@ -518,33 +523,82 @@ def run(args) -> int:
         proc = subprocess.Popen(child + ["--resume-from", "auto", "--run-id", run_id, "--runs-dir", str(runs),
                                          "--quiet"], env=env)
         second = watch(proc, lambda: newest(runs.glob(f"{run_id}_r*")) / "metrics" / "scalars.jsonl", "resumed",
-                       None, guard_at, t_start)  # its directory appears once the trainer set up
+                       None, guard_at, t_start, term_step=args.sigterm_at)  # its directory appears once set up
         cont = newest(runs.glob(f"{run_id}_r*"))
         legs.append({"run_id": cont.name if cont.exists() else None, "start": t_resume, **second})
     info["legs"] = legs
     info["corpus"] = corpus
     info["flags"] = flags
     info["steps_planned"] = n
+    info["tokens_per_step"] = tokens_per_step
     info["wall_s"] = time.time() - t_start
+    return conclude(work, out, args.kind, info, t_start, f"; plan {plan['total_s']:.0f} s")
 
-    final_dir = runs / (legs[-1]["run_id"] or run_id)
+
+def conclude(work: Path, out: Path, kind: str, info: dict, t_start: float, plan_note: str = "") -> int:
+    """After the last leg: the status of the run's newest leg, the driver and summary JSON, the archive, the
+    tokens reached and the table (printed last)."""
+    legs, n = info["legs"], info["steps_planned"]
+    final_dir = work / "runs" / (next((leg["run_id"] for leg in reversed(legs) if leg.get("run_id")), None)
+                                 or f"long_{kind}")
     status = subprocess.run([sys.executable, "-m", "bitnet.cli.status", str(final_dir)], capture_output=True, text=True,
-                            env={**env, "COLUMNS": "120"})
-    (work / f"status_{args.kind}.txt").write_text(status.stdout + status.stderr)
-    (work / f"driver_{args.kind}.json").write_text(json.dumps(info, indent=1))
-    summary = analyze(work, args.kind)
-    (work / f"summary_{args.kind}.json").write_text(json.dumps(summary, indent=1))
-    archive = out / f"long_run_{args.kind}.tar.gz"
-    pack(work, args.kind, archive)
+                            env={**os.environ, "COLUMNS": "120"})
+    (work / f"status_{kind}.txt").write_text(status.stdout + status.stderr)
+    (work / f"driver_{kind}.json").write_text(json.dumps(info, indent=1))
+    summary = analyze(work, kind)
+    (work / f"summary_{kind}.json").write_text(json.dumps(summary, indent=1))
+    archive = out / f"long_run_{kind}.tar.gz"
+    pack(work, kind, archive)
     print(status.stdout + status.stderr)
-    guard = next((leg["guard_sigterm"] for leg in legs if leg.get("guard_sigterm")), None)
+    stopped = [leg["guard_sigterm"] for leg in legs if leg.get("guard_sigterm")]
+    tokens_per_step = info.get("tokens_per_step") or 0
     print(f"tokens reached: {summary.get('tokens') or 0:,} of {n * tokens_per_step:,} planned "
           f"(step {summary.get('steps') or 0:,} of {n:,})"
-          + (f"; the wall-clock guard stopped the run at step {guard['step']:,}" if guard else "")
-          + f"; plan {plan['total_s']:.0f} s, wall {time.time() - t_start:.0f} s")
+          + "".join(f"; SIGTERM stopped a leg at step {t['step']:,}" for t in stopped)
+          + f"{plan_note}, wall {time.time() - t_start:.0f} s")
+    if (summary.get("steps") or 0) < n:
+        print(f"not finished: on the same machine, `python {Path(__file__).name} finish --kind {kind} "
+              f"--work {work} --out {out}` resumes it from its newest checkpoint")
     print(f"archive {archive} ({archive.stat().st_size / 1e6:.1f} MB)")
-    print(table({args.kind: summary}))
+    print(table({kind: summary}))
     return 0 if summary.get("tokens") else 1
+
+
+def finish(args) -> int:
+    """Finish a run that a SIGTERM stopped (the wall-clock guard: BitNet's 300M-token call stopped 54 steps
+    short): `--resume-from auto` in the same work directory, timed like the other legs and appended to
+    the driver's, then the status, summary, archive and table again. The checkpoints are not archived, so
+    this runs where `run` ran."""
+    t_start = time.time()
+    work, out = Path(args.work), Path(args.out)
+    info = read_json(work / f"driver_{args.kind}.json")
+    if not info.get("legs"):
+        print(f"error: no {args.kind} run in {work} (driver_{args.kind}.json missing): `run --kind {args.kind}` "
+              f"makes one", file=sys.stderr)
+        return 2
+    summary = analyze(work, args.kind)
+    if (summary.get("steps") or 0) >= info["steps_planned"]:
+        print(f"nothing to finish: the {args.kind} run reached step {summary['steps']:,} of "
+              f"{info['steps_planned']:,}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    runs, run_id = work / "runs", f"long_{args.kind}"
+    before = {d.name for d in runs.glob(f"{run_id}_r*")}
+    child = [sys.executable, os.path.abspath(__file__), "_train", str(work / f"timings_{args.kind}.jsonl")]
+    print(f"[{time.time() - t_start:6.1f}s] finish: --resume-from auto --run-id {run_id} "
+          f"(from step {summary.get('steps') or 0:,} of {info['steps_planned']:,})", flush=True)
+    proc = subprocess.Popen(child + ["--resume-from", "auto", "--run-id", run_id, "--runs-dir", str(runs), "--quiet"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def new_dir() -> Path:
+        return newest(d for d in runs.glob(f"{run_id}_r*") if d.name not in before)
+
+    leg = watch(proc, lambda: new_dir() / "metrics" / "scalars.jsonl", "finish", None,
+                t_start + args.budget_s - args.reserve_s, t_start)
+    cont = new_dir()
+    info["legs"].append({"run_id": cont.name if cont.exists() else None, "start": t_start, **leg})
+    info.setdefault("finish_wall_s", []).append(time.time() - t_start)
+    return conclude(work, out, args.kind, info, t_start)
 
 
 def pack(work: Path, kind: str, archive: Path) -> None:
@@ -906,7 +960,15 @@ def main(argv=None) -> int:
     r.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="held-out documents: the first reaching this")
     r.add_argument("--work", default="runs/long_run", help="corpus, run directories, timings")
     r.add_argument("--out", default="runs/long_run/out", help="where the archive goes")
+    r.add_argument("--sigterm-at", type=int, default=None, metavar="STEP",
+                   help="fault injection: SIGTERM the resumed trainer at this step, as the guard would")
     r.add_argument("extra", nargs="*", help="more bitnet-train flags (after --)")
+    f = sub.add_parser("finish", help="resume a run a SIGTERM stopped (the guard), in the same work directory")
+    f.add_argument("--kind", choices=["bitnet", "bf16"], required=True)
+    f.add_argument("--budget-s", type=float, default=590.0, help="wall-clock budget from the script's start")
+    f.add_argument("--reserve-s", type=float, default=RESERVE_S, help="the guard fires this long before the budget")
+    f.add_argument("--work", default="runs/long_run", help="the work directory of `run`")
+    f.add_argument("--out", default="runs/long_run/out", help="where the archive goes")
     q = sub.add_parser("report", help="long_run.json, the plot and the table from the archives")
     q.add_argument("archives", nargs="+")
     q.add_argument("--json", default="benchmarks/results/long_run.json")
@@ -915,7 +977,7 @@ def main(argv=None) -> int:
     q.add_argument("--leg-wall", action="append", default=[], metavar="RUN_ID=SECONDS",
                    help="process wall of a leg run by hand (see finishing_legs), timed outside; repeatable")
     args = p.parse_args(argv)
-    return run(args) if args.cmd == "run" else report(args)
+    return {"run": run, "finish": finish, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,42 @@ def test_report_of_the_300m_token_archives_is_the_committed_json(tmp_path):
                             "--png", "", "--extract-dir", str(tmp_path / "y"), "--leg-wall", bad],
                            capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().startswith(f"error: {message}"), r.stderr
+
+
+def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
+    """What the guard did to BitNet's 300M-token call, on schedule (--sigterm-at): the resumed trainer stops with
+    a checkpoint, `run` says the run is not finished, and `finish` resumes it in a third, timed leg to its
+    last step; a second `finish` has nothing to do."""
+    root = tmp_path / "root"
+    make_tree(root)
+    for i in range(30):
+        (root / "pkg" / f"doc{i}.txt").write_text(" ".join(f"word{(i * 5 + j) % 50}" for j in range(400)))
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    common = ["--work", str(work), "--out", str(out)]
+    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bf16", "--device", "cpu", "--preset", "tiny",
+                        "--seq-len", "32", "--batch-size", "2", "--steps", "40", "--kill-after", "4",
+                        "--sigterm-at", "26", "--log-interval", "2", "--eval-sequences", "2", "--roots", str(root),
+                        "--eval-chars", "3000", "--workers", "2", "--budget-s", "500", *common],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stopped = json.loads((work / "summary_bf16.json").read_text())
+    assert 26 <= stopped["steps"] < 40 and "--sigterm-at, SIGTERM at step" in r.stdout
+    assert f"not finished: on the same machine, `python long_run.py finish --kind bf16 --work {work}" in r.stdout
+    r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bf16", *common],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    done = json.loads((work / "summary_bf16.json").read_text())
+    assert done["steps"] == 40 and done["tokens"] == 40 * 2 * 32 and done["final_eval_step"] == 40
+    assert done["run_dirs"] == ["long_bf16", "long_bf16_r20", f"long_bf16_r{stopped['steps']}"]
+    assert done["untimed_legs"] == [] and len(done["wall"]["legs_s"]) == 3  # the finishing leg was timed
+    assert [c["step"] for c in done["curve"]] == sorted({c["step"] for c in done["curve"]})
+    assert "tokens reached: 2,560 of 2,560 planned (step 40 of 40)" in r.stdout and "(3 legs)" in r.stdout
+    with tarfile.open(out / "long_run_bf16.tar.gz") as tar:
+        assert f"runs/long_bf16_r{stopped['steps']}/metrics/scalars.jsonl" in tar.getnames()
+    r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bf16", *common],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "nothing to finish: the bf16 run reached step 40 of 40" in r.stdout
+    r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bitnet", *common],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "error: no bitnet run in" in r.stderr
