@@ -508,6 +508,8 @@ def run(args) -> int:
     flags += args.extra
     timings = work / f"timings_{args.kind}.jsonl"
     timings.unlink(missing_ok=True)
+    for stale in runs.glob(f"{run_id}_r*"):  # an earlier run's continuations: --resume-from auto would pick them
+        shutil.rmtree(stale)
     guard_at = deadline - args.reserve_s
     child = [sys.executable, os.path.abspath(__file__), "_train", str(timings)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -516,7 +518,7 @@ def run(args) -> int:
     proc = subprocess.Popen(child + flags, env=env)
     first = watch(proc, lambda: runs / run_id / "metrics" / "scalars.jsonl", run_id, boundary + args.kill_after, guard_at,
                   t_start)
-    legs = [{"run_id": run_id, "start": t_start, **first}]
+    legs = [{"run_id": run_id, "start": t_start, "pid": proc.pid, **first}]
     if first["killed"] and time.time() < guard_at:
         print(f"[{time.time() - t_start:6.1f}s] resume: --resume-from auto --run-id {run_id}", flush=True)
         t_resume = time.time()
@@ -525,7 +527,7 @@ def run(args) -> int:
         second = watch(proc, lambda: newest(runs.glob(f"{run_id}_r*")) / "metrics" / "scalars.jsonl", "resumed",
                        None, guard_at, t_start, term_step=args.sigterm_at)  # its directory appears once set up
         cont = newest(runs.glob(f"{run_id}_r*"))
-        legs.append({"run_id": cont.name if cont.exists() else None, "start": t_resume, **second})
+        legs.append({"run_id": cont.name if cont.exists() else None, "start": t_resume, "pid": proc.pid, **second})
     info["legs"] = legs
     info["corpus"] = corpus
     info["flags"] = flags
@@ -551,14 +553,16 @@ def conclude(work: Path, out: Path, kind: str, info: dict, t_start: float, plan_
     pack(work, kind, archive)
     print(status.stdout + status.stderr)
     stopped = [leg["guard_sigterm"] for leg in legs if leg.get("guard_sigterm")]
-    tokens_per_step = info.get("tokens_per_step") or 0
+    tokens_per_step = info.get("tokens_per_step") or (summary["tokens"] // summary["steps"] if summary.get("steps") else 0)
     print(f"tokens reached: {summary.get('tokens') or 0:,} of {n * tokens_per_step:,} planned "
           f"(step {summary.get('steps') or 0:,} of {n:,})"
-          + "".join(f"; SIGTERM stopped a leg at step {t['step']:,}" for t in stopped)
+          + "".join(f"; SIGTERM sent at step {t['step']:,}" for t in stopped)
           + f"{plan_note}, wall {time.time() - t_start:.0f} s")
-    if (summary.get("steps") or 0) < n:
-        print(f"not finished: on the same machine, `python {Path(__file__).name} finish --kind {kind} "
-              f"--work {work} --out {out}` resumes it from its newest checkpoint")
+    if (summary.get("steps") or 0) < n and legs[-1].get("guard_sigterm"):
+        print(f"not finished: on the same machine, `PYTHONPATH=src python benchmarks/{Path(__file__).name} finish "
+              f"--kind {kind} --work {work} --out {out}` resumes it from its newest checkpoint")
+    elif (summary.get("steps") or 0) < n:
+        print(f"not finished: its last trainer exited {legs[-1].get('rc')}")
     print(f"archive {archive} ({archive.stat().st_size / 1e6:.1f} MB)")
     print(table({kind: summary}))
     return 0 if summary.get("tokens") else 1
@@ -585,8 +589,9 @@ def finish(args) -> int:
     runs, run_id = work / "runs", f"long_{args.kind}"
     before = {d.name for d in runs.glob(f"{run_id}_r*")}
     child = [sys.executable, os.path.abspath(__file__), "_train", str(work / f"timings_{args.kind}.jsonl")]
-    print(f"[{time.time() - t_start:6.1f}s] finish: --resume-from auto --run-id {run_id} "
-          f"(from step {summary.get('steps') or 0:,} of {info['steps_planned']:,})", flush=True)
+    print(f"[{time.time() - t_start:6.1f}s] finish: --resume-from auto --run-id {run_id} (the run reached step "
+          f"{summary.get('steps') or 0:,} of {info['steps_planned']:,}; it resumes from its newest checkpoint)",
+          flush=True)
     proc = subprocess.Popen(child + ["--resume-from", "auto", "--run-id", run_id, "--runs-dir", str(runs), "--quiet"],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -596,9 +601,13 @@ def finish(args) -> int:
     leg = watch(proc, lambda: new_dir() / "metrics" / "scalars.jsonl", "finish", None,
                 t_start + args.budget_s - args.reserve_s, t_start)
     cont = new_dir()
-    info["legs"].append({"run_id": cont.name if cont.exists() else None, "start": t_start, **leg})
+    info["legs"].append({"run_id": cont.name if cont.exists() else None, "start": t_start, "pid": proc.pid, **leg})
     info.setdefault("finish_wall_s", []).append(time.time() - t_start)
-    return conclude(work, out, args.kind, info, t_start)
+    code = conclude(work, out, args.kind, info, t_start)
+    if leg["rc"] != 0 and not leg["guard_sigterm"]:
+        print(f"error: the resumed trainer exited {leg['rc']} (its message is above)", file=sys.stderr)
+        return 1
+    return code
 
 
 def pack(work: Path, kind: str, archive: Path) -> None:
@@ -660,9 +669,10 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
     info = json.loads((work / f"driver_{kind}.json").read_text())
     tim = read_rows(work / f"timings_{kind}.jsonl")
     pids = [row["pid"] for row in tim if row["ev"] == "proc_start"]
-    # each leg the driver started is one process, in order (one that died before making its run directory
-    # has no run_id but its wall time); legs finished by hand have no pid
-    procs = [{**leg, "pid": pids[i] if i < len(pids) else None} for i, leg in enumerate(info["legs"])]
+    # each leg the driver started is one process (one that died before making its run directory has no
+    # run_id but its wall time): its pid as recorded, or for older drivers the proc_start rows in order;
+    # legs finished by hand have no pid
+    procs = [{**leg, "pid": leg.get("pid", pids[i] if i < len(pids) else None)} for i, leg in enumerate(info["legs"])]
     procs += finishing_legs(work, kind, [leg for leg in procs if leg.get("run_id")])
     legs = [leg for leg in procs if leg.get("run_id")]  # the legs with a run directory
     dirs = [work / "runs" / leg["run_id"] for leg in legs]
@@ -702,6 +712,7 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
     legs_wall = [walls[leg["run_id"]] if leg.get("run_id") in walls
                  else leg["end"] - proc_start.get(leg["pid"], leg["start"]) for leg in procs]
     trainer_wall = sum(legs_wall)
+    driver_s = (info.get("wall_s") or 0.0) + sum(info.get("finish_wall_s", []))  # the driver's calls, finish included
     hook_s = {}
     for r in tim:
         if r["ev"] == "hook":
@@ -739,11 +750,11 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
              "checkpoints": sum(r["s"] for r in ckpts)}
     parts["other"] = trainer_wall - sum(parts.values())
     out["wall"] = {"trainer_s": trainer_wall, "legs_s": legs_wall, "corpus_build_s": info["corpus"].get("build_s"),
-                   "driver_s": info["wall_s"], "parts_s": parts,
+                   "driver_s": driver_s, "parts_s": parts,
                    "shares": {k: v / trainer_wall for k, v in parts.items()} if trainer_wall else {},
                    "setup_per_process_s": setup, "compile_per_process_s": compile_s, "redone_steps": redone_steps}
     out["tok_s_sustained"] = out["tokens"] / trainer_wall if trainer_wall else None
-    out["tok_s_sustained_incl_corpus_build"] = out["tokens"] / info["wall_s"] if info.get("wall_s") else None
+    out["tok_s_sustained_incl_corpus_build"] = out["tokens"] / driver_s if driver_s else None
     second_start = (setup[1] + compile_s[1]) if len(setup) > 1 and len(compile_s) > 1 else 0.0
     uninterrupted = trainer_wall - redone_s - second_start
     out["tok_s_sustained_without_kill"] = out["tokens"] / uninterrupted if uninterrupted > 0 else None
@@ -800,7 +811,8 @@ def seed_projection(out: dict, parts: dict) -> dict | None:
     quant = (ev.get("QuantStatsHook") or {}).get("steady_median_s") or 0.0
     cost = {"steps": steps * out["step_ms_median"] / 1000, "samples": steps / 5000 * ev["SampleHook"]["steady_median_s"],
             "eval": steps / 5000 * ev["EvalHook"]["steady_median_s"], "quant_stats": steps / 1000 * quant,
-            "checkpoints": steps / 10000 * ckpt, "setup_and_compile": parts["setup"] / 2 + parts["compile"] / 2}
+            "checkpoints": steps / 10000 * ckpt,
+            "setup_and_compile": (parts["setup"] + parts["compile"]) / max(len(out["wall"]["setup_per_process_s"]), 1)}
     total_s = sum(cost.values())
     return {"steps": steps, "hours": total_s / 3600, "tok_s": SEED_TOKENS / total_s, "parts_s": cost,
             "instrumentation_share": (cost["samples"] + cost["eval"] + cost["quant_stats"]) / total_s}
@@ -849,10 +861,10 @@ def report(args) -> int:
               file=sys.stderr)
         return 2
     result = {"issue": 24, "runs": summaries, "definitions": {
-        "tokens": "training tokens at the last step (both processes of the run)",
+        "tokens": "training tokens at the last step (all processes of the run)",
         "final_eval_loss": "held-out loss at the last step (eval set: the first 256 windows of eval.bin)",
         "final_train_loss": "mean of the scalars rows' loss_avg over the last 100 steps",
-        "tok_s_sustained": "tokens / wall time of the trainer processes (start to exit, both of them): setup, "
+        "tok_s_sustained": "tokens / wall time of the trainer processes (start to exit, all of them): setup, "
                            "compile, eval, samples, quant stats, checkpoints, kill, resume and redone steps "
                            "included; the corpus build excluded (tok_s_sustained_incl_corpus_build has it)",
         "tok_s_steps_median": "median tok_s of the scalars rows after each process's first (step time only)",

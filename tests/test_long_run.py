@@ -5,6 +5,7 @@ a call's seconds, the warm-up, a whole call on the CPU (corpus, kill, resume, re
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -187,7 +188,7 @@ def test_report_of_the_300m_token_archives_is_the_committed_json(tmp_path):
 def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
     """What the guard did to BitNet's 300M-token call, on schedule (--sigterm-at): the resumed trainer stops with
     a checkpoint, `run` says the run is not finished, and `finish` resumes it in a third, timed leg to its
-    last step; a second `finish` has nothing to do."""
+    last step; a second `finish` has nothing to do, and one without a checkpoint to resume fails."""
     root = tmp_path / "root"
     make_tree(root)
     for i in range(30):
@@ -196,28 +197,40 @@ def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     common = ["--work", str(work), "--out", str(out)]
     r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bf16", "--device", "cpu", "--preset", "tiny",
-                        "--seq-len", "32", "--batch-size", "2", "--steps", "40", "--kill-after", "4",
-                        "--sigterm-at", "26", "--log-interval", "2", "--eval-sequences", "2", "--roots", str(root),
+                        "--seq-len", "32", "--batch-size", "2", "--steps", "60", "--kill-after", "4",
+                        "--sigterm-at", "40", "--log-interval", "2", "--eval-sequences", "2", "--roots", str(root),
                         "--eval-chars", "3000", "--workers", "2", "--budget-s", "500", *common],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stopped = json.loads((work / "summary_bf16.json").read_text())
-    assert 26 <= stopped["steps"] < 40 and "--sigterm-at, SIGTERM at step" in r.stdout
-    assert f"not finished: on the same machine, `python long_run.py finish --kind bf16 --work {work}" in r.stdout
+    assert 40 <= stopped["steps"] < 60 and "--sigterm-at, SIGTERM at step" in r.stdout
+    assert ("not finished: on the same machine, `PYTHONPATH=src python benchmarks/long_run.py finish --kind bf16 "
+            f"--work {work}") in r.stdout
     r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bf16", *common],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     done = json.loads((work / "summary_bf16.json").read_text())
-    assert done["steps"] == 40 and done["tokens"] == 40 * 2 * 32 and done["final_eval_step"] == 40
-    assert done["run_dirs"] == ["long_bf16", "long_bf16_r20", f"long_bf16_r{stopped['steps']}"]
+    assert done["steps"] == 60 and done["tokens"] == 60 * 2 * 32 and done["final_eval_step"] == 60
+    assert done["run_dirs"] == ["long_bf16", "long_bf16_r30", f"long_bf16_r{stopped['steps']}"]
     assert done["untimed_legs"] == [] and len(done["wall"]["legs_s"]) == 3  # the finishing leg was timed
     assert [c["step"] for c in done["curve"]] == sorted({c["step"] for c in done["curve"]})
-    assert "tokens reached: 2,560 of 2,560 planned (step 40 of 40)" in r.stdout and "(3 legs)" in r.stdout
+    assert "tokens reached: 3,840 of 3,840 planned (step 60 of 60)" in r.stdout and "(3 legs)" in r.stdout
+    assert done["wall"]["driver_s"] > sum(done["wall"]["legs_s"][:2])  # run's call and finish's
+    assert done["tok_s_sustained_incl_corpus_build"] < done["tok_s_sustained"]
     with tarfile.open(out / "long_run_bf16.tar.gz") as tar:
         assert f"runs/long_bf16_r{stopped['steps']}/metrics/scalars.jsonl" in tar.getnames()
     r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bf16", *common],
                        capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0 and "nothing to finish: the bf16 run reached step 40 of 40" in r.stdout
+    assert r.returncode == 0 and "nothing to finish: the bf16 run reached step 60 of 60" in r.stdout
     r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bitnet", *common],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "error: no bitnet run in" in r.stderr
+    # the run cut short again, its checkpoints gone: the resume fails in setup, and finish says so
+    driver = json.loads((work / "driver_bf16.json").read_text())
+    (work / "driver_bf16.json").write_text(json.dumps({**driver, "steps_planned": 80}))
+    for pt in (work / "runs").glob("long_bf16*/checkpoints"):
+        shutil.rmtree(pt)
+    r = subprocess.run([sys.executable, str(SCRIPT), "finish", "--kind", "bf16", *common],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "error: the resumed trainer exited 2" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "not finished: its last trainer exited 2" in r.stdout
