@@ -94,20 +94,27 @@ def test_plan_adds_up_and_names_the_steps_that_fit(capsys):
     assert f"{565 - bf16['total_s']:.0f} s to spare: 9,200 steps = 301.5M tokens" in capsys.readouterr().out
 
 
-def test_a_whole_call_on_the_cpu_kills_resumes_and_reports(tmp_path):
-    """The driver end to end on the tiny model: corpus, the kill past the boundary, --resume-from auto, the
-    status of both legs, the archive, then `report` on that archive."""
+def cpu_call(tmp_path: Path, kind: str, steps: int, *flags: str):
+    """`long_run.py run` on the tiny model on the CPU over a small tree of text files, killed 4 steps past the
+    boundary: (the process result, work dir, out dir, env)."""
     root = tmp_path / "root"
     make_tree(root)
     for i in range(30):
         (root / "pkg" / f"doc{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(400)))
     work, out = tmp_path / "work", tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bitnet", "--device", "cpu", "--preset", "tiny",
-                        "--seq-len", "32", "--batch-size", "2", "--steps", "40", "--kill-after", "4",
+    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", kind, "--device", "cpu", "--preset", "tiny",
+                        "--seq-len", "32", "--batch-size", "2", "--steps", str(steps), "--kill-after", "4",
                         "--log-interval", "2", "--eval-sequences", "2", "--roots", str(root), "--eval-chars", "3000",
-                        "--work", str(work), "--out", str(out), "--workers", "2", "--budget-s", "500"],
+                        "--work", str(work), "--out", str(out), "--workers", "2", "--budget-s", "500", *flags],
                        capture_output=True, text=True, env=env, timeout=600)
+    return r, work, out, env
+
+
+def test_a_whole_call_on_the_cpu_kills_resumes_and_reports(tmp_path):
+    """The driver end to end on the tiny model: corpus, the kill past the boundary, --resume-from auto, the
+    status of both legs, the archive, then `report` on that archive."""
+    r, work, out, env = cpu_call(tmp_path, "bitnet", 40)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "plan (H100 rates" in r.stdout and "tokens reached: 2,560 of 2,560 planned (step 40 of 40)" in r.stdout
     summary = json.loads((work / "summary_bitnet.json").read_text())
@@ -189,18 +196,8 @@ def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
     """What the guard did to BitNet's 300M-token call, on schedule (--sigterm-at): the resumed trainer stops with
     a checkpoint, `run` says the run is not finished, and `finish` resumes it in a third, timed leg to its
     last step; a second `finish` has nothing to do, and one without a checkpoint to resume fails."""
-    root = tmp_path / "root"
-    make_tree(root)
-    for i in range(30):
-        (root / "pkg" / f"doc{i}.txt").write_text(" ".join(f"word{(i * 5 + j) % 50}" for j in range(400)))
-    work, out = tmp_path / "work", tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    r, work, out, env = cpu_call(tmp_path, "bf16", 60, "--sigterm-at", "40")
     common = ["--work", str(work), "--out", str(out)]
-    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bf16", "--device", "cpu", "--preset", "tiny",
-                        "--seq-len", "32", "--batch-size", "2", "--steps", "60", "--kill-after", "4",
-                        "--sigterm-at", "40", "--log-interval", "2", "--eval-sequences", "2", "--roots", str(root),
-                        "--eval-chars", "3000", "--workers", "2", "--budget-s", "500", *common],
-                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stopped = json.loads((work / "summary_bf16.json").read_text())
     assert 40 <= stopped["steps"] < 60 and "--sigterm-at, SIGTERM at step" in r.stdout
