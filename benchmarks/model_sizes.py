@@ -3,6 +3,7 @@ and 3b, one GPU, 32 x 1024 tokens a step, each preset at its own micro-batch (th
 
     PYTHONPATH=src python benchmarks/model_sizes.py --out sizes.json     # ~200 s on one H100/H200
     PYTHONPATH=src python benchmarks/model_sizes.py --rows 3b:16         # one row at another micro-batch
+    PYTHONPATH=src python benchmarks/model_sizes.py --rows 3b:4,3b:32+ac # with every block checkpointed (+ac4: 4)
     PYTHONPATH=src python benchmarks/model_sizes.py --smoke              # CPU, tiny preset: the plumbing
 
 Each row is one trainer run in a fresh process (empty compile caches): this script re-runs itself with --child,
@@ -25,7 +26,8 @@ Per row:
 - peak memory: torch.cuda.max_memory_allocated over the run (the scalars rows' mem_gib), and the reserved peak;
 - vs 6NT: the measured step time over 6 x N x T / 989.4 TFLOP/s, N = the matmul parameters that flops_per_token
   counts (all but the norm gains, the tied head once), T = tokens a step; 1.0 would be all-matmul at peak.
-Before the table, a fit of step_ms ~ N^k over the rows (k = 1: the step grows like 6NT). Prints the table last;
+Before the table, a fit of step_ms ~ N^k over the plain rows (no +fp8 or +ac; the last row of a size counts; k = 1:
+the step grows like 6NT). Prints the table last;
 writes JSON (--out).
 """
 
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
@@ -55,19 +58,35 @@ PLAN = {"95m": (30, 5, 100), "700m": (15, 3, 130), "1.3b": (12, 3, 140), "3b": (
 WARM_STEPS = 4
 
 
-def parse_rows(spec: str) -> list[tuple[str, int | None, bool]]:
-    """'95m,3b:16,700m+fp8' -> [('95m', None, False), ('3b', 16, False), ('700m', None, True)]: preset,
-    micro-batch (None: the preset's default) and whether the row runs with --fp8 all."""
+class Row(NamedTuple):
+    label: str
+    preset: str
+    micro: int | None
+    """None: the preset's default micro-batch"""
+    fp8: bool
+    """--fp8 all"""
+    activation_checkpointing: str | None
+    """--activation-checkpointing (all or a number of blocks); None: off"""
+
+
+def parse_rows(spec: str) -> list[Row]:
+    """'95m,3b:16,700m+fp8,3b:32+ac,1.3b:32+ac12': preset[:micro-batch][+fp8][+ac[N]], where +fp8 runs --fp8 all
+    and +ac --activation-checkpointing all (+acN: the first N blocks)."""
     from bitnet.model import PRESETS
 
     rows = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, micro = item.removesuffix("+fp8").partition(":")
+        head, *options = item.split("+")
+        name, _, micro = head.partition(":")
         if name not in PRESETS:
             raise SystemExit(f"error: unknown preset {name!r} in --rows (known: {', '.join(PRESETS)})")
         if micro and not (micro.isdigit() and int(micro) > 0):
             raise SystemExit(f"error: micro-batch {micro!r} in --rows {item!r} is not a positive integer")
-        rows.append((name, int(micro) if micro else None, item.endswith("+fp8")))
+        ac = [o.removeprefix("ac") or "all" for o in options if o.startswith("ac")]
+        unknown = [o for o in options if o != "fp8" and not (o.startswith("ac") and (o == "ac" or o[2:].isdigit()))]
+        if unknown:
+            raise SystemExit(f"error: {'+' + unknown[0]!r} in --rows {item!r} is neither +fp8 nor +ac[N]")
+        rows.append(Row(item, name, int(micro) if micro else None, "fp8" in options, ac[-1] if ac else None))
     if not rows:
         raise SystemExit("error: --rows names no preset")
     return rows
@@ -124,9 +143,11 @@ def child(a) -> None:
 
 # ---------------------------------------------------------------------------- the parent: one row per preset
 
-def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
+def run_row(row: Row, a, work: Path) -> dict:
     from bitnet.run import layout
     from bitnet.run.jsonl import read_jsonl
+
+    label, preset, micro = row.label, row.preset, row.micro
 
     steps, log_interval, timeout = PLAN.get(preset, PLAN["95m"])
     steps, log_interval = a.steps or steps, a.log_interval or log_interval
@@ -138,8 +159,10 @@ def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
             "--device", a.device, "--compile", "off" if a.device == "cpu" else "on"]
     if micro:
         argv += ["--micro-batch-size", str(micro)]
-    if label.endswith("+fp8"):
+    if row.fp8:
         argv += ["--fp8", "all"]
+    if row.activation_checkpointing:
+        argv += ["--activation-checkpointing", row.activation_checkpointing]
     out_json = work / f"{run_id}.json"
     t0 = time.time()
     cmd = [sys.executable, __file__, "--child", "--argv", json.dumps(argv), "--json", str(out_json),
@@ -164,6 +187,7 @@ def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
     counts = model_counts(preset, a.seq_len)
     config = json.loads((work / run_id / layout.CONFIG).read_text())["train"]
     res = {"preset": preset, "micro_batch": a.batch // config["grad_accum"], "grad_accum": config["grad_accum"],
+           "checkpointed_blocks": config["checkpointed_blocks"],
            "steps": steps, "log_interval": log_interval, "rows_skipped": len(rows) - len(steady),
            "rows_used": len(steady), **counts,
            "tok_s": statistics.median(r["tok_s"] for r in steady),
@@ -182,7 +206,7 @@ def run_row(label: str, preset: str, micro: int | None, a, work: Path) -> dict:
 def growth(results: dict) -> dict | None:
     """Least-squares exponent k of step_ms ~ N^k (N: matmul params) over the rows with distinct N."""
     points = {r["matmul_params"]: r["step_ms"] for label, r in results.items()
-              if "error" not in r and not label.endswith("+fp8")}
+              if "error" not in r and "+" not in label}
     if len(points) < 2:
         return None
     xs, ys = [math.log(n) for n in points], [math.log(ms) for ms in points.values()]
@@ -234,9 +258,8 @@ def main() -> None:
     rows = parse_rows(a.rows)
     work = Path(tempfile.mkdtemp(prefix="model_sizes_"))
     results = {}
-    for preset, micro, fp8 in rows:
-        label = (preset if micro is None else f"{preset}:{micro}") + ("+fp8" if fp8 else "")
-        results[label] = run_row(label, preset, micro, a, work)
+    for row in rows:
+        results[row.label] = run_row(row, a, work)
     fit = growth(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "batch": a.batch, "seq_len": a.seq_len,
             "peak_flops": PEAK_FLOPS, "growth": fit}

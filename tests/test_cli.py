@@ -29,6 +29,8 @@ BAD = {
     "unknown data source": ["--data", "nosuchsource"],
     "bad compile value": ["--compile", "maybe"],
     "unknown fp8 switch": ["--fp8", "head,attention"],
+    "activation checkpointing not a count": ["--activation-checkpointing", "half"],
+    "more checkpointed blocks than the model has": ["--activation-checkpointing", "99"],
     "stage boundary out of range": ["--stage-boundary", "1.5"],
     "missing tokenizer file": ["--tokenizer", "/nonexistent/tokenizer.json"],
     "cuda on a cpu machine": ["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],

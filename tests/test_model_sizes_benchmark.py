@@ -24,13 +24,14 @@ def load_script():
 
 def test_smoke_row_runs_the_trainer_at_its_micro_batch_and_reports_its_numbers(tmp_path):
     out = tmp_path / "sizes.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "tiny:2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "tiny:2,tiny:2+ac", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("tiny:2")  # the table comes last
+    assert proc.stdout.strip().splitlines()[-1].startswith("tiny:2+ac")  # the table comes last
     data = json.loads(out.read_text())
-    row = data["results"]["tiny:2"]
-    assert "error" not in row
+    row, checkpointed = data["results"]["tiny:2"], data["results"]["tiny:2+ac"]
+    assert "error" not in row and (row["checkpointed_blocks"], checkpointed["checkpointed_blocks"]) == (0, 2)
+    assert checkpointed["losses"] == row["losses"]  # recomputing changes no number
     model = Transformer(PRESETS["tiny"])
     assert row["params"] == model.num_params() and row["flops_per_token"] == model.flops_per_token(32)
     assert (row["micro_batch"], row["grad_accum"], row["steps"]) == (2, 2, 4)  # 4 sequences as 2 micro-batches of 2
@@ -44,7 +45,13 @@ def test_smoke_row_runs_the_trainer_at_its_micro_batch_and_reports_its_numbers(t
 
 def test_rows_parse_and_bad_rows_are_refused():
     sizes = load_script()
-    assert sizes.parse_rows("95m, 3b:16,1.3b:16+fp8") == [("95m", None, False), ("3b", 16, False), ("1.3b", 16, True)]
+    assert sizes.parse_rows("95m, 3b:16,1.3b:16+fp8,3b:32+ac,700m+ac3+fp8") == [
+        ("95m", "95m", None, False, None), ("3b:16", "3b", 16, False, None), ("1.3b:16+fp8", "1.3b", 16, True, None),
+        ("3b:32+ac", "3b", 32, False, "all"), ("700m+ac3+fp8", "700m", None, True, "3")]
+    with pytest.raises(SystemExit, match=r"'\+bf16' in --rows '3b\+bf16' is neither \+fp8 nor \+ac\[N\]"):
+        sizes.parse_rows("3b+bf16")
+    with pytest.raises(SystemExit, match="is neither"):
+        sizes.parse_rows("3b+acx")
     with pytest.raises(SystemExit, match="unknown preset '7b'"):
         sizes.parse_rows("95m,7b")
     with pytest.raises(SystemExit, match="micro-batch 'x' in --rows '3b:x'"):

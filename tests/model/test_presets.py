@@ -73,6 +73,14 @@ def test_memory_check_on_an_80gb_gpu(monkeypatch, name, micro, gpu_gib, fits):
             memory.check_fits(cfg, PRESETS[name], micro, torch.device("cpu"))
 
 
+def test_memory_check_lets_the_3b_take_the_whole_batch_with_every_block_checkpointed(monkeypatch):
+    monkeypatch.setattr(memory, "device_bytes", lambda device: int(79.2 * GiB))
+    with pytest.raises(ValueError, match=r"lower .* or use --activation-checkpointing"):
+        memory.check_fits(TrainConfig(preset="3b", micro_batch_size=32), PRESETS["3b"], 32, torch.device("cpu"))
+    memory.check_fits(TrainConfig(preset="3b", micro_batch_size=32, activation_checkpointing="all"), PRESETS["3b"], 32,
+                      torch.device("cpu"))
+
+
 def test_memory_check_sends_weights_that_never_fit_to_fsdp2(monkeypatch):
     monkeypatch.setattr(memory, "device_bytes", lambda device: 40 * GiB)
     with pytest.raises(ValueError, match=r"AdamW state \(fp32, 16 bytes a parameter\) alone need 49.5 GiB, more "

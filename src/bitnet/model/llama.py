@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from bitnet.model.bitlinear import fused_linear, make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
 from bitnet.model.config import ModelConfig
@@ -174,8 +175,17 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, quantize_output=bitnet)
         self.mlp = MLP(cfg)
+        # activation checkpointing (`Transformer.checkpoint_blocks`): under autograd the block keeps only its
+        # input and runs again in the backward; inside torch.compile the checkpoint is traced, so the compiled
+        # backward holds the recompute
+        self.recompute = False
 
     def forward(self, x, cos, sin, cache=None, layer=0):
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, layer)
+
+    def _forward(self, x, cos, sin, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -232,6 +242,16 @@ class Transformer(nn.Module):
         if targets is not None:
             return head_cross_entropy(x, self.embed_tokens.weight, targets)
         return F.linear(x, self.embed_tokens.weight)  # tied head, (B, T, vocab)
+
+    def checkpoint_blocks(self, n: int) -> None:
+        """Activation checkpointing of the first n blocks (0: none; n_layers: all): their activations are not
+        kept for the backward, which recomputes them from each block's input (one more forward of those
+        blocks: about a third more of their compute, for about their whole activation memory). The first
+        blocks, because their backward comes last, when the later blocks' activations are already freed."""
+        if not 0 <= n <= len(self.layers):
+            raise ValueError(f"cannot checkpoint {n} blocks of a model with {len(self.layers)}")
+        for i, block in enumerate(self.layers):
+            block.recompute = i < n
 
     def num_params(self) -> int:
         """Unique parameters (the tied embedding counted once)."""

@@ -49,7 +49,8 @@ class Settings:
 
 
 def settings(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World) -> Settings:
-    derived = resolve_derived(cfg, world_size=world.world_size, max_seq_len=model_cfg.max_seq_len)
+    derived = resolve_derived(cfg, world_size=world.world_size, max_seq_len=model_cfg.max_seq_len,
+                              n_layers=model_cfg.n_layers)
     device = world.device
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     use_graphs = use_cuda_graphs(cfg.cuda_graphs, device, world.world_size, cfg.anomaly_policy)
@@ -77,10 +78,13 @@ def use_fp8(parts: tuple[str, ...], device: torch.device) -> None:
                         fp8_grad_weight="grad_weight" in parts))
 
 
-def build_model(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None):
-    """(model, optimizer): initialized, or with the checkpoint's weights; sharded under FSDP2."""
+def build_model(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None,
+                checkpointed_blocks: int = 0):
+    """(model, optimizer): initialized, or with the checkpoint's weights, its first `checkpointed_blocks`
+    blocks recomputed in the backward; sharded under FSDP2."""
     model = Transformer(model_cfg).to(world.device)
     model.init_weights(seed=cfg.seed)
+    model.checkpoint_blocks(checkpointed_blocks)
     if resume is not None:
         model.load_state_dict(resume["model"])  # the full weights, before FSDP2 shards them
     if cfg.parallel == "fsdp2":  # shards `model` in place (under torchrun), before the optimizer takes the shards
@@ -174,4 +178,6 @@ def banner(cfg: TrainConfig, s: Settings, world: parallel.World, run_dir: Path, 
     return (f"run {run_dir} | {model.num_params():,} parameters | {s.device} | compile={s.use_compile} | "
             f"cuda graphs={s.use_graphs} | "
             f"batch {cfg.batch_size} x {cfg.seq_len} = {s.tokens_per_step:,} tokens/step "
-            f"(micro {s.micro} x accum {s.accum}{ranks}) | steps {state.step + 1}..{cfg.num_steps}")
+            f"(micro {s.micro} x accum {s.accum}{ranks}) | steps {state.step + 1}..{cfg.num_steps}"
+            + (f" | activation checkpointing {blocks} of {len(model.layers)} blocks"
+               if (blocks := s.derived["checkpointed_blocks"]) else ""))

@@ -28,6 +28,20 @@ def fp8_parts(value: str) -> tuple[str, ...]:
     return tuple(n for n in FP8_PARTS if n in names)
 
 
+def checkpointed_blocks(value: str, n_layers: int) -> int:
+    """How many blocks --activation-checkpointing names: none (0), all (n_layers) or a count N <= n_layers."""
+    value = str(value).strip()
+    if value == "none":
+        return 0
+    if value == "all":
+        return n_layers
+    if not value.isdigit():
+        raise ValueError(f"--activation-checkpointing takes none, all or a number of blocks; got {value!r}")
+    if int(value) > n_layers:
+        raise ValueError(f"--activation-checkpointing {value} exceeds the model's {n_layers} blocks (all: every one)")
+    return int(value)
+
+
 def _f(default, help: str, choices: tuple = ()):
     """A field with its --help line (and, for a closed set of values, the allowed ones)."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -53,6 +67,10 @@ class TrainConfig:
     fp8: str = _f("none", "FP8 tensor cores (CUDA, compute capability 8.9+) for: head (the tied head + loss), "
                           "grad_input / grad_weight (BitLinear's backward GEMMs); a comma list, all, or none. "
                           "Forward and exports are unchanged; elsewhere the exact bf16 math runs")
+    activation_checkpointing: str = _f("none", "recompute activations in the backward instead of keeping them: "
+                                               "none, all, or N (the first N blocks); each block saves about its "
+                                               "activation memory and costs one more forward of it (README, "
+                                               "'Memory')")
     # ---- distributed (under torchrun; docs/distributed.md)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
                               "sharded weights, gradients and optimizer state)", choices=("ddp", "fsdp2"))
@@ -153,8 +171,9 @@ def field_names() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
 
 
-def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict:
-    """Check the config and derive grad accumulation and the stage boundary. Raises ValueError."""
+def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int, n_layers: int | None = None) -> dict:
+    """Check the config and derive grad accumulation, the stage boundary and (given the model's n_layers) the
+    checkpointed blocks. Raises ValueError."""
     for f in fields(cfg):  # NaN and Inf pass every comparison below, so they are refused first
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -203,5 +222,8 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int) -> dict
         raise ValueError(f"--warmup-steps {cfg.warmup_steps} does not end before the stage boundary at step {boundary} "
                          f"(--stage-boundary {cfg.stage_boundary} of --num-steps {cfg.num_steps}): the LR would still "
                          f"climb in stage 2; use --warmup-steps below {boundary}, or more --num-steps")
-    return {"world_size": world_size, "micro_batch_size": micro, "grad_accum": per_rank // micro,
-            "tokens_per_step": cfg.batch_size * cfg.seq_len, "stage_boundary_step": boundary}
+    derived = {"world_size": world_size, "micro_batch_size": micro, "grad_accum": per_rank // micro,
+               "tokens_per_step": cfg.batch_size * cfg.seq_len, "stage_boundary_step": boundary}
+    if n_layers is not None:
+        derived["checkpointed_blocks"] = checkpointed_blocks(cfg.activation_checkpointing, n_layers)
+    return derived

@@ -113,7 +113,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     data = build_data(cfg.data, tok, cfg.seq_len, cfg.seed, cfg.eval_sequences, s.micro, world.rank, world.world_size)
 
     # ---- model, optimizer, resume
-    model, optimizer = build_model(cfg, model_cfg, world, resume)
+    model, optimizer = build_model(cfg, model_cfg, world, resume, s.derived["checkpointed_blocks"])
     state = TrainState()
     if resume is not None:
         restore(resume, cfg, model, optimizer, state, data)

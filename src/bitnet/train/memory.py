@@ -4,8 +4,9 @@ message for an out-of-memory error that happens anyway.
 The estimate counts only what a step cannot do without, so that a refusal is not a false alarm:
 weights, gradients and AdamW's two moments (16 bytes a parameter, fp32; a rank's 1/world_size share
 of them under FSDP2), 70% of the activations the backward keeps on the exact path (about 10 x dim +
-3 x ffn_dim values a token and layer, 2 bytes each), and one vocabulary-wide row of logits a token (a
-chunk's under --fp8 head); plus the frozen eval set (int64 tokens). Why 70%: the full activation term
+3 x ffn_dim values a token and layer, 2 bytes each; a checkpointed block keeps only its input, dim values,
+and one block's activations exist again while it is recomputed), and one vocabulary-wide row of logits a
+token (a chunk's under --fp8 head); plus the frozen eval set (int64 tokens). Why 70%: the full activation term
 matched the measured peaks of the exact path (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and
 52.9), so it was no lower bound, and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it
 (benchmarks/RESULTS.md, 2026-12-06). When the weights and their state alone do not fit, no micro-batch
@@ -18,10 +19,10 @@ import torch
 
 from bitnet.model import ModelConfig, Transformer
 from bitnet.model.kernels.fp8 import HEAD_CHUNK_ROWS
-from bitnet.train.config import TrainConfig, fp8_parts
+from bitnet.train.config import TrainConfig, checkpointed_blocks, fp8_parts
 
 GiB = 2**30
-LOWER = "--micro-batch-size, --batch-size or --seq-len"
+LOWER = "--micro-batch-size, --batch-size or --seq-len, or use --activation-checkpointing"
 
 
 STATE = "weights, grads and AdamW state"
@@ -32,13 +33,16 @@ ACTIVATIONS_LOWER_BOUND = 0.7
 
 
 def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1,
-               fp8_head: bool = False) -> dict[str, int]:
+               fp8_head: bool = False, checkpointed_blocks: int = 0) -> dict[str, int]:
     """Lower-bound bytes of one rank's step, by part; `shards`: the ranks FSDP2 splits the weights over;
-    `fp8_head`: the head's logits exist one chunk of tokens at a time."""
+    `fp8_head`: the head's logits exist one chunk of tokens at a time; `checkpointed_blocks`: blocks whose
+    activations the backward recomputes (--activation-checkpointing)."""
     with torch.device("meta"):
         params = Transformer(model_cfg).num_params()
     tokens = micro * seq_len
-    activations = tokens * model_cfg.n_layers * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2
+    block = tokens * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2  # one block's activations
+    kept = model_cfg.n_layers - checkpointed_blocks
+    activations = kept * block + (checkpointed_blocks * tokens * model_cfg.dim * 2 + block if checkpointed_blocks else 0)
     logit_rows = min(tokens, HEAD_CHUNK_ROWS) if fp8_head else tokens
     return {STATE: 16 * params // shards, "activations": int(ACTIVATIONS_LOWER_BOUND * activations),
             "logits": logit_rows * model_cfg.vocab_size * 2}
@@ -65,7 +69,8 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: tor
         return
     where = "GPU" if device.type == "cuda" else "machine"
     shards = world_size if cfg.parallel == "fsdp2" else 1
-    need = step_bytes(model_cfg, micro, cfg.seq_len, shards, fp8_head="head" in fp8_parts(cfg.fp8))
+    need = step_bytes(model_cfg, micro, cfg.seq_len, shards, fp8_head="head" in fp8_parts(cfg.fp8),
+                      checkpointed_blocks=checkpointed_blocks(cfg.activation_checkpointing, model_cfg.n_layers))
     if need[STATE] > total:  # no micro-batch or sequence length helps
         per_rank = f" per rank ({shards} FSDP2 ranks)" if shards > 1 else ""
         raise ValueError(f"the {STATE} (fp32, 16 bytes a parameter) alone need {need[STATE] / GiB:,.1f} GiB"
@@ -94,7 +99,8 @@ def out_of_memory_message(step: int, device: torch.device, cfg: TrainConfig, mic
         total = device_bytes(device)
         figures = f"machine memory {total / GiB:.1f} GiB" if total else "machine memory unknown"
     return (f"out of memory at step {step} on {device} ({figures}); lower --micro-batch-size (now {micro}), "
-            f"--batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len})")
+            f"--batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len}), or raise "
+            f"--activation-checkpointing (now {cfg.activation_checkpointing})")
 
 
 
