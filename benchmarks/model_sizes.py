@@ -143,13 +143,14 @@ def child(a) -> None:
 
 # ---------------------------------------------------------------------------- the parent: one row per preset
 
-def run_row(row: Row, a, work: Path) -> dict:
+def run_row(row: Row, a, work: Path, seconds_left: float = math.inf) -> dict:
     from bitnet.run import layout
     from bitnet.run.jsonl import read_jsonl
 
     label, preset, micro = row.label, row.preset, row.micro
 
     steps, log_interval, timeout = PLAN.get(preset, PLAN["95m"])
+    timeout = min(a.row_timeout_s or timeout, seconds_left)
     steps, log_interval = a.steps or steps, a.log_interval or log_interval
     run_id = label.replace(":", "_m").replace("+", "_")
     argv = ["--preset", preset, "--data", "embedded", "--batch-size", str(a.batch), "--seq-len", str(a.seq_len),
@@ -169,10 +170,10 @@ def run_row(row: Row, a, work: Path) -> dict:
            "--t0", repr(t0), "--device", a.device]
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.row_timeout_s or timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"[{label}] timed out after {a.row_timeout_s or timeout:.0f} s", flush=True)
-        return {"error": f"timed out after {a.row_timeout_s or timeout:.0f} s", "wall_s": time.time() - t0}
+        print(f"[{label}] timed out after {timeout:.0f} s", flush=True)
+        return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.time() - t0}
     wall = time.time() - t0
     child_res = json.loads(out_json.read_text()) if out_json.exists() else {}
     if proc.returncode or child_res.get("rc"):
@@ -240,6 +241,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=None,
                    help=f"leading scalars rows left out of the medians (default: those holding steps 1-{WARM_STEPS})")
     p.add_argument("--row-timeout-s", type=float, default=0, help="seconds before a row is killed (0: the plan's)")
+    p.add_argument("--budget-s", type=float, default=0, help="seconds for all rows (0: no limit): a row is killed at "
+                                                             "the end, and one with under 30 s left is skipped")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="", help="JSON file of every row")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 4 x 32 tokens, a few steps: the plumbing")
@@ -258,8 +261,13 @@ def main() -> None:
     rows = parse_rows(a.rows)
     work = Path(tempfile.mkdtemp(prefix="model_sizes_"))
     results = {}
+    deadline = time.time() + (a.budget_s or math.inf)
     for row in rows:
-        results[row.label] = run_row(row, a, work)
+        if deadline - time.time() < 30:
+            print(f"[{row.label}] skipped: under 30 s of --budget-s {a.budget_s:.0f} left", flush=True)
+            results[row.label] = {"error": f"skipped: under 30 s of --budget-s {a.budget_s:.0f} left"}
+            continue
+        results[row.label] = run_row(row, a, work, deadline - time.time())
     fit = growth(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "batch": a.batch, "seq_len": a.seq_len,
             "peak_flops": PEAK_FLOPS, "growth": fit}

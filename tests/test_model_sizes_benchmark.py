@@ -70,3 +70,13 @@ def test_growth_exponent_is_the_log_log_slope():
     with torch.device("meta"):
         norms = sum(p.numel() for p in Transformer(PRESETS["95m"]).parameters() if p.dim() == 1)
     assert counts["matmul_params"] == 95_398_656 - norms
+
+
+def test_rows_past_the_budget_are_skipped_and_reported(tmp_path):
+    out = tmp_path / "sizes.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--rows", "tiny,tiny:2", "--budget-s", "20",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["tiny"]["error"] == results["tiny:2"]["error"] == "skipped: under 30 s of --budget-s 20 left"
+    assert "[tiny:2] skipped" in proc.stdout and "tok/s," not in proc.stdout  # no row ran
