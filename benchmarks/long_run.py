@@ -456,12 +456,17 @@ def run(args) -> int:
     if args.steps < 40 or args.kill_after >= args.steps // 2:
         print("error: --steps must be >= 40 and --kill-after < --steps / 2", file=sys.stderr)
         return 2
+    resume_step = max(1, round(args.steps * 0.5))  # the resumed leg starts at the boundary checkpoint
+    if args.sigterm_at is not None and not resume_step < args.sigterm_at < args.steps:
+        print(f"error: --sigterm-at {args.sigterm_at} is outside the resumed leg, which runs steps "
+              f"{resume_step + 1}..{args.steps} (it resumes at the stage boundary's checkpoint)", file=sys.stderr)
+        return 2
     info = {"kind": args.kind, "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
             "host": platform.node(), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "budget_s": args.budget_s, "reserve_s": args.reserve_s, "argv": sys.argv}
     n = args.steps
-    boundary = max(1, round(n * 0.5))
+    boundary = resume_step
     reused = corpus_ready(work / "corpus")
     warmup = args.warmup == "on" or (args.warmup == "auto" and not reused and args.device.startswith("cuda"))
     warm_kinds = list(dict.fromkeys([args.kind] + [k for k in args.warmup_also.split(",") if k])) if warmup else []

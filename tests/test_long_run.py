@@ -11,6 +11,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "long_run.py"
 
@@ -231,3 +233,17 @@ def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and "error: the resumed trainer exited 2" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     assert "not finished: its last trainer exited 2" in r.stdout
+
+
+@pytest.mark.parametrize("step", ["50", "100", "7"])
+def test_sigterm_at_outside_the_resumed_leg_is_refused_before_any_work(tmp_path, step):
+    """100 steps resume at the boundary, step 50: a SIGTERM at or before it, or at or after the last step, would
+    never fire in the resumed leg."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bf16", "--steps", "100", "--device", "cpu",
+                        "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--sigterm-at", step],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --sigterm-at {step} is outside the resumed leg, which runs steps 51..100 (it resumes at the stage "
+        f"boundary's checkpoint)"), r.stderr
+    assert not (tmp_path / "w" / "corpus").exists()
