@@ -58,7 +58,10 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
                "head-s0": {**row, "tok_s": 110.0, "peak_gib": 9.0, "tail_train_loss": 3.01, "final_eval_loss": 3.12},
                "all-s0": {**row, "tail_train_loss": 3.05, "final_eval_loss": 3.11}}
     d = q.compare(results)
-    assert d["noise_floor"] == pytest.approx({"tail_train_loss": 0.02, "final_eval_loss": 0.03})
+    assert d["noise_floor"] == pytest.approx({"tail_train_loss": 0.02, "final_eval_loss": 0.03, "seeds": 2})
+    # a third seed widens the floor to the largest distance from exact-s0
+    wider = q.compare({**results, "exact-s2": {**row, "tail_train_loss": 2.99, "final_eval_loss": 3.16}})
+    assert wider["noise_floor"] == pytest.approx({"tail_train_loss": 0.02, "final_eval_loss": 0.06, "seeds": 3})
     assert d["head-s0"]["tok_s_ratio"] == pytest.approx(1.1) and d["head-s0"]["peak_gib_delta"] == pytest.approx(-1)
     assert d["head-s0"]["holds"] is True and d["all-s0"]["holds"] is False  # tail +0.05 > floor 0.02
     assert "noise floor" in q.table(results, d)
