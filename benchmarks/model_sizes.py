@@ -1,5 +1,6 @@
 """Cost as the model grows (issue 25): the real trainer on the 95m preset and the BitNet b1.58 paper's 700m, 1.3b
-and 3b, one GPU, 32 x 1024 tokens a step, each preset at its own micro-batch (the train defaults: 1.3b 16, 3b 4).
+and 3b, one GPU, 32 x 1024 tokens a step, each preset at its train defaults (micro-batch: 1.3b 16; the 3b the whole
+batch with every block checkpointed).
 
     PYTHONPATH=src python benchmarks/model_sizes.py --out sizes.json     # ~200 s on one H100/H200
     PYTHONPATH=src python benchmarks/model_sizes.py --rows 3b:16         # one row at another micro-batch
@@ -71,7 +72,8 @@ class Row(NamedTuple):
 
 def parse_rows(spec: str) -> list[Row]:
     """'95m,3b:16,700m+fp8,3b:32+ac,1.3b:32+ac12': preset[:micro-batch][+fp8][+ac[N]], where +fp8 runs --fp8 all
-    and +ac --activation-checkpointing all (+acN: the first N blocks)."""
+    and +ac --activation-checkpointing all (+acN: the first N blocks, +ac0: none); without +ac, the preset's
+    default (the 3b's: all)."""
     from bitnet.model import PRESETS
 
     rows = []

@@ -48,6 +48,7 @@ def test_rows_parse_and_bad_rows_are_refused():
     assert sizes.parse_rows("95m, 3b:16,1.3b:16+fp8,3b:32+ac,700m+ac3+fp8") == [
         ("95m", "95m", None, False, None), ("3b:16", "3b", 16, False, None), ("1.3b:16+fp8", "1.3b", 16, True, None),
         ("3b:32+ac", "3b", 32, False, "all"), ("700m+ac3+fp8", "700m", None, True, "3")]
+    assert sizes.parse_rows("3b:4+ac0")[0].activation_checkpointing == "0"  # the 3b's default (all) turned off
     with pytest.raises(SystemExit, match=r"'\+bf16' in --rows '3b\+bf16' is neither \+fp8 nor \+ac\[N\]"):
         sizes.parse_rows("3b+bf16")
     with pytest.raises(SystemExit, match="is neither"):

@@ -45,13 +45,15 @@ def test_paper_presets_resolve_with_the_faq_learning_rates_and_a_micro_batch(tmp
     cfg, model_cfg, _, _ = resolve_config(["--preset", "3b", *runs])
     assert model_cfg == PRESETS["3b"]
     assert (cfg.lr_peak, cfg.lr_stage1_end, cfg.lr_stage2_start, cfg.lr_end) == (1.2e-3, 8e-4, 8e-4, 1.2e-5)
-    assert resolve_derived(cfg, world_size=1, max_seq_len=1024)["grad_accum"] == 8  # 32 / micro 4
+    derived = resolve_derived(cfg, world_size=1, max_seq_len=1024, n_layers=model_cfg.n_layers)
+    assert (derived["grad_accum"], derived["checkpointed_blocks"]) == (1, 26)  # the whole batch, every block recomputed
     cfg, _, _, _ = resolve_config(["--preset", "1.3b", "--micro-batch-size", "8", *runs])
     assert cfg.micro_batch_size == 8 and cfg.lr_peak == 1.2e-3  # a flag beats the preset's default
     cfg, _, _, _ = resolve_config(["--preset", "700m", *runs])
     assert (cfg.lr_peak, cfg.lr_stage1_end, cfg.micro_batch_size) == (1.5e-3, 1e-3, 0)  # the seed's, as Table 2
     help_text = build_parser().format_help()
-    assert "{95m,tiny,700m,1.3b,3b}" in help_text and "(default: 0; 1.3b: 16; 3b: 4)" in help_text
+    assert "{95m,tiny,700m,1.3b,3b}" in help_text and "(default: 0; 1.3b: 16; 3b: 32)" in help_text
+    assert "(default: none; 3b: all)" in " ".join(help_text.split())
 
 
 GiB = 2**30
