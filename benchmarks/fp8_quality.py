@@ -76,20 +76,21 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
 
 def compare(results: dict) -> dict:
     """Deltas against exact-s0 and the noise floor from exact-s0 vs exact-s1, where both ran."""
-    base = results.get("exact-s0")
-    if not base or "error" in base:
+    ran = {name: r for name, r in results.items() if "error" not in r and "skipped" not in r}
+    base = ran.get("exact-s0")
+    if not base:
         return {}
-    others = [r for name, r in results.items() if name.startswith("exact-s") and name != "exact-s0" and "error" not in r]
+    others = [r for name, r in ran.items() if name.startswith("exact-s") and name != "exact-s0"]
     out = {}
     floor = None
-    if others:  # the largest distance of another seed's exact run from exact-s0
+    if others:  # the largest distance of another seed's exact run from exact-s0 (eval: where both evaluated)
+        evals = [abs(r["final_eval_loss"] - base["final_eval_loss"]) for r in others
+                 if r["final_eval_loss"] is not None and base["final_eval_loss"] is not None]
         floor = {"tail_train_loss": max(abs(r["tail_train_loss"] - base["tail_train_loss"]) for r in others),
-                 "final_eval_loss": max(abs((r["final_eval_loss"] or 0) - (base["final_eval_loss"] or 0))
-                                        for r in others),
-                 "seeds": 1 + len(others)}
+                 "final_eval_loss": max(evals, default=0.0), "seeds": 1 + len(others)}
         out["noise_floor"] = floor
-    for name, r in results.items():
-        if name.startswith("exact") or "error" in r:
+    for name, r in ran.items():
+        if name.startswith("exact"):
             continue
         d = {"tok_s_ratio": r["tok_s"] / base["tok_s"], "peak_gib_delta": r["peak_gib"] - base["peak_gib"],
              "tail_train_loss_delta": r["tail_train_loss"] - base["tail_train_loss"],

@@ -456,10 +456,15 @@ def run(args) -> int:
     if args.steps < 40 or args.kill_after >= args.steps // 2:
         print("error: --steps must be >= 40 and --kill-after < --steps / 2", file=sys.stderr)
         return 2
-    resume_step = max(1, round(args.steps * 0.5))  # the resumed leg starts at the boundary checkpoint
-    if args.sigterm_at is not None and not resume_step < args.sigterm_at < args.steps:
-        print(f"error: --sigterm-at {args.sigterm_at} is outside the resumed leg, which runs steps "
-              f"{resume_step + 1}..{args.steps} (it resumes at the stage boundary's checkpoint)", file=sys.stderr)
+    from bitnet.train.config import stage_boundary_step
+
+    resume_step = stage_boundary_step(args.steps, 0.5)  # the resumed leg starts at the boundary checkpoint
+    # the watcher sees logged steps only: a step past the last log row before the end would fire at the end
+    last = args.steps - args.log_interval
+    if args.sigterm_at is not None and not resume_step < args.sigterm_at <= last:
+        print(f"error: --sigterm-at {args.sigterm_at} must fall in the resumed leg before its last log row: "
+              f"steps {resume_step + 1}..{last} (it resumes at the stage boundary's checkpoint, step {resume_step}; "
+              f"rows every --log-interval {args.log_interval})", file=sys.stderr)
         return 2
     info = {"kind": args.kind, "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
             "host": platform.node(), "torch": torch.__version__, "python": platform.python_version(),

@@ -235,15 +235,15 @@ def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
     assert "not finished: its last trainer exited 2" in r.stdout
 
 
-@pytest.mark.parametrize("step", ["50", "100", "7"])
+@pytest.mark.parametrize("step", ["50", "100", "95", "7"])
 def test_sigterm_at_outside_the_resumed_leg_is_refused_before_any_work(tmp_path, step):
-    """100 steps resume at the boundary, step 50: a SIGTERM at or before it, or at or after the last step, would
-    never fire in the resumed leg."""
+    """100 steps resume at the boundary, step 50, and log every 10: a SIGTERM at or before the resume step would
+    never fire in the resumed leg, one after its last row before the end (90) only at the end."""
     r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bf16", "--steps", "100", "--device", "cpu",
                         "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--sigterm-at", step],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert r.returncode == 2 and r.stderr.strip() == (
-        f"error: --sigterm-at {step} is outside the resumed leg, which runs steps 51..100 (it resumes at the stage "
-        f"boundary's checkpoint)"), r.stderr
+        f"error: --sigterm-at {step} must fall in the resumed leg before its last log row: steps 51..90 (it resumes "
+        f"at the stage boundary's checkpoint, step 50; rows every --log-interval 10)"), r.stderr
     assert not (tmp_path / "w" / "corpus").exists()

@@ -32,11 +32,14 @@ def test_eval_asks_the_model_for_its_loss_not_its_logits():
     class Recorder(torch.nn.Module):
         def forward(self, x, targets=None):
             calls.append(targets is not None)
+            if (targets == -100).all():  # a mean over no targets, as F.cross_entropy gives it
+                return torch.tensor(math.nan)
             return torch.tensor(float(x.shape[0]))  # "loss" = batch size, to check the weighting
 
     y = torch.zeros(2, 4, dtype=torch.long)
-    y[1, :2] = -100  # 6 of 8 targets count in the first batch, all 4 in the second
-    got = evaluate(Recorder(), [(torch.zeros(2, 4), y), (torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long))],
-                   contextlib.nullcontext, torch.device("cpu"))
-    assert calls == [True, True]
+    y[1, :2] = -100  # 6 of 8 targets count in the first batch, all 4 in the second, none in the third
+    batches = [(torch.zeros(2, 4), y), (torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long)),
+               (torch.zeros(3, 4), torch.full((3, 4), -100))]
+    got = evaluate(Recorder(), batches, contextlib.nullcontext, torch.device("cpu"))
+    assert calls == [True, True, True]
     assert math.isclose(got, (2.0 * 6 + 1.0 * 4) / 10)

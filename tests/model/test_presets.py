@@ -77,7 +77,7 @@ def test_memory_check_on_an_80gb_gpu(monkeypatch, name, micro, gpu_gib, fits):
 
 def test_memory_check_lets_the_3b_take_the_whole_batch_with_every_block_checkpointed(monkeypatch):
     monkeypatch.setattr(memory, "device_bytes", lambda device: int(79.2 * GiB))
-    with pytest.raises(ValueError, match=r"lower .* or use --activation-checkpointing"):
+    with pytest.raises(ValueError, match=r"lower .*, or checkpoint more blocks \(--activation-checkpointing, now none\)$"):
         memory.check_fits(TrainConfig(preset="3b", micro_batch_size=32), PRESETS["3b"], 32, torch.device("cpu"))
     memory.check_fits(TrainConfig(preset="3b", micro_batch_size=32, activation_checkpointing="all"), PRESETS["3b"], 32,
                       torch.device("cpu"))

@@ -62,6 +62,11 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
     # a third seed widens the floor to the largest distance from exact-s0
     wider = q.compare({**results, "exact-s2": {**row, "tail_train_loss": 2.99, "final_eval_loss": 3.16}})
     assert wider["noise_floor"] == pytest.approx({"tail_train_loss": 0.02, "final_eval_loss": 0.06, "seeds": 3})
+    # rows the budget skipped are left out; a seed without an eval widens only the train-loss floor
+    partial = q.compare({**results, "exact-s2": {"skipped": "budget"}, "grad_input-s0": {"skipped": "budget"},
+                         "exact-s3": {**row, "tail_train_loss": 3.1, "final_eval_loss": None}})
+    assert partial["noise_floor"] == pytest.approx({"tail_train_loss": 0.1, "final_eval_loss": 0.03, "seeds": 3})
+    assert "grad_input-s0" not in partial
     assert d["head-s0"]["tok_s_ratio"] == pytest.approx(1.1) and d["head-s0"]["peak_gib_delta"] == pytest.approx(-1)
     assert d["head-s0"]["holds"] is True and d["all-s0"]["holds"] is False  # tail +0.05 > floor 0.02
     assert "noise floor" in q.table(results, d)

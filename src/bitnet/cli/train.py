@@ -242,7 +242,7 @@ def train_main(argv: list[str] | None = None, prog: str = "bitnet-train") -> int
 
         if isinstance(e, (MemoryError, torch_oom())):  # while setting up (the loop names its step itself)
             print(f"error: out of memory while setting up the run; lower --micro-batch-size, --batch-size or "
-                  f"--seq-len, or use --activation-checkpointing", file=sys.stderr)
+                  f"--seq-len", file=sys.stderr)
             return exits.FAILED
         if not isinstance(e, TrainingFailed):
             raise

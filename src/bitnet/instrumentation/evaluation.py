@@ -29,7 +29,7 @@ def evaluate(model, batches, autocast, device) -> float:
         with autocast():
             mean = model(x, targets=y)
         counted = (y != IGNORE_INDEX).sum()  # the mean's denominator (the eval windows hold no ignored targets)
-        total += mean.double() * counted
+        total += torch.where(counted > 0, mean.double() * counted, 0.0)  # a batch with none counted: mean is NaN
         count += counted
     model.train(was_training)
     return (total / count).item()  # host sync: once per eval

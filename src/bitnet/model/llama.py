@@ -181,8 +181,10 @@ class Block(nn.Module):
         self.recompute = False
 
     def forward(self, x, cos, sin, cache=None, layer=0):
-        if self.recompute and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        # grad mode first: torch.compile then guards on `recompute` only under autograd (one variant fewer)
+        if cache is None and torch.is_grad_enabled() and self.recompute:
+            # no RNG in a block: nothing to replay, and no RNG-state calls inside a captured CUDA graph
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
         return self._forward(x, cos, sin, cache, layer)
 
     def _forward(self, x, cos, sin, cache=None, layer=0):

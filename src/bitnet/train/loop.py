@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         raise TrainingFailed(f"{e.strerror or e}{where} at step {state.step}; newest intact checkpoint: "
                              f"{checkpointer.newest()}") from None
     except torch.OutOfMemoryError:  # no checkpoint: the step's state is half-updated; the last one stays intact
-        raise TrainingFailed(out_of_memory_message(state.step + 1, s.device, cfg, s.micro)
+        raise TrainingFailed(out_of_memory_message(state.step + 1, s.device, cfg, s.micro, model_cfg.n_layers)
                              + f"; newest intact checkpoint: {checkpointer.newest()}") from None
     finally:
         close_all(hooks, lock)

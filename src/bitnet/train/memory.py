@@ -4,12 +4,12 @@ message for an out-of-memory error that happens anyway.
 The estimate counts only what a step cannot do without, so that a refusal is not a false alarm:
 weights, gradients and AdamW's two moments (16 bytes a parameter, fp32; a rank's 1/world_size share
 of them under FSDP2), 70% of the activations the backward keeps on the exact path (about 10 x dim +
-3 x ffn_dim values a token and layer, 2 bytes each; a checkpointed block keeps only its input, dim values,
-and one block's activations exist again while it is recomputed), and one vocabulary-wide row of logits a
-token (a chunk's under --fp8 head); plus the frozen eval set (int64 tokens). Why 70%: the full activation term
+3 x ffn_dim values a token and layer, 2 bytes each; checkpointed blocks: see `step_bytes`), and one
+vocabulary-wide row of logits a token (a chunk's under --fp8 head); plus the frozen eval set (int64 tokens). Why 70%: the full activation term
 matched the measured peaks of the exact path (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and
 52.9), so it was no lower bound, and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it
-(benchmarks/RESULTS.md, 2026-12-06). When the weights and their state alone do not fit, no micro-batch
+(benchmarks/RESULTS.md, 2026-12-06). tests/model/test_activation_checkpointing.py pins the estimate under
+every peak measured since, with and without checkpointed blocks. When the weights and their state alone do not fit, no micro-batch
 helps: the message says to shard them with FSDP2 instead.
 """
 
@@ -22,10 +22,16 @@ from bitnet.model.kernels.fp8 import HEAD_CHUNK_ROWS
 from bitnet.train.config import TrainConfig, checkpointed_blocks, fp8_parts
 
 GiB = 2**30
-LOWER = "--micro-batch-size, --batch-size or --seq-len, or use --activation-checkpointing"
+
+
+def checkpoint_hint(activation_checkpointing: str, more_blocks: bool) -> str:
+    """The end of an out-of-memory message: checkpoint more blocks, while some are left to checkpoint."""
+    return (f", or checkpoint more blocks (--activation-checkpointing, now {activation_checkpointing})"
+            if more_blocks else "")
 
 
 STATE = "weights, grads and AdamW state"
+MOMENTS = "weights and AdamW state"
 
 
 ACTIVATIONS_LOWER_BOUND = 0.7
@@ -34,18 +40,39 @@ ACTIVATIONS_LOWER_BOUND = 0.7
 
 def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1,
                fp8_head: bool = False, checkpointed_blocks: int = 0) -> dict[str, int]:
-    """Lower-bound bytes of one rank's step, by part; `shards`: the ranks FSDP2 splits the weights over;
-    `fp8_head`: the head's logits exist one chunk of tokens at a time; `checkpointed_blocks`: blocks whose
-    activations the backward recomputes (--activation-checkpointing)."""
-    with torch.device("meta"):
-        params = Transformer(model_cfg).num_params()
+    """Lower-bound bytes of one rank's step at its peak, by part; `shards`: the ranks FSDP2 splits the weights
+    over; `fp8_head`: the head's logits exist one chunk of tokens at a time; `checkpointed_blocks`: blocks whose
+    activations the backward recomputes (--activation-checkpointing).
+
+    With blocks kept, the peak is where the exact path's is: every kept block's activations, the logits and the
+    weight state with gradients (checkpointed blocks' inputs left out: a lower bound). With every block
+    checkpointed no block's activations outlive its backward, so the peak is the larger of the forward's end (the
+    blocks' fp32 inputs and the logits, before this step's gradients: 12 bytes a parameter) and one block's
+    recompute under the full weight state.
+    """
+    params = parameter_count(model_cfg)
     tokens = micro * seq_len
     block = tokens * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2  # one block's activations
+    logits = (min(tokens, HEAD_CHUNK_ROWS) if fp8_head else tokens) * model_cfg.vocab_size * 2
     kept = model_cfg.n_layers - checkpointed_blocks
-    activations = kept * block + (checkpointed_blocks * tokens * model_cfg.dim * 2 + block if checkpointed_blocks else 0)
-    logit_rows = min(tokens, HEAD_CHUNK_ROWS) if fp8_head else tokens
-    return {STATE: 16 * params // shards, "activations": int(ACTIVATIONS_LOWER_BOUND * activations),
-            "logits": logit_rows * model_cfg.vocab_size * 2}
+    if kept:
+        return {STATE: state_bytes(params, shards), "activations": int(ACTIVATIONS_LOWER_BOUND * kept * block),
+                "logits": logits}
+    inputs = model_cfg.n_layers * tokens * model_cfg.dim * 4  # the fp32 residual each block keeps
+    forward_end = {MOMENTS: 12 * params // shards, "block inputs": int(ACTIVATIONS_LOWER_BOUND * inputs),
+                   "logits": logits}
+    recompute = {STATE: state_bytes(params, shards), "one block's activations": int(ACTIVATIONS_LOWER_BOUND * block)}
+    return max(forward_end, recompute, key=lambda parts: sum(parts.values()))
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return Transformer(model_cfg).num_params()
+
+
+def state_bytes(params: int, shards: int = 1) -> int:
+    """fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, a rank's share under FSDP2."""
+    return 16 * params // shards
 
 
 def device_bytes(device: torch.device) -> int | None:
@@ -69,25 +96,29 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: tor
         return
     where = "GPU" if device.type == "cuda" else "machine"
     shards = world_size if cfg.parallel == "fsdp2" else 1
+    blocks = checkpointed_blocks(cfg.activation_checkpointing, model_cfg.n_layers)
     need = step_bytes(model_cfg, micro, cfg.seq_len, shards, fp8_head="head" in fp8_parts(cfg.fp8),
-                      checkpointed_blocks=checkpointed_blocks(cfg.activation_checkpointing, model_cfg.n_layers))
-    if need[STATE] > total:  # no micro-batch or sequence length helps
+                      checkpointed_blocks=blocks)
+    state = state_bytes(parameter_count(model_cfg), shards)
+    if state > total:  # no micro-batch or sequence length helps
         per_rank = f" per rank ({shards} FSDP2 ranks)" if shards > 1 else ""
-        raise ValueError(f"the {STATE} (fp32, 16 bytes a parameter) alone need {need[STATE] / GiB:,.1f} GiB"
+        raise ValueError(f"the {STATE} (fp32, 16 bytes a parameter) alone need {state / GiB:,.1f} GiB"
                          f"{per_rank}, more than the {where}'s {total / GiB:,.1f} GiB; shard them over more GPUs: "
                          f"torchrun --nproc_per_node=N -m bitnet.train --parallel fsdp2 (docs/distributed.md)")
     if sum(need.values()) > total:
         parts = ", ".join(f"{k} {v / GiB:,.1f}" for k, v in need.items())
         raise ValueError(f"a step of micro-batch {micro} x --seq-len {cfg.seq_len} needs at least "
                          f"{sum(need.values()) / GiB:,.1f} GiB ({parts} GiB), more than the {where}'s "
-                         f"{total / GiB:,.1f} GiB; lower {LOWER}")
+                         f"{total / GiB:,.1f} GiB; lower --micro-batch-size, --batch-size or --seq-len"
+                         f"{checkpoint_hint(cfg.activation_checkpointing, blocks < model_cfg.n_layers)}")
     eval_bytes = 0 if cfg.no_eval else cfg.eval_sequences * (cfg.seq_len + 1) * 8
     if eval_bytes > total:
         raise ValueError(f"--eval-sequences {cfg.eval_sequences} x {cfg.seq_len + 1} tokens needs at least "
                          f"{eval_bytes / GiB:,.1f} GiB, more than the machine's {total / GiB:,.1f} GiB")
 
 
-def out_of_memory_message(step: int, device: torch.device, cfg: TrainConfig, micro: int) -> str:
+def out_of_memory_message(step: int, device: torch.device, cfg: TrainConfig, micro: int,
+                          n_layers: int | None = None) -> str:
     """One line for an out-of-memory error at `step`: the memory figures and the flags that lower it."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -98,9 +129,7 @@ def out_of_memory_message(step: int, device: torch.device, cfg: TrainConfig, mic
     else:
         total = device_bytes(device)
         figures = f"machine memory {total / GiB:.1f} GiB" if total else "machine memory unknown"
+    more_blocks = n_layers is None or checkpointed_blocks(cfg.activation_checkpointing, n_layers) < n_layers
     return (f"out of memory at step {step} on {device} ({figures}); lower --micro-batch-size (now {micro}), "
-            f"--batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len}), or raise "
-            f"--activation-checkpointing (now {cfg.activation_checkpointing})")
-
-
-
+            f"--batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len})"
+            f"{checkpoint_hint(cfg.activation_checkpointing, more_blocks)}")
