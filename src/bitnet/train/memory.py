@@ -5,12 +5,12 @@ The estimate counts only what a step cannot do without, so that a refusal is not
 weights, gradients and AdamW's two moments (16 bytes a parameter, fp32; a rank's 1/world_size share
 of them under FSDP2), 70% of the activations the backward keeps on the exact path (about 10 x dim +
 3 x ffn_dim values a token and layer, 2 bytes each; checkpointed blocks: see `step_bytes`), and one
-vocabulary-wide row of logits a token (a chunk's under --fp8 head); plus the frozen eval set (int64 tokens). Why 70%: the full activation term
-matched the measured peaks of the exact path (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and
-52.9), so it was no lower bound, and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it
-(benchmarks/RESULTS.md, 2026-12-06). tests/model/test_activation_checkpointing.py pins the estimate under
-every peak measured since, with and without checkpointed blocks. When the weights and their state alone do not fit, no micro-batch
-helps: the message says to shard them with FSDP2 instead.
+vocabulary-wide row of logits a token (a chunk's under --fp8 head); plus the frozen eval set (int64 tokens).
+Why 70%: the full activation term matched the measured peaks of the exact path (95m 11.6 GiB estimated,
+11.6-11.8 measured; 700m 53.3 and 52.9), so it was no lower bound, and with --fp8 all the activations measured
+0.89 (95m) and 0.74 (700m) of it (benchmarks/RESULTS.md, 2026-12-06). tests/model/test_activation_checkpointing.py
+pins the estimate under every peak measured since, with and without checkpointed blocks. When the weights and
+their state alone do not fit, no micro-batch helps: the message says to shard them with FSDP2 instead.
 """
 
 import os
@@ -66,6 +66,7 @@ def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1
 
 
 def parameter_count(model_cfg: ModelConfig) -> int:
+    """The model's parameters, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
         return Transformer(model_cfg).num_params()
 
