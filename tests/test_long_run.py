@@ -236,14 +236,12 @@ def test_a_run_stopped_by_sigterm_is_finished_by_finish(tmp_path):
 
 
 @pytest.mark.parametrize("step", ["50", "100", "95", "7"])
-def test_sigterm_at_outside_the_resumed_leg_is_refused_before_any_work(tmp_path, step):
+def test_sigterm_at_outside_the_resumed_leg_is_refused_before_any_work(tmp_path, capsys, step):
     """100 steps resume at the boundary, step 50, and log every 10: a SIGTERM at or before the resume step would
     never fire in the resumed leg, one after its last row before the end (90) only at the end."""
-    r = subprocess.run([sys.executable, str(SCRIPT), "run", "--kind", "bf16", "--steps", "100", "--device", "cpu",
-                        "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--sigterm-at", step],
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert r.returncode == 2 and r.stderr.strip() == (
+    rc = load_script().main(["run", "--kind", "bf16", "--steps", "100", "--device", "cpu", "--work",
+                             str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--sigterm-at", step])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
         f"error: --sigterm-at {step} must fall in the resumed leg before its last log row: steps 51..90 (it resumes "
-        f"at the stage boundary's checkpoint, step 50; rows every --log-interval 10)"), r.stderr
+        f"at the stage boundary's checkpoint, step 50; rows every --log-interval 10)")
     assert not (tmp_path / "w" / "corpus").exists()
