@@ -636,33 +636,39 @@ def pack(work: Path, kind: str, archive: Path) -> None:
 
 # ------------------------------------------------------------------ analysis
 
-def finishing_legs(work: Path, kind: str, legs: list[dict]) -> list[dict]:
-    """Legs the driver did not start: a run its wall-clock guard stopped, finished by hand in the same work
-    directory with the command the trainer printed (`bitnet-train --resume-from <its checkpoint>`). Found
-    through each provenance's resumed_from, in resume order. Their processes were not timed: each counts
-    from its process start (provenance's process_start_time; start_time where that is missing, which
-    leaves out the imports before it) to its last file (not its exit), unless `report --leg-wall` gives it."""
-    found, last = [], legs[-1]["run_id"] if legs else None
+def with_finishing_legs(work: Path, kind: str, legs: list[dict]) -> list[dict]:
+    """The driver's legs with the legs it did not start put in, each after the leg it resumed from: a run its
+    wall-clock guard stopped, finished by hand in the same work directory with the command the trainer printed
+    (`bitnet-train --resume-from <its checkpoint>`), also when `finish` resumed from that hand leg later. Found
+    through each provenance's resumed_from. Their processes were not timed: each counts from its process start
+    (provenance's process_start_time; start_time where that is missing, which leaves out the imports before it)
+    to its last file (not its exit), unless `report --leg-wall` gives it."""
     known = {leg.get("run_id") for leg in legs}
-    while last:
-        nxt = None
-        for d in sorted((work / "runs").glob(f"long_{kind}_r*")):
-            prov = read_json(d / "meta" / "provenance.json")
-            if d.name not in known and Path(prov.get("resumed_from") or "").parent.parent.name == last:
-                nxt = d, prov
+    ordered = []
+    for leg in legs:
+        ordered.append(leg)
+        last = leg.get("run_id")
+        while last:  # the legs resumed by hand from `last`, one after another
+            found = next((d for d in sorted((work / "runs").glob(f"long_{kind}_r*")) if d.name not in known
+                          and Path(read_json(d / "meta" / "provenance.json").get("resumed_from") or "")
+                          .parent.parent.name == last), None)
+            if found is None:
                 break
-        if nxt is None:
-            break
-        d, prov = nxt
-        times = [r["time"] for f in ("metrics/scalars.jsonl", "eval/eval_results.jsonl", "samples/samples.jsonl")
-                 for r in read_rows(d / f) if "time" in r]
-        times += [m.stat().st_mtime for m in d.glob("checkpoints/step_*/meta.json")]
-        start = prov.get("process_start_time") or prov["start_time"]
-        found.append({"run_id": d.name, "start": start, "end": max(times, default=start), "pid": None,
-                      "rc": None, "killed": None, "guard_sigterm": None, "untimed": True})
-        known.add(d.name)
-        last = d.name
-    return found
+            ordered.append(untimed_leg(found))
+            known.add(found.name)
+            last = found.name
+    return ordered
+
+
+def untimed_leg(d: Path) -> dict:
+    """A leg the driver did not start: from its process start to its last file (see with_finishing_legs)."""
+    prov = read_json(d / "meta" / "provenance.json")
+    times = [r["time"] for f in ("metrics/scalars.jsonl", "eval/eval_results.jsonl", "samples/samples.jsonl")
+             for r in read_rows(d / f) if "time" in r]
+    times += [m.stat().st_mtime for m in d.glob("checkpoints/step_*/meta.json")]
+    start = prov.get("process_start_time") or prov["start_time"]
+    return {"run_id": d.name, "start": start, "end": max(times, default=start), "pid": None, "rc": None,
+            "killed": None, "guard_sigterm": None, "untimed": True}
 
 
 def read_json(path: Path) -> dict:
@@ -683,7 +689,7 @@ def analyze(work: Path, kind: str, leg_walls: dict | None = None) -> dict:
     # run_id but its wall time): its pid as recorded, or for older drivers the proc_start rows in order;
     # legs finished by hand have no pid
     procs = [{**leg, "pid": leg.get("pid", pids[i] if i < len(pids) else None)} for i, leg in enumerate(info["legs"])]
-    procs += finishing_legs(work, kind, [leg for leg in procs if leg.get("run_id")])
+    procs = with_finishing_legs(work, kind, procs)
     legs = [leg for leg in procs if leg.get("run_id")]  # the legs with a run directory
     dirs = [work / "runs" / leg["run_id"] for leg in legs]
     scal = [read_rows(d / "metrics" / "scalars.jsonl") for d in dirs]
@@ -997,7 +1003,7 @@ def main(argv=None) -> int:
     q.add_argument("--png", default="benchmarks/long_run.png")
     q.add_argument("--extract-dir", default="runs/long_run_report")
     q.add_argument("--leg-wall", action="append", default=[], metavar="RUN_ID=SECONDS",
-                   help="process wall of a leg run by hand (see finishing_legs), timed outside; repeatable")
+                   help="process wall of a leg run by hand (see with_finishing_legs), timed outside; repeatable")
     args = p.parse_args(argv)
     return {"run": run, "finish": finish, "report": report}[args.cmd](args)
 

@@ -245,3 +245,31 @@ def test_sigterm_at_outside_the_resumed_leg_is_refused_before_any_work(tmp_path,
         f"error: --sigterm-at {step} must fall in the resumed leg before its last log row: steps 51..90 (it resumes "
         f"at the stage boundary's checkpoint, step 50; rows every --log-interval 10)")
     assert not (tmp_path / "w" / "corpus").exists()
+
+
+def test_a_leg_finished_by_hand_keeps_its_place_before_a_later_finish(tmp_path):
+    """The guard stopped the resumed leg (r30); someone resumed it by hand (r45), which stopped early too; `finish`
+    resumed that (r55). The hand leg goes between the driver's legs, not after the last one (where it was lost)."""
+    lr = load_script()
+    runs = tmp_path / "runs"
+
+    def leg_dir(name, resumed_from=None, start=100.0):
+        (runs / name / "meta").mkdir(parents=True)
+        prov = {"start_time": start, "process_start_time": start - 5,
+                "resumed_from": str(runs / resumed_from / "checkpoints" / "step_000010") if resumed_from else None}
+        (runs / name / "meta" / "provenance.json").write_text(json.dumps(prov))
+        (runs / name / "metrics").mkdir()
+        (runs / name / "metrics" / "scalars.jsonl").write_text(json.dumps({"step": 1, "time": start + 7}) + "\n")
+
+    leg_dir("long_bf16")
+    leg_dir("long_bf16_r30", "long_bf16")
+    leg_dir("long_bf16_r45", "long_bf16_r30", start=300.0)
+    leg_dir("long_bf16_r55", "long_bf16_r45")
+    leg_dir("long_bf16_r60", "long_bf16_r55", start=500.0)  # and one more by hand after the finish
+    driver = [{"run_id": "long_bf16", "pid": 1}, {"run_id": None, "pid": 2}, {"run_id": "long_bf16_r30", "pid": 3},
+              {"run_id": "long_bf16_r55", "pid": 4}]
+    ordered = lr.with_finishing_legs(tmp_path, "bf16", driver)
+    assert [leg["run_id"] for leg in ordered] == ["long_bf16", None, "long_bf16_r30", "long_bf16_r45",
+                                                  "long_bf16_r55", "long_bf16_r60"]
+    hand = ordered[3]
+    assert hand["untimed"] and (hand["start"], hand["end"]) == (295.0, 307.0)  # process start to its last row
