@@ -235,7 +235,8 @@ def table(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="95m,700m,1.3b,3b",
-                   help="comma list of presets, each optionally :MICRO (its micro-batch; default: the preset's)")
+                   help="comma list of PRESET[:MICRO][+fp8][+ac[N]]: the micro-batch (default: the preset's), "
+                        "--fp8 all, --activation-checkpointing all or N (see parse_rows)")
     p.add_argument("--batch", type=int, default=32, help="sequences a step")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=0, help="steps of every row (0: the row's plan, PLAN)")

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,14 @@ def test_rows_past_the_budget_are_skipped_and_reported(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert results["tiny"]["error"] == results["tiny:2"]["error"] == "skipped: under 30 s of --budget-s 20 left"
     assert "[tiny:2] skipped" in proc.stdout and "tok/s," not in proc.stdout  # no row ran
+
+
+def test_a_row_still_running_at_the_end_of_the_budget_is_killed_and_reported(tmp_path):
+    """run_row gets the seconds the budget has left as its timeout: a trainer that needs longer is killed."""
+    import argparse
+
+    sizes = load_script()
+    a = argparse.Namespace(steps=4, log_interval=2, row_timeout_s=0, batch=4, seq_len=32, device="cpu", skip=None)
+    t0 = time.time()
+    result = sizes.run_row(sizes.parse_rows("tiny")[0], a, tmp_path, seconds_left=1.0)
+    assert result["error"] == "timed out after 1 s" and time.time() - t0 < 30
