@@ -75,7 +75,8 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
 
 
 def compare(results: dict) -> dict:
-    """Deltas against exact-s0 and the noise floor from exact-s0 vs exact-s1, where both ran."""
+    """Deltas against exact-s0, and the noise floor: the largest distance of another exact seed from exact-s0
+    (rows that failed or were skipped left out)."""
     ran = {name: r for name, r in results.items() if "error" not in r and "skipped" not in r}
     base = ran.get("exact-s0")
     if not base:

@@ -458,12 +458,12 @@ def run(args) -> int:
         return 2
     from bitnet.train.config import stage_boundary_step
 
-    resume_step = stage_boundary_step(args.steps, 0.5)  # the resumed leg starts at the boundary checkpoint
+    boundary = stage_boundary_step(args.steps, 0.5)  # the resumed leg starts at the boundary checkpoint
     # the watcher sees logged steps only: a step past the last log row before the end would fire at the end
     last = args.steps - args.log_interval
-    if args.sigterm_at is not None and not resume_step < args.sigterm_at <= last:
+    if args.sigterm_at is not None and not boundary < args.sigterm_at <= last:
         print(f"error: --sigterm-at {args.sigterm_at} must fall in the resumed leg before its last log row: "
-              f"steps {resume_step + 1}..{last} (it resumes at the stage boundary's checkpoint, step {resume_step}; "
+              f"steps {boundary + 1}..{last} (it resumes at the stage boundary's checkpoint, step {boundary}; "
               f"rows every --log-interval {args.log_interval})", file=sys.stderr)
         return 2
     info = {"kind": args.kind, "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
@@ -471,7 +471,6 @@ def run(args) -> int:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "budget_s": args.budget_s, "reserve_s": args.reserve_s, "argv": sys.argv}
     n = args.steps
-    boundary = resume_step
     reused = corpus_ready(work / "corpus")
     warmup = args.warmup == "on" or (args.warmup == "auto" and not reused and args.device.startswith("cuda"))
     warm_kinds = list(dict.fromkeys([args.kind] + [k for k in args.warmup_also.split(",") if k])) if warmup else []

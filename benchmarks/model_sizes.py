@@ -67,7 +67,7 @@ class Row(NamedTuple):
     fp8: bool
     """--fp8 all"""
     activation_checkpointing: str | None
-    """--activation-checkpointing (all or a number of blocks); None: off"""
+    """--activation-checkpointing (all or a number of blocks); None: the preset's default"""
 
 
 def parse_rows(spec: str) -> list[Row]:
