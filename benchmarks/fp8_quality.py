@@ -9,7 +9,8 @@ to --steps, eval every --eval-interval steps, no samples) in its own process, on
 one is in --work). Rows run in --rows order, most important first; a wall-clock guard skips the rows that
 would not finish before --budget-s, and says so.
 - exact-s<seed>: --fp8 none. Two seeds give the noise floor: the same recipe, another init and data order.
-- <switches>-s<seed>: --fp8 <switches> (head, grad_input, grad_weight, all).
+- <switches>-s<seed>: --fp8 <switches> (head, grad_input, grad_weight, all; several joined by '+'); the switch
+  bf16resid among them sets --residual-stream bf16 (e.g. bf16resid-s0, bf16resid+head-s0).
 For each row: median tok/s of its scalars rows after the first (compile), peak memory, the mean train loss of
 the last --tail-steps steps, every eval loss. Quality of a switch = its loss minus exact-s0's (same seed, same
 tokens); it "holds" when that is within the noise floor, the largest |exact-sK - exact-s0| over the other seeds'
@@ -45,21 +46,30 @@ def parse_row(name: str) -> tuple[str, int]:
     return switches, int(seed)
 
 
+def trainer_switches(switches: str) -> tuple[str, str]:
+    """(--fp8, --residual-stream) of a row's switches: 'exact' -> ('none', 'fp32'), 'bf16resid+head' ->
+    ('head', 'bf16')."""
+    parts = [] if switches == "exact" else switches.split("+")
+    fp8 = [p for p in parts if p != "bf16resid"]
+    return ",".join(fp8) or "none", "bf16" if "bf16resid" in parts else "fp32"
+
+
 def run_row(name: str, a, data: str, work: Path) -> dict:
     switches, seed = parse_row(name)
-    fp8 = "none" if switches == "exact" else switches.replace("+", ",")
+    fp8, residual_stream = trainer_switches(switches)
     argv = [sys.executable, "-m", "bitnet.train", "--preset", a.preset, "--data", data, "--num-steps", str(a.steps),
-            "--seed", str(seed), "--fp8", fp8, "--log-interval", str(a.log_interval), "--eval-interval",
+            "--seed", str(seed), "--fp8", fp8, "--residual-stream", residual_stream,
+            "--log-interval", str(a.log_interval), "--eval-interval",
             str(a.eval_interval), "--eval-sequences", str(a.eval_sequences), "--sample-interval", "0",
             "--quant-interval", "0", "--checkpoint-interval", str(10 * a.steps), "--runs-dir", str(work / "runs"),
-            "--run-id", name, "--overwrite", "--quiet"]
+            "--run-id", name.replace("+", "_"), "--overwrite", "--quiet"]
     if a.smoke:
         argv += ["--device", "cpu", "--batch-size", "4", "--seq-len", "64", "--warmup-steps", "5"]
     t0 = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
     wall = time.time() - t0
-    run = work / "runs" / name
+    run = work / "runs" / name.replace("+", "_")  # a run id takes no '+'
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"rc {proc.returncode}: " + " | ".join(tail), "wall_s": wall}
@@ -67,7 +77,7 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
     evals = read_jsonl(run / layout.EVAL_RESULTS)
     tail = [r["loss"] for r in rows if r["step"] > a.steps - a.tail_steps]
     tok = [r["tok_s"] for r in rows[1:]] or [r["tok_s"] for r in rows]
-    return {"fp8": fp8, "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
+    return {"fp8": fp8, "residual_stream": residual_stream, "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
             "peak_gib": max(r.get("mem_gib", 0.0) for r in rows), "tail_train_loss": statistics.fmean(tail),
             "final_train_loss": rows[-1]["loss"], "eval": [(e["step"], e["eval_loss"]) for e in evals],
             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,

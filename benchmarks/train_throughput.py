@@ -69,7 +69,8 @@ VARIANTS = {
                                                         "bwd_prefetch": False}}}),
 }
 # the real trainer, as shipped and with one library switch changed (apply_tweaks)
-TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"combo_kernels": True}},
+TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-repeat": {},  # the same row again: drift within a call
+                    "bitnet-train-combo": {"inductor": {"combo_kernels": True}},
                     "bitnet-train-torchembed": {"kernels": {"embedding": "torch"}},
                     # the FP8 switches (issue 25), as a user turns them on: trainer flags ("argv")
                     "bitnet-train-fp8-head": {"argv": ["--fp8", "head"]},
@@ -79,7 +80,12 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-combo": {"inductor": {"com
                     "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
                     # the exact head in chunks of rows: the 2 GiB logits one 0.5 GiB chunk at a time (peak memory)
                     "bitnet-train-headchunk": {"kernels": {"cross_entropy_launch": {"chunk_rows": 8192}}},
-                    "bitnet-train-headchunk4k": {"kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}}
+                    "bitnet-train-headchunk4k": {"kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}},
+                    "bitnet-train-headchunk2k": {"kernels": {"cross_entropy_launch": {"chunk_rows": 2048}}},
+                    # the residual stream between blocks in bf16 (--residual-stream): half its memory and traffic
+                    "bitnet-train-bf16resid": {"argv": ["--residual-stream", "bf16"]},
+                    "bitnet-train-bf16resid-headchunk4k": {"argv": ["--residual-stream", "bf16"],
+                                                           "kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 

@@ -31,6 +31,7 @@ BAD = {
     "unknown fp8 switch": ["--fp8", "head,attention"],
     "activation checkpointing not a count": ["--activation-checkpointing", "half"],
     "more checkpointed blocks than the model has": ["--activation-checkpointing", "99"],
+    "unknown residual stream dtype": ["--residual-stream", "fp16"],
     "stage boundary out of range": ["--stage-boundary", "1.5"],
     "missing tokenizer file": ["--tokenizer", "/nonexistent/tokenizer.json"],
     "cuda on a cpu machine": ["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],
@@ -160,7 +161,7 @@ def test_help_prints_each_default_once_with_the_tiny_preset_beside_it():
 def test_help_shows_the_choices_of_closed_flags():
     usage = " ".join(build_parser().format_usage().split())
     for flag, choices in (("--preset", "{95m,tiny,700m,1.3b,3b}"), ("--compile", "{auto,on,off}"),
-                          ("--parallel", "{ddp,fsdp2}"),
+                          ("--parallel", "{ddp,fsdp2}"), ("--residual-stream", "{fp32,bf16}"),
                           ("--anomaly-policy", "{warn,skip,stop}"), ("--cuda-graphs", "{auto,on,off}"),
                           ("--on-checkpoint-error", "{stop,continue}")):
         assert f"[{flag} {choices}]" in usage, flag

@@ -210,6 +210,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # True: under autocast the residual stream between blocks is kept in the matmul dtype (bf16), as
+        # modded-nanogpt's and torchtitan's bf16 runs keep it; False: fp32 (the embedding's dtype), the seed's.
+        # Set by the trainer (--residual-stream); without autocast the matmul dtype is fp32 and nothing changes.
+        self.residual_in_matmul_dtype = False
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -236,6 +240,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = choice.embedding(idx, self.embed_tokens.weight)  # (B, T, C)
+        if self.residual_in_matmul_dtype:
+            x = x.to(matmul_dtype(x))
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
         if cache is not None:

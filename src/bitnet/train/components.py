@@ -60,6 +60,8 @@ def settings(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World) ->
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     use_fp8(fp8_parts(cfg.fp8), device)
+    if cfg.residual_stream == "bf16" and device.type != "cuda":
+        warnings.warn(f"--residual-stream bf16 applies under CUDA's autocast only; this {device.type} run keeps fp32")
     return Settings(derived, device, use_compile, use_graphs, autocast, derived["stage_boundary_step"],
                     derived["grad_accum"], derived["micro_batch_size"])
 
@@ -85,6 +87,7 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World,
     model = Transformer(model_cfg).to(world.device)
     model.init_weights(seed=cfg.seed)
     model.checkpoint_blocks(checkpointed_blocks)
+    model.residual_in_matmul_dtype = cfg.residual_stream == "bf16"
     if resume is not None:
         model.load_state_dict(resume["model"])  # the full weights, before FSDP2 shards them
     if cfg.parallel == "fsdp2":  # shards `model` in place (under torchrun), before the optimizer takes the shards
@@ -180,4 +183,5 @@ def banner(cfg: TrainConfig, s: Settings, world: parallel.World, run_dir: Path, 
             f"batch {cfg.batch_size} x {cfg.seq_len} = {s.tokens_per_step:,} tokens/step "
             f"(micro {s.micro} x accum {s.accum}{ranks}) | steps {state.step + 1}..{cfg.num_steps}"
             + (f" | activation checkpointing {blocks} of {len(model.layers)} blocks"
-               if (blocks := s.derived["checkpointed_blocks"]) else ""))
+               if (blocks := s.derived["checkpointed_blocks"]) else "")
+            + (" | residual stream in bf16" if cfg.residual_stream == "bf16" and s.device.type == "cuda" else ""))

@@ -71,6 +71,10 @@ class TrainConfig:
                                                "none, all, or N (the first N blocks); each block saves about its "
                                                "activation memory and costs one more forward of it (README, "
                                                "'Memory')")
+    residual_stream: str = _f("fp32", "dtype of the residual stream between blocks under autocast (CUDA): fp32 "
+                                      "(the seed's) or bf16 (the matmul dtype: half the stream's memory and "
+                                      "traffic, each block's sum rounded to bf16); CPU runs stay fp32",
+                              choices=("fp32", "bf16"))
     # ---- distributed (under torchrun; docs/distributed.md)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
                               "sharded weights, gradients and optimizer state)", choices=("ddp", "fsdp2"))
@@ -208,6 +212,8 @@ def resolve_derived(cfg: TrainConfig, world_size: int, max_seq_len: int, n_layer
         if getattr(cfg, name) not in ("auto", "on", "off"):
             raise ValueError(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(cfg, name)!r}")
     fp8_parts(cfg.fp8)  # refuses unknown parts
+    if cfg.residual_stream not in ("fp32", "bf16"):
+        raise ValueError(f"--residual-stream must be fp32 or bf16, got {cfg.residual_stream!r}")
     if cfg.parallel not in ("ddp", "fsdp2"):
         raise ValueError(f"--parallel must be ddp or fsdp2, got {cfg.parallel!r}")
     if not cfg.dist_timeout_s > 0:

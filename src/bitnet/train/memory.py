@@ -39,16 +39,17 @@ ACTIVATIONS_LOWER_BOUND = 0.7
 
 
 def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1,
-               fp8_head: bool = False, checkpointed_blocks: int = 0) -> dict[str, int]:
+               fp8_head: bool = False, checkpointed_blocks: int = 0, residual_bytes: int = 4) -> dict[str, int]:
     """Lower-bound bytes of one rank's step at its peak, by part; `shards`: the ranks FSDP2 splits the weights
     over; `fp8_head`: the head's logits exist one chunk of tokens at a time; `checkpointed_blocks`: blocks whose
-    activations the backward recomputes (--activation-checkpointing).
+    activations the backward recomputes (--activation-checkpointing); `residual_bytes`: the residual stream's
+    element size (4: fp32; 2 under --residual-stream bf16).
 
     With blocks kept, the peak is where the exact path's is: every kept block's activations, the logits and the
     weight state with gradients (checkpointed blocks' inputs left out: a lower bound). With every block
     checkpointed no block's activations outlive its backward, so the peak is the larger of the forward's end (the
-    blocks' fp32 inputs and the logits, before this step's gradients: 12 bytes a parameter) and one block's
-    recompute under the full weight state.
+    blocks' inputs, in the residual stream's dtype, and the logits, before this step's gradients: 12 bytes a
+    parameter) and one block's recompute under the full weight state.
     """
     params = parameter_count(model_cfg)
     tokens = micro * seq_len
@@ -58,7 +59,7 @@ def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1
     if kept:
         return {STATE: state_bytes(params, shards), "activations": int(ACTIVATIONS_LOWER_BOUND * kept * block),
                 "logits": logits}
-    inputs = model_cfg.n_layers * tokens * model_cfg.dim * 4  # the fp32 residual each block keeps
+    inputs = model_cfg.n_layers * tokens * model_cfg.dim * residual_bytes  # the residual each block keeps
     forward_end = {MOMENTS: 12 * params // shards, "block inputs": int(ACTIVATIONS_LOWER_BOUND * inputs),
                    "logits": logits}
     recompute = {STATE: state_bytes(params, shards), "one block's activations": int(ACTIVATIONS_LOWER_BOUND * block)}
@@ -99,7 +100,7 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: tor
     shards = world_size if cfg.parallel == "fsdp2" else 1
     blocks = checkpointed_blocks(cfg.activation_checkpointing, model_cfg.n_layers)
     need = step_bytes(model_cfg, micro, cfg.seq_len, shards, fp8_head="head" in fp8_parts(cfg.fp8),
-                      checkpointed_blocks=blocks)
+                      checkpointed_blocks=blocks, residual_bytes=2 if cfg.residual_stream == "bf16" else 4)
     state = state_bytes(parameter_count(model_cfg), shards)
     if state > total:  # no micro-batch or sequence length helps
         per_rank = f" per rank ({shards} FSDP2 ranks)" if shards > 1 else ""

@@ -116,7 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_x:
                 torch.matmul(logits, w_mm, out=grad_x[part])
             if need_w:
-                grad_w += logits.t() @ x_mm[part]
+                _accumulate_product(grad_w, logits.t(), x_mm[part])
             del logits
         ctx.save_for_backward(grad_x, grad_w)
         return loss_rows.sum() / count
@@ -138,6 +138,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = _scale_into(grad_logits.t() @ x_mm, scale, ctx.dtypes[1])
         return grad_x, grad_w, None, None, None, None
+
+
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc: on CUDA one GEMM that reads and writes acc in fp32 (cuBLAS accumulates the
+    bf16 product in fp32 and adds it to acc), where a bf16 product and then an add would write, read and add a
+    V x D temporary per chunk; elsewhere (no such kernel on the CPU) the product, then the add."""
+    if acc.is_cuda and a.dtype != acc.dtype:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
 
 
 def _scale_into(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
