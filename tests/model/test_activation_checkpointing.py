@@ -11,6 +11,7 @@ from bitnet.train import memory
 from bitnet.train.config import TrainConfig, checkpointed_blocks, resolve_derived
 from bitnet.train.step import compile_step
 from tests.conftest import fast_args, read_rows
+from tests.model.gpu_step import GPU_CFG, compiled_step_on_gpu
 
 # small vocabulary, so that the blocks' activations (not the head's logits) dominate what the backward keeps
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=256, n_layers=4)
@@ -125,25 +126,9 @@ def test_out_of_memory_messages_offer_checkpointing_only_while_blocks_are_left()
 def test_compiled_checkpointed_blocks_on_gpu_match_and_hold_less():
     """The trainer's path on the GPU (compiled blocks, Triton kernels, bf16 autocast), 95m-shaped with 4 layers:
     with every block checkpointed the loss is the same, the gradients agree and the peak is lower."""
-    cfg = dataclasses.replace(PRESETS["95m"], n_layers=4)
-    idx = torch.randint(0, cfg.vocab_size, (8, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
-    for blocks in (0, cfg.n_layers):
-        model = Transformer(cfg).cuda()
-        model.init_weights(seed=0)
-        model.checkpoint_blocks(blocks)
-        compiled = compile_step(model)
-        for _ in range(2):  # the first call compiles; the second is measured
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = compiled(idx, targets=idx.roll(-1, dims=1))
-            loss.backward()
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        results.append((loss.item(), [p.grad.float() for p in model.parameters()], peak))
+    cfg = GPU_CFG
+    results = [compiled_step_on_gpu(lambda model, blocks=blocks: model.checkpoint_blocks(blocks))
+               for blocks in (0, cfg.n_layers)]
     (loss0, grads0, peak0), (loss1, grads1, peak1) = results
     assert loss1 == pytest.approx(loss0, rel=1e-6)
     worst = max(((a - b).norm() / a.norm()).item() for a, b in zip(grads0, grads1))

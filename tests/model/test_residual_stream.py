@@ -8,6 +8,7 @@ import torch
 from bitnet.model import PRESETS, Transformer
 from bitnet.train import memory
 from bitnet.train.config import TrainConfig
+from tests.model.gpu_step import compiled_step_on_gpu
 
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=256, n_layers=3)
 
@@ -70,26 +71,8 @@ def test_the_trainer_sets_the_switch_from_the_flag():
 def test_compiled_bf16_stream_on_gpu_stays_close_and_holds_less():
     """The trainer's path on the GPU (compiled blocks, Triton kernels, bf16 autocast), 95m-shaped with 4 layers:
     the bf16 stream gives nearly the fp32 stream's loss and gradients, and its step peaks lower."""
-    from bitnet.train.step import compile_step
-    cfg = dataclasses.replace(PRESETS["95m"], n_layers=4)
-    idx = torch.randint(0, cfg.vocab_size, (8, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
-    for bf16 in (False, True):
-        model = Transformer(cfg).cuda()
-        model.init_weights(seed=0)
-        model.residual_in_matmul_dtype = bf16
-        compiled = compile_step(model)
-        for _ in range(2):  # the first call compiles; the second is measured
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = compiled(idx, targets=idx.roll(-1, dims=1))
-            loss.backward()
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        results.append((loss.item(), [p.grad.float() for p in model.parameters()], peak))
+    results = [compiled_step_on_gpu(lambda model, bf16=bf16: setattr(model, "residual_in_matmul_dtype", bf16))
+               for bf16 in (False, True)]
     (loss0, grads0, peak0), (loss1, grads1, peak1) = results
     assert loss1 == pytest.approx(loss0, rel=1e-3)
     for g0, g1 in zip(grads0, grads1):
