@@ -8,9 +8,9 @@ to --steps, eval every --eval-interval steps, no samples) in its own process, on
 `benchmarks/long_run.py` builds on the GPU machine (mostly code and docs, not FineWeb-Edu; reused if a complete
 one is in --work). Rows run in --rows order, most important first; a wall-clock guard skips the rows that
 would not finish before --budget-s, and says so.
-- exact-s<seed>: --fp8 none. Two seeds give the noise floor: the same recipe, another init and data order.
-- <switches>-s<seed>: --fp8 <switches> (head, grad_input, grad_weight, all; several joined by '+'); the switch
-  bf16resid among them sets --residual-stream bf16 (e.g. bf16resid-s0, bf16resid+head-s0).
+- exact-s<seed>: --fp8 none, the trainer's defaults. Two seeds give the noise floor: the same recipe, another init and data order.
+- <switches>-s<seed>: --fp8 <switches> (head, grad_input, grad_weight, all; several joined by '+'); bf16resid or
+  fp32resid among them sets --residual-stream (e.g. fp32resid-s0, bf16resid+head-s0); exact: the trainer's defaults.
 For each row: median tok/s of its scalars rows after the first (compile), peak memory, the mean train loss of
 the last --tail-steps steps, every eval loss. Quality of a switch = its loss minus exact-s0's (same seed, same
 tokens); it "holds" when that is within the noise floor, the largest |exact-sK - exact-s0| over the other seeds'
@@ -36,6 +36,8 @@ from bitnet.run import layout  # noqa: E402
 from bitnet.run.jsonl import read_jsonl  # noqa: E402
 
 DEFAULT_ROWS = "exact-s0,all-s0,exact-s1,head-s0,grad_input-s0,grad_weight-s0"
+RESIDUAL_SWITCHES = {"bf16resid": "bf16", "fp32resid": "fp32"}
+"""Row switches that set --residual-stream (issue 25, sixth session: bf16 became the default)."""
 
 
 def parse_row(name: str) -> tuple[str, int]:
@@ -46,19 +48,22 @@ def parse_row(name: str) -> tuple[str, int]:
     return switches, int(seed)
 
 
-def trainer_switches(switches: str) -> tuple[str, str]:
-    """(--fp8, --residual-stream) of a row's switches: 'exact' -> ('none', 'fp32'), 'bf16resid+head' ->
-    ('head', 'bf16')."""
+def trainer_switches(switches: str) -> tuple[str, str | None]:
+    """(--fp8, --residual-stream) of a row's switches, None: the trainer's default stream. 'exact' -> ('none',
+    None), 'bf16resid+head' -> ('head', 'bf16'), 'fp32resid' -> ('none', 'fp32')."""
     parts = [] if switches == "exact" else switches.split("+")
-    fp8 = [p for p in parts if p != "bf16resid"]
-    return ",".join(fp8) or "none", "bf16" if "bf16resid" in parts else "fp32"
+    fp8 = [p for p in parts if p not in RESIDUAL_SWITCHES]
+    stream = [RESIDUAL_SWITCHES[p] for p in parts if p in RESIDUAL_SWITCHES]
+    if len(stream) > 1:
+        raise SystemExit(f"error: row switches {switches!r} name the residual stream twice")
+    return ",".join(fp8) or "none", stream[0] if stream else None
 
 
 def run_row(name: str, a, data: str, work: Path) -> dict:
     switches, seed = parse_row(name)
     fp8, residual_stream = trainer_switches(switches)
     argv = [sys.executable, "-m", "bitnet.train", "--preset", a.preset, "--data", data, "--num-steps", str(a.steps),
-            "--seed", str(seed), "--fp8", fp8, "--residual-stream", residual_stream,
+            "--seed", str(seed), "--fp8", fp8, *(["--residual-stream", residual_stream] if residual_stream else []),
             "--log-interval", str(a.log_interval), "--eval-interval",
             str(a.eval_interval), "--eval-sequences", str(a.eval_sequences), "--sample-interval", "0",
             "--quant-interval", "0", "--checkpoint-interval", str(10 * a.steps), "--runs-dir", str(work / "runs"),
@@ -77,7 +82,7 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
     evals = read_jsonl(run / layout.EVAL_RESULTS)
     tail = [r["loss"] for r in rows if r["step"] > a.steps - a.tail_steps]
     tok = [r["tok_s"] for r in rows[1:]] or [r["tok_s"] for r in rows]
-    return {"fp8": fp8, "residual_stream": residual_stream, "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
+    return {"fp8": fp8, "residual_stream": residual_stream or "default", "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
             "peak_gib": max(r.get("mem_gib", 0.0) for r in rows), "tail_train_loss": statistics.fmean(tail),
             "final_train_loss": rows[-1]["loss"], "eval": [(e["step"], e["eval_loss"]) for e in evals],
             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,

@@ -78,14 +78,18 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-repeat": {},  # the same r
                     "bitnet-train-fp8-dw": {"argv": ["--fp8", "grad_weight"]},
                     "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]},
                     "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
-                    # the exact head in chunks of rows: the 2 GiB logits one 0.5 GiB chunk at a time (peak memory)
-                    "bitnet-train-headchunk": {"kernels": {"cross_entropy_launch": {"chunk_rows": 8192}}},
-                    "bitnet-train-headchunk4k": {"kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}},
-                    "bitnet-train-headchunk2k": {"kernels": {"cross_entropy_launch": {"chunk_rows": 2048}}},
-                    # the residual stream between blocks in bf16 (--residual-stream): half its memory and traffic
-                    "bitnet-train-bf16resid": {"argv": ["--residual-stream", "bf16"]},
-                    "bitnet-train-bf16resid-headchunk4k": {"argv": ["--residual-stream", "bf16"],
-                                                           "kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}}
+                    # the defaults since issue 25's sixth session (bf16 residual stream, the head in chunks of 4096
+                    # rows) against the seed's (fp32 stream, the whole head) and each change alone; the headchunk
+                    # rows keep the fp32 stream, as measured before the defaults changed
+                    "bitnet-train-seed": {"argv": ["--residual-stream", "fp32", "--head-chunk-rows", "0"]},
+                    "bitnet-train-fp32resid": {"argv": ["--residual-stream", "fp32"]},
+                    "bitnet-train-wholehead": {"argv": ["--head-chunk-rows", "0"]},
+                    "bitnet-train-headchunk": {"argv": ["--residual-stream", "fp32", "--head-chunk-rows", "8192"]},
+                    "bitnet-train-headchunk4k": {"argv": ["--residual-stream", "fp32", "--head-chunk-rows", "4096"]},
+                    "bitnet-train-headchunk2k": {"argv": ["--residual-stream", "fp32", "--head-chunk-rows", "2048"]},
+                    "bitnet-train-bf16resid": {"argv": ["--residual-stream", "bf16", "--head-chunk-rows", "0"]},
+                    "bitnet-train-bf16resid-headchunk4k": {"argv": ["--residual-stream", "bf16",
+                                                                    "--head-chunk-rows", "4096"]}}
 DEFAULT = "check,fast,bitnet-train,bf16-compiled,compile-ref,eager-ref,fast-torchce"
 DATASHEET_TFLOPS = 989.0
 

@@ -32,6 +32,7 @@ BAD = {
     "activation checkpointing not a count": ["--activation-checkpointing", "half"],
     "more checkpointed blocks than the model has": ["--activation-checkpointing", "99"],
     "unknown residual stream dtype": ["--residual-stream", "fp16"],
+    "negative head chunk": ["--head-chunk-rows", "-1"],
     "stage boundary out of range": ["--stage-boundary", "1.5"],
     "missing tokenizer file": ["--tokenizer", "/nonexistent/tokenizer.json"],
     "cuda on a cpu machine": ["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"],
@@ -161,7 +162,7 @@ def test_help_prints_each_default_once_with_the_tiny_preset_beside_it():
 def test_help_shows_the_choices_of_closed_flags():
     usage = " ".join(build_parser().format_usage().split())
     for flag, choices in (("--preset", "{95m,tiny,700m,1.3b,3b}"), ("--compile", "{auto,on,off}"),
-                          ("--parallel", "{ddp,fsdp2}"), ("--residual-stream", "{fp32,bf16}"),
+                          ("--parallel", "{ddp,fsdp2}"), ("--residual-stream", "{bf16,fp32}"),
                           ("--anomaly-policy", "{warn,skip,stop}"), ("--cuda-graphs", "{auto,on,off}"),
                           ("--on-checkpoint-error", "{stop,continue}")):
         assert f"[{flag} {choices}]" in usage, flag

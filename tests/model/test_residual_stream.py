@@ -5,9 +5,12 @@ import dataclasses
 import pytest
 import torch
 
+from bitnet.cli.train import resolve_config, train_main
 from bitnet.model import PRESETS, Transformer
-from bitnet.train import memory
+from bitnet.train import components, memory
 from bitnet.train.config import TrainConfig
+from bitnet.train.parallel import World
+from tests.conftest import fast_args
 from tests.model.gpu_step import compiled_step_on_gpu
 
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=256, n_layers=3)
@@ -56,14 +59,41 @@ def test_the_memory_estimate_counts_the_checkpointed_inputs_at_the_streams_size(
     assert bf16["block inputs"] == int(0.7 * cfg.n_layers * 32 * 1024 * cfg.dim * 2)
 
 
+# 95m step peaks measured on one H100 (benchmarks/RESULTS.md, "Issue 25, sixth session"; train_throughput.py rows):
+# (residual stream bytes, head chunk rows) -> GiB; the estimate is a lower bound and must stay under each
+MEASURED_95M_PEAKS = {(2, 4096): 9.53, (2, 0): 11.28, (4, 4096): 10.04, (4, 0): 11.75}
+
+
+@pytest.mark.parametrize("residual_bytes,chunk", MEASURED_95M_PEAKS)
+def test_the_memory_estimate_stays_under_the_measured_peaks(residual_bytes, chunk):
+    need = memory.step_bytes(PRESETS["95m"], 32, 1024, residual_bytes=residual_bytes, head_chunk_rows=chunk)
+    assert need["logits"] == min(chunk or 32 * 1024, 32 * 1024) * 32000 * 2
+    assert 0.7 * MEASURED_95M_PEAKS[residual_bytes, chunk] < sum(need.values()) / 2**30 <= MEASURED_95M_PEAKS[
+        residual_bytes, chunk]
+
+
 def test_the_trainer_sets_the_switch_from_the_flag():
-    from bitnet.train import components
-    from bitnet.train.parallel import World
-    world = World()
+    assert TrainConfig().residual_stream == "bf16" and TrainConfig().head_chunk_rows == 4096  # the defaults
     for flag, expected in (("fp32", False), ("bf16", True)):
         cfg = TrainConfig(preset="tiny", residual_stream=flag)
-        model, _ = components.build_model(cfg, dataclasses.replace(CFG, n_layers=1), world, None)
+        model, _ = components.build_model(cfg, dataclasses.replace(CFG, n_layers=1), World(), None)
         assert model.residual_in_matmul_dtype is expected
+
+
+def test_a_checkpoint_from_before_the_switch_resumes_with_the_fp32_stream(tmp_path):
+    """Runs saved before --residual-stream existed trained with an fp32 stream: resuming one keeps it, where a
+    checkpoint that names its stream keeps that."""
+    assert train_main(fast_args(tmp_path / "runs", "new", steps=2, checkpoint_interval=2)) == 0
+    pt = next((tmp_path / "runs" / "new" / "checkpoints").glob("*/checkpoint.pt"))
+    saved = torch.load(pt, weights_only=False)
+    assert saved["config"]["train"]["residual_stream"] == "bf16"
+    cfg, _, _, _ = resolve_config(["--resume-from", str(pt), "--runs-dir", str(tmp_path / "runs"), "--num-steps", "4"])
+    assert cfg.residual_stream == "bf16"
+    del saved["config"]["train"]["residual_stream"]
+    torch.save(saved, tmp_path / "old.pt")
+    cfg, _, _, _ = resolve_config(["--resume-from", str(tmp_path / "old.pt"), "--runs-dir", str(tmp_path / "runs"),
+                                   "--num-steps", "4"])
+    assert cfg.residual_stream == "fp32"
 
 
 @pytest.mark.gpu
@@ -75,7 +105,28 @@ def test_compiled_bf16_stream_on_gpu_stays_close_and_holds_less():
                for bf16 in (False, True)]
     (loss0, grads0, peak0), (loss1, grads1, peak1) = results
     assert loss1 == pytest.approx(loss0, rel=1e-3)
-    for g0, g1 in zip(grads0, grads1):
-        assert (g1 - g0).norm() <= 0.05 * g0.norm() + 1e-6
+    # every gradient within 10% of the fp32 stream's (H100: worst 5.1%, the embedding's, which now comes through a
+    # bf16 stream end to end)
+    worst = max(((g1 - g0).norm() / g0.norm()).item() for g0, g1 in zip(grads0, grads1))
+    print(f"loss {loss0:.6f} / {loss1:.6f}, worst gradient {worst:.4f}, peak {peak0 / 2**30:.3f} / {peak1 / 2**30:.3f} GiB")
+    assert worst < 0.1, worst
     # two fp32 norm inputs a block become bf16: 4 blocks x 2 x 8192 tokens x 768 x 2 bytes saved, at least half
     assert peak0 - peak1 > 0.5 * 4 * 2 * 8192 * 768 * 2, (peak0, peak1)
+
+
+def test_head_chunk_rows_sets_the_heads_launch_for_the_run_only(tmp_path, monkeypatch):
+    from bitnet.model.kernels import current_kernels, use_kernels
+    from bitnet.model.kernels import cross_entropy
+    before = current_kernels()
+    for rows in (0, 4096, 512):
+        with use_kernels(before):  # settings() changes the process-wide choice; `train` restores it, as here
+            components.settings(TrainConfig(preset="tiny", seq_len=128, head_chunk_rows=rows), CFG, World())
+            assert current_kernels().cross_entropy_launch.chunk_rows == rows
+        assert current_kernels() == before
+    # a whole run: the choice it trained with is the flag's, and the one before is back afterwards
+    seen = []
+    real = cross_entropy.CrossEntropyLaunch.__post_init__
+    monkeypatch.setattr(cross_entropy.CrossEntropyLaunch, "__post_init__",
+                        lambda self: seen.append(self.chunk_rows) or real(self))
+    assert train_main(fast_args(tmp_path / "runs", "chunked", steps=2, head_chunk_rows=512)) == 0
+    assert 512 in seen and current_kernels() == before

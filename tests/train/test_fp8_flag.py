@@ -81,9 +81,11 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
         merged = json.loads(out.read_text())
         assert sorted(merged["results"]) == ["exact-s0", "exact-s1", "head-s0"]
         assert merged["comparison"]["head-s0"]["holds"] is True
-    assert q.trainer_switches("exact") == ("none", "fp32") and q.trainer_switches("all") == ("all", "fp32")
-    assert q.trainer_switches("bf16resid") == ("none", "bf16")
+    assert q.trainer_switches("exact") == ("none", None) and q.trainer_switches("all") == ("all", None)
+    assert q.trainer_switches("bf16resid") == ("none", "bf16") and q.trainer_switches("fp32resid") == ("none", "fp32")
     assert q.trainer_switches("head+bf16resid+grad_input") == ("head,grad_input", "bf16")
+    with pytest.raises(SystemExit, match="residual stream twice"):
+        q.trainer_switches("bf16resid+fp32resid")
     with pytest.raises(SystemExit, match="not <switches>-s<seed>"):
         q.parse_row("head")
 
@@ -91,7 +93,7 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
 def test_fp8_quality_smoke_runs_a_row_through_the_trainer(tmp_path):
     q = _bench()
     out = tmp_path / "q.json"
-    assert q.main(["--smoke", "--rows", "bf16resid+head-s0", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
-    r = json.loads(out.read_text())["results"]["bf16resid+head-s0"]
-    assert r["fp8"] == "head" and r["residual_stream"] == "bf16"  # both switches reached the trainer
+    assert q.main(["--smoke", "--rows", "fp32resid+head-s0", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["results"]["fp32resid+head-s0"]
+    assert r["fp8"] == "head" and r["residual_stream"] == "fp32"  # both switches reached the trainer
     assert r["tok_s"] > 0 and r["final_eval_loss"] > 0 and len(r["loss_curve"]) == 10

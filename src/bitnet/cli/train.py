@@ -137,6 +137,7 @@ def resolve_config(argv: list[str], prog: str = "bitnet-train") -> tuple[TrainCo
             ckpt_train = check_types({k: v for k, v in saved["train"].items()
                                       if k in field_names() and k not in NOT_FROM_CHECKPOINT}, resume_from)
             ckpt_model = check_types(dict(saved["model"]), resume_from, ModelConfig)
+            ckpt_train.setdefault("residual_stream", "fp32")  # saved before the switch: trained with an fp32 stream
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError(f"{resume_from} holds no usable training config") from None
         if not (args.get("run_id") or file_values.get("run_id")):  # a resume's default id: <run>_r<step>

@@ -60,8 +60,8 @@ def settings(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World) ->
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     use_fp8(fp8_parts(cfg.fp8), device)
-    if cfg.residual_stream == "bf16" and device.type != "cuda":
-        warnings.warn(f"--residual-stream bf16 applies under CUDA's autocast only; this {device.type} run keeps fp32")
+    launch = current_kernels().cross_entropy_launch  # --head-chunk-rows; `train` puts the previous choice back
+    set_kernels(replace(current_kernels(), cross_entropy_launch=replace(launch, chunk_rows=cfg.head_chunk_rows)))
     return Settings(derived, device, use_compile, use_graphs, autocast, derived["stage_boundary_step"],
                     derived["grad_accum"], derived["micro_batch_size"])
 

@@ -5,12 +5,13 @@ The estimate counts only what a step cannot do without, so that a refusal is not
 weights, gradients and AdamW's two moments (16 bytes a parameter, fp32; a rank's 1/world_size share
 of them under FSDP2), 70% of the activations the backward keeps on the exact path (about 10 x dim +
 3 x ffn_dim values a token and layer, 2 bytes each; checkpointed blocks: see `step_bytes`), and one
-vocabulary-wide row of logits a token (a chunk's under --fp8 head); plus the frozen eval set (int64 tokens).
-Why 70%: the full activation term matched the measured peaks of the exact path (95m 11.6 GiB estimated,
-11.6-11.8 measured; 700m 53.3 and 52.9), so it was no lower bound, and with --fp8 all the activations measured
-0.89 (95m) and 0.74 (700m) of it (benchmarks/RESULTS.md, 2026-12-06). tests/model/test_activation_checkpointing.py
-pins the estimate under every peak measured since, with and without checkpointed blocks. When the weights and
-their state alone do not fit, no micro-batch helps: the message says to shard them with FSDP2 instead.
+vocabulary-wide row of logits a token (a chunk's under --head-chunk-rows or --fp8 head); plus the frozen eval set
+(int64 tokens). Why 70%: the full activation term matched the measured peaks of the exact path with the fp32 stream
+and the whole head (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and 52.9), so it was no lower bound,
+and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it (benchmarks/RESULTS.md,
+2026-12-06). tests/model/test_activation_checkpointing.py pins the estimate under every peak measured since, with
+and without checkpointed blocks. When the weights and their state alone do not fit, no micro-batch helps: the
+message says to shard them with FSDP2 instead.
 """
 
 import os
@@ -38,12 +39,13 @@ ACTIVATIONS_LOWER_BOUND = 0.7
 """The share of the exact path's activation estimate counted as certain (see the module docstring)."""
 
 
-def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1,
-               fp8_head: bool = False, checkpointed_blocks: int = 0, residual_bytes: int = 4) -> dict[str, int]:
+def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1, fp8_head: bool = False,
+               checkpointed_blocks: int = 0, residual_bytes: int = 4, head_chunk_rows: int = 0) -> dict[str, int]:
     """Lower-bound bytes of one rank's step at its peak, by part; `shards`: the ranks FSDP2 splits the weights
     over; `fp8_head`: the head's logits exist one chunk of tokens at a time; `checkpointed_blocks`: blocks whose
     activations the backward recomputes (--activation-checkpointing); `residual_bytes`: the residual stream's
-    element size (4: fp32; 2 under --residual-stream bf16).
+    element size (4: fp32; 2 under --residual-stream bf16); `head_chunk_rows`: the exact head's logits exist
+    this many tokens at a time (--head-chunk-rows; 0: all at once).
 
     With blocks kept, the peak is where the exact path's is: every kept block's activations, the logits and the
     weight state with gradients (checkpointed blocks' inputs left out: a lower bound). With every block
@@ -54,7 +56,8 @@ def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1
     params = parameter_count(model_cfg)
     tokens = micro * seq_len
     block = tokens * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2  # one block's activations
-    logits = (min(tokens, HEAD_CHUNK_ROWS) if fp8_head else tokens) * model_cfg.vocab_size * 2
+    chunk = HEAD_CHUNK_ROWS if fp8_head else head_chunk_rows
+    logits = (min(tokens, chunk) if chunk else tokens) * model_cfg.vocab_size * 2
     kept = model_cfg.n_layers - checkpointed_blocks
     if kept:
         return {STATE: state_bytes(params, shards), "activations": int(ACTIVATIONS_LOWER_BOUND * kept * block),
@@ -100,7 +103,8 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, micro: int, device: tor
     shards = world_size if cfg.parallel == "fsdp2" else 1
     blocks = checkpointed_blocks(cfg.activation_checkpointing, model_cfg.n_layers)
     need = step_bytes(model_cfg, micro, cfg.seq_len, shards, fp8_head="head" in fp8_parts(cfg.fp8),
-                      checkpointed_blocks=blocks, residual_bytes=2 if cfg.residual_stream == "bf16" else 4)
+                      checkpointed_blocks=blocks, residual_bytes=2 if cfg.residual_stream == "bf16" else 4,
+                      head_chunk_rows=cfg.head_chunk_rows)
     state = state_bytes(parameter_count(model_cfg), shards)
     if state > total:  # no micro-batch or sequence length helps
         per_rank = f" per rank ({shards} FSDP2 ranks)" if shards > 1 else ""
