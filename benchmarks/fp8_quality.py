@@ -79,10 +79,12 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"rc {proc.returncode}: " + " | ".join(tail), "wall_s": wall}
     rows = read_jsonl(run / layout.SCALARS)
+    trained = json.loads((run / layout.CONFIG).read_text())["train"]  # what the trainer ran, not what was asked
     evals = read_jsonl(run / layout.EVAL_RESULTS)
     tail = [r["loss"] for r in rows if r["step"] > a.steps - a.tail_steps]
     tok = [r["tok_s"] for r in rows[1:]] or [r["tok_s"] for r in rows]
-    return {"fp8": fp8, "residual_stream": residual_stream or "default", "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
+    return {"fp8": trained["fp8"], "residual_stream": trained["residual_stream"],
+            "head_chunk_rows": trained["head_chunk_rows"], "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
             "peak_gib": max(r.get("mem_gib", 0.0) for r in rows), "tail_train_loss": statistics.fmean(tail),
             "final_train_loss": rows[-1]["loss"], "eval": [(e["step"], e["eval_loss"]) for e in evals],
             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,

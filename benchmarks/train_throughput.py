@@ -9,7 +9,8 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
                  weight, Training-Tips style, fp32 quantization math), no compile, F.cross_entropy on
                  fp32 logits
   compile-ref    the same under torch.compile(model), the loss compiled with it
-  fast           the project's path, as the trainer runs it: bitnet.train.step.compile_step (compiled
+  fast           the project's path, as the trainer runs it with --residual-stream fp32 --head-chunk-rows 0
+                 (the model's and the kernels' own defaults): bitnet.train.step.compile_step (compiled
                  blocks with the RMSNorm + int8 quantization fused, the FFN's SwiGLU + sub-norm + int8
                  quantization as one Triton kernel, the head + cross entropy with the logits' gradient
                  made in the forward), the clip handed to fused AdamW, the whole step captured as one
@@ -18,7 +19,7 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
   fast-*         exploration rows, one change each against `fast` (see VARIANTS)
   bitnet-train   the real trainer (bitnet-train --preset 95m, default intervals) for --trainer-steps steps
                  on --data token data: the median tok_s of its scalars.jsonl
-  bitnet-train-* the same with one process-wide switch changed (see TRAINER_VARIANTS)
+  bitnet-train-* the same with trainer flags or process-wide switches changed (see TRAINER_VARIANTS)
 A row's "kernels" tweak is a `bitnet.model.kernels.KernelChoice` (as a dict of its fields): each fused op's
 Triton kernel or its PyTorch reference ("torch"), and the kernels' launch settings.
 MFU = model.flops_per_token(seq_len) * tok/s / peak, where flops_per_token = 6 * (matmul params incl.

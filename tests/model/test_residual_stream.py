@@ -60,14 +60,19 @@ def test_the_memory_estimate_counts_the_checkpointed_inputs_at_the_streams_size(
 
 
 # 95m step peaks measured on one H100 (benchmarks/RESULTS.md, "Issue 25, sixth session"; train_throughput.py rows):
-# (residual stream bytes, head chunk rows) -> GiB; the estimate is a lower bound and must stay under each
+# (residual stream bytes, head chunk rows) -> GiB; the estimate is a lower bound and must stay under each, and
+# it counts the chunk's logits and the stream's two norm inputs a block at their size
 MEASURED_95M_PEAKS = {(2, 4096): 9.53, (2, 0): 11.28, (4, 4096): 10.04, (4, 0): 11.75}
 
 
 @pytest.mark.parametrize("residual_bytes,chunk", MEASURED_95M_PEAKS)
 def test_the_memory_estimate_stays_under_the_measured_peaks(residual_bytes, chunk):
-    need = memory.step_bytes(PRESETS["95m"], 32, 1024, residual_bytes=residual_bytes, head_chunk_rows=chunk)
+    cfg = PRESETS["95m"]
+    need = memory.step_bytes(cfg, 32, 1024, residual_bytes=residual_bytes, head_chunk_rows=chunk)
     assert need["logits"] == min(chunk or 32 * 1024, 32 * 1024) * 32000 * 2
+    fp32 = memory.step_bytes(cfg, 32, 1024, residual_bytes=4, head_chunk_rows=chunk)["activations"]
+    assert fp32 - need["activations"] == pytest.approx(
+        0.7 * cfg.n_layers * 32 * 1024 * 2 * cfg.dim * (4 - residual_bytes), abs=cfg.n_layers)
     assert 0.7 * MEASURED_95M_PEAKS[residual_bytes, chunk] < sum(need.values()) / 2**30 <= MEASURED_95M_PEAKS[
         residual_bytes, chunk]
 
@@ -93,7 +98,10 @@ def test_a_checkpoint_from_before_the_switch_resumes_with_the_fp32_stream(tmp_pa
     torch.save(saved, tmp_path / "old.pt")
     cfg, _, _, _ = resolve_config(["--resume-from", str(tmp_path / "old.pt"), "--runs-dir", str(tmp_path / "runs"),
                                    "--num-steps", "4"])
-    assert cfg.residual_stream == "fp32"
+    assert cfg.residual_stream == "fp32" and cfg.head_chunk_rows == 0  # the step it trained with
+    cfg, _, _, _ = resolve_config(["--resume-from", str(tmp_path / "old.pt"), "--runs-dir", str(tmp_path / "runs"),
+                                   "--num-steps", "4", "--residual-stream", "bf16"])
+    assert cfg.residual_stream == "bf16" and cfg.head_chunk_rows == 0  # a flag on the resume wins
 
 
 @pytest.mark.gpu
@@ -105,28 +113,28 @@ def test_compiled_bf16_stream_on_gpu_stays_close_and_holds_less():
                for bf16 in (False, True)]
     (loss0, grads0, peak0), (loss1, grads1, peak1) = results
     assert loss1 == pytest.approx(loss0, rel=1e-3)
-    # every gradient within 10% of the fp32 stream's (H100: worst 5.1%, the embedding's, which now comes through a
-    # bf16 stream end to end)
+    # every gradient within 15% of the fp32 stream's (two runs on an H100: worst 5.1% and 7.6%, the embedding's
+    # backward adding with atomics, so runs differ)
     worst = max(((g1 - g0).norm() / g0.norm()).item() for g0, g1 in zip(grads0, grads1))
     print(f"loss {loss0:.6f} / {loss1:.6f}, worst gradient {worst:.4f}, peak {peak0 / 2**30:.3f} / {peak1 / 2**30:.3f} GiB")
-    assert worst < 0.1, worst
+    assert worst < 0.15, worst
     # two fp32 norm inputs a block become bf16: 4 blocks x 2 x 8192 tokens x 768 x 2 bytes saved, at least half
     assert peak0 - peak1 > 0.5 * 4 * 2 * 8192 * 768 * 2, (peak0, peak1)
 
 
 def test_head_chunk_rows_sets_the_heads_launch_for_the_run_only(tmp_path, monkeypatch):
+    from bitnet.model import llama
     from bitnet.model.kernels import current_kernels, use_kernels
-    from bitnet.model.kernels import cross_entropy
     before = current_kernels()
     for rows in (0, 4096, 512):
         with use_kernels(before):  # settings() changes the process-wide choice; `train` restores it, as here
             components.settings(TrainConfig(preset="tiny", seq_len=128, head_chunk_rows=rows), CFG, World())
             assert current_kernels().cross_entropy_launch.chunk_rows == rows
         assert current_kernels() == before
-    # a whole run: the choice it trained with is the flag's, and the one before is back afterwards
+    # a whole run: every training loss is computed under the flag's launch, and the choice before is back after
     seen = []
-    real = cross_entropy.CrossEntropyLaunch.__post_init__
-    monkeypatch.setattr(cross_entropy.CrossEntropyLaunch, "__post_init__",
-                        lambda self: seen.append(self.chunk_rows) or real(self))
+    real = llama.head_cross_entropy
+    monkeypatch.setattr(llama, "head_cross_entropy",
+                        lambda *a: seen.append(current_kernels().cross_entropy_launch.chunk_rows) or real(*a))
     assert train_main(fast_args(tmp_path / "runs", "chunked", steps=2, head_chunk_rows=512)) == 0
-    assert 512 in seen and current_kernels() == before
+    assert len(seen) >= 2 and set(seen) == {512} and current_kernels() == before

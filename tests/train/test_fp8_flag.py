@@ -95,5 +95,6 @@ def test_fp8_quality_smoke_runs_a_row_through_the_trainer(tmp_path):
     out = tmp_path / "q.json"
     assert q.main(["--smoke", "--rows", "fp32resid+head-s0", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"]["fp32resid+head-s0"]
-    assert r["fp8"] == "head" and r["residual_stream"] == "fp32"  # both switches reached the trainer
+    # both switches reached the trainer (read back from the run's config), the head's chunking at its default
+    assert r["fp8"] == "head" and r["residual_stream"] == "fp32" and r["head_chunk_rows"] == 4096
     assert r["tok_s"] > 0 and r["final_eval_loss"] > 0 and len(r["loss_curve"]) == 10

@@ -137,7 +137,8 @@ def resolve_config(argv: list[str], prog: str = "bitnet-train") -> tuple[TrainCo
             ckpt_train = check_types({k: v for k, v in saved["train"].items()
                                       if k in field_names() and k not in NOT_FROM_CHECKPOINT}, resume_from)
             ckpt_model = check_types(dict(saved["model"]), resume_from, ModelConfig)
-            ckpt_train.setdefault("residual_stream", "fp32")  # saved before the switch: trained with an fp32 stream
+            if "residual_stream" not in saved["train"]:  # saved before these switches: resume the step it trained
+                ckpt_train.update(residual_stream="fp32", head_chunk_rows=0)  # with (fp32 stream, whole head)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError(f"{resume_from} holds no usable training config") from None
         if not (args.get("run_id") or file_values.get("run_id")):  # a resume's default id: <run>_r<step>

@@ -212,7 +212,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         # True: under autocast the residual stream between blocks is kept in the matmul dtype (bf16), as
         # modded-nanogpt's and torchtitan's bf16 runs keep it; False: fp32 (the embedding's dtype), the seed's.
-        # Set by the trainer (--residual-stream); without autocast the matmul dtype is fp32 and nothing changes.
+        # Set by the trainer (--residual-stream) before `compile_step`, whose copy takes it then; without autocast
+        # the matmul dtype is fp32 and nothing changes.
         self.residual_in_matmul_dtype = False
 
     @torch.no_grad()

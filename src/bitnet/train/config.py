@@ -77,7 +77,8 @@ class TrainConfig:
                                       "stay fp32 (README, 'Memory')", choices=("bf16", "fp32"))
     head_chunk_rows: int = _f(4096, "training runs the tied head and its loss this many tokens at a time (CUDA), so "
                                     "the step never holds the whole batch's logits (2 GiB at 32 x 1024); 0: all "
-                                    "at once (1.008x the speed, 1.75 GiB more)")
+                                    "at once (1.008x the speed, 1.75 GiB more); --fp8 head keeps its own chunks "
+                                    "of 8192")
     # ---- distributed (under torchrun; docs/distributed.md)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp2 (fully_shard: "
                               "sharded weights, gradients and optimizer state)", choices=("ddp", "fsdp2"))

@@ -9,8 +9,8 @@ vocabulary-wide row of logits a token (a chunk's under --head-chunk-rows or --fp
 (int64 tokens). Why 70%: the full activation term matched the measured peaks of the exact path with the fp32 stream
 and the whole head (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and 52.9), so it was no lower bound,
 and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it (benchmarks/RESULTS.md,
-2026-12-06). tests/model/test_activation_checkpointing.py pins the estimate under every peak measured since, with
-and without checkpointed blocks. When the weights and their state alone do not fit, no micro-batch helps: the
+2026-12-06). tests/model/test_activation_checkpointing.py and test_residual_stream.py pin the estimate under every
+peak measured since, with and without checkpointed blocks, bf16 stream and chunked head. When the weights and their state alone do not fit, no micro-batch helps: the
 message says to shard them with FSDP2 instead.
 """
 
@@ -55,7 +55,8 @@ def step_bytes(model_cfg: ModelConfig, micro: int, seq_len: int, shards: int = 1
     """
     params = parameter_count(model_cfg)
     tokens = micro * seq_len
-    block = tokens * (10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2  # one block's activations
+    # one block's activations; 4 x dim of the 10 are its two fp32 norm inputs, half that with a bf16 stream
+    block = tokens * ((10 * model_cfg.dim + 3 * model_cfg.ffn_dim) * 2 - 2 * model_cfg.dim * (4 - residual_bytes))
     chunk = HEAD_CHUNK_ROWS if fp8_head else head_chunk_rows
     logits = (min(tokens, chunk) if chunk else tokens) * model_cfg.vocab_size * 2
     kept = model_cfg.n_layers - checkpointed_blocks

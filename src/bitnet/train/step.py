@@ -44,7 +44,8 @@ def compile_step(model: nn.Module, regional: bool = True) -> nn.Module:
     if not regional or type(model) is not Transformer:  # FSDP2-sharded (or wrapped) models: compile them whole
         return torch.compile(model)
     # A shallow copy that shares every parameter, buffer and submodule with `model` but calls
-    # compiled blocks: the plain model stays uncompiled for the hooks that run other shapes.
+    # compiled blocks: the plain model stays uncompiled for the hooks that run other shapes. Plain
+    # attributes (residual_in_matmul_dtype) are copied now: set them before compiling, as the trainer does.
     compiled = copy.copy(model)
     compiled._modules = dict(model._modules)
     compiled.layers = nn.ModuleList(torch.compile(block) for block in model.layers)

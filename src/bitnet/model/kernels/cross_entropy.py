@@ -54,8 +54,9 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class CrossEntropyLaunch:
-    """Launch settings of the cross entropy kernel, and how many rows of the head run at once; the
-    defaults are the shipped ones.
+    """Launch settings of the cross entropy kernel, and how many rows of the head run at once; block and
+    warps default to the shipped ones, chunk_rows to the whole batch (the trainer sets it from
+    --head-chunk-rows, 4096 by default).
 
     On an H100 at 32768 x 32000 bf16 the kernel takes 1.68 ms (2.50 TB/s) against 1.75 with 8 warps and
     2.12 with the whole row held in registers in one read (benchmarks/kernel_speed.py --ce-sweep;
@@ -140,11 +141,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+"""torch.addmm(..., out_dtype=...) exists (PyTorch 2.8 and later; CUDA kernels only)."""
+
+
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an fp32 acc: on CUDA one GEMM that reads and writes acc in fp32 (cuBLAS accumulates the
     bf16 product in fp32 and adds it to acc), where a bf16 product and then an add would write, read and add a
-    V x D temporary per chunk; elsewhere (no such kernel on the CPU) the product, then the add."""
-    if acc.is_cuda and a.dtype != acc.dtype:
+    V x D temporary per chunk; elsewhere (no such kernel on the CPU, or a torch before 2.8) the product, then
+    the add."""
+    if _ADDMM_OUT_DTYPE and acc.is_cuda and a.dtype != acc.dtype:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc += a @ b
