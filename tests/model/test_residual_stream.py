@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bitnet.cli.train import resolve_config, train_main
-from bitnet.model import PRESETS, Transformer
+from bitnet.model import PRESETS, Transformer, llama
+from bitnet.model.kernels import current_kernels, use_kernels
 from bitnet.train import components, memory
 from bitnet.train.config import TrainConfig
 from bitnet.train.parallel import World
@@ -86,8 +87,8 @@ def test_the_trainer_sets_the_switch_from_the_flag():
 
 
 def test_a_checkpoint_from_before_the_switch_resumes_with_the_fp32_stream(tmp_path):
-    """Runs saved before --residual-stream existed trained with an fp32 stream: resuming one keeps it, where a
-    checkpoint that names its stream keeps that."""
+    """Runs saved before --residual-stream and --head-chunk-rows existed trained with an fp32 stream and the whole
+    head: resuming one keeps both, where a checkpoint that names its stream keeps that."""
     assert train_main(fast_args(tmp_path / "runs", "new", steps=2, checkpoint_interval=2)) == 0
     pt = next((tmp_path / "runs" / "new" / "checkpoints").glob("*/checkpoint.pt"))
     saved = torch.load(pt, weights_only=False)
@@ -116,15 +117,14 @@ def test_compiled_bf16_stream_on_gpu_stays_close_and_holds_less():
     # every gradient within 15% of the fp32 stream's (two runs on an H100: worst 5.1% and 7.6%, the embedding's
     # backward adding with atomics, so runs differ)
     worst = max(((g1 - g0).norm() / g0.norm()).item() for g0, g1 in zip(grads0, grads1))
-    print(f"loss {loss0:.6f} / {loss1:.6f}, worst gradient {worst:.4f}, peak {peak0 / 2**30:.3f} / {peak1 / 2**30:.3f} GiB")
+    print(f"loss {loss0:.6f} / {loss1:.6f}, worst gradient {worst:.4f}, "
+          f"peak {peak0 / 2**30:.3f} / {peak1 / 2**30:.3f} GiB")
     assert worst < 0.15, worst
     # two fp32 norm inputs a block become bf16: 4 blocks x 2 x 8192 tokens x 768 x 2 bytes saved, at least half
     assert peak0 - peak1 > 0.5 * 4 * 2 * 8192 * 768 * 2, (peak0, peak1)
 
 
 def test_head_chunk_rows_sets_the_heads_launch_for_the_run_only(tmp_path, monkeypatch):
-    from bitnet.model import llama
-    from bitnet.model.kernels import current_kernels, use_kernels
     before = current_kernels()
     for rows in (0, 4096, 512):
         with use_kernels(before):  # settings() changes the process-wide choice; `train` restores it, as here

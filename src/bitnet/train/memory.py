@@ -10,8 +10,8 @@ vocabulary-wide row of logits a token (a chunk's under --head-chunk-rows or --fp
 and the whole head (95m 11.6 GiB estimated, 11.6-11.8 measured; 700m 53.3 and 52.9), so it was no lower bound,
 and with --fp8 all the activations measured 0.89 (95m) and 0.74 (700m) of it (benchmarks/RESULTS.md,
 2026-12-06). tests/model/test_activation_checkpointing.py and test_residual_stream.py pin the estimate under every
-peak measured since, with and without checkpointed blocks, bf16 stream and chunked head. When the weights and their state alone do not fit, no micro-batch helps: the
-message says to shard them with FSDP2 instead.
+peak measured since, with and without checkpointed blocks, bf16 stream and chunked head. When the weights and
+their state alone do not fit, no micro-batch helps: the message says to shard them with FSDP2 instead.
 """
 
 import os
