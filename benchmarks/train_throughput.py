@@ -49,6 +49,9 @@ VARIANTS = {
     "eager-ref": ("bitnet", "ref", "none", {"kernels": {"loss": "torch", "embedding": "torch"}}),
     "compile-ref": ("bitnet", "ref", "model", {"kernels": {"loss": "torch", "embedding": "torch"}}),
     "fast": ("bitnet", "project", "project", {}),
+    # the same with the trainer's defaults since issue 25's sixth session: bf16 residual stream, head in 4096-row chunks
+    "fast-defaults": ("bitnet", "project", "project",
+                      {"residual_stream": "bf16", "kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"kernels": {"loss": "torch"}}),  # F.cross_entropy, fp32 logits
@@ -271,6 +274,7 @@ def run_variant(name, a, t0) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     apply_tweaks(tweaks)
     model = build(quantization, formulation, a.preset, device)
+    model.residual_in_matmul_dtype = tweaks.get("residual_stream", "fp32") == "bf16"  # before compiling
     from bitnet.model.llama import MLP
 
     for m in model.modules():  # per instance: gate and up as one GEMM (fused_linear) or apart

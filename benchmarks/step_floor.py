@@ -1,0 +1,163 @@
+"""How fast could the training step be? A floor for the step's time from arithmetic, beside a measured profile
+(issue 25).
+
+    PYTHONPATH=src python benchmarks/step_floor.py                                    # 95m, H100 figures
+    PYTHONPATH=src python benchmarks/step_floor.py --profile tt.json --variant fast-defaults --target-tok-s 770000
+    PYTHONPATH=src python benchmarks/step_floor.py --hbm-tbs 4.8                      # an H200's bandwidth
+
+The floor keeps the step's design (its GEMMs, its attention and its fused kernels) and asks each part to run at
+the hardware's limit:
+- GEMMs: 6 x (matmul parameters, the tied head included) x tokens FLOPs at --gemm-tflops (default: the rate the
+  profile's GEMM kernels reached, else 789 TFLOP/s, an H100's bf16 GEMM at 8192^3 measured in issue 5);
+- attention: the profile's attention kernels as measured (cuDNN), else 7 x B x T^2 x heads x head_dim FLOPs
+  (causal forward 2 B T^2 H d, backward 2.5 times that) at --attention-tflops;
+- every other kernel moves only the bytes it must: each fused op reads its inputs once and writes its outputs once
+  (the table `layer_ops`: bf16 activations, the residual stream at --residual-bytes), the loss kernel reads and
+  writes the bf16 logits, each BitLinear weight is read twice (absmean, then quantized) and written once in bf16,
+  fused AdamW reads parameter, gradient and both moments and writes three of them, the clip reads the gradients;
+  all at --hbm-tbs (H100 SXM: 3.35 TB/s; H200: 4.8). Residual adds in the forward are counted as free (inductor
+  puts them in the GEMMs' epilogues: the addmm kernels of the profile).
+With a profile (`benchmarks/train_throughput.py --profile VARIANT --out tt.json`), the measured kernel time per
+category sits beside the floor, and --target-tok-s says how much time the kernels other than GEMMs and attention
+may take at that rate, against their floor. Prints the table; writes JSON (--out).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+GEMM_TFLOPS_H100 = 789.0
+"""bf16 GEMM at 8192^3 on an H100 80GB HBM3, measured in benchmarks/train_throughput.py runs (issue 5)."""
+HBM_TBS_H100 = 3.35
+"""H100 SXM HBM3 bandwidth, datasheet (the H200's: 4.8 TB/s)."""
+
+
+def layer_ops(cfg, act_bytes: int = 2, residual_bytes: int = 2) -> dict[str, int]:
+    """Bytes per token per block that each fused elementwise op must read plus write (not GEMMs, not attention)."""
+    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    a, r = act_bytes, residual_bytes
+    qkv = q + 2 * kv
+    return {
+        "norm + quantize, attention input (fwd)": d * r + d * a,
+        "q/k/v split + RoPE (fwd)": 2 * qkv * a,
+        "attention sub-norm + quantize (fwd)": 2 * q * a,
+        "norm + quantize, FFN input (fwd)": d * r + d * a,
+        "SwiGLU + sub-norm + quantize (fwd)": 2 * f * a + f * a,
+        "SwiGLU backward": 2 * f * a + f * a + 2 * f * a,
+        "norm backward + stream gradient, FFN input": d * a + d * r + 2 * d * r,
+        "attention sub-norm backward": 3 * q * a,
+        "q/k/v RoPE backward": 2 * qkv * a,
+        "norm backward + stream gradient, attention input": d * a + d * r + 2 * d * r,
+    }
+
+
+def step_floor(preset: str, batch: int, seq_len: int, residual_bytes: int = 2, hbm_tbs: float = HBM_TBS_H100,
+               gemm_tflops: float = GEMM_TFLOPS_H100, attention_ms: float | None = None,
+               attention_tflops: float = 300.0) -> dict:
+    """The floor of one training step, part by part (ms, and bytes or FLOPs)."""
+    import torch
+
+    from bitnet.model import PRESETS, Transformer
+
+    cfg = PRESETS[preset]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    matmul = model.num_params() - sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    bitlinear = matmul - cfg.vocab_size * cfg.dim
+    params = model.num_params()
+    tokens = batch * seq_len
+    per_layer = layer_ops(cfg, residual_bytes=residual_bytes)
+    gemm_flops = 6 * matmul * tokens
+    attn_flops = 7 * batch * seq_len**2 * cfg.n_heads * cfg.head_dim * cfg.n_layers
+    bytes_ = {
+        "fused elementwise ops (blocks)": sum(per_layer.values()) * cfg.n_layers * tokens,
+        "loss kernel (bf16 logits read and written)": 2 * tokens * cfg.vocab_size * 2,
+        "weight quantization (read twice, written in bf16)": bitlinear * (4 + 4 + 2),
+        "AdamW + clip (fp32)": params * (4 * 4 + 3 * 4 + 4),
+    }
+    parts = {"GEMMs": gemm_flops / (gemm_tflops * 1e12) * 1000,
+             "attention": attention_ms if attention_ms is not None else attn_flops / (attention_tflops * 1e12) * 1000}
+    parts.update({k: v / (hbm_tbs * 1e12) * 1000 for k, v in bytes_.items()})
+    return {"preset": preset, "tokens": tokens, "matmul_params": matmul, "gemm_flops": gemm_flops,
+            "attention_flops": attn_flops, "bytes": bytes_, "layer_bytes_per_token": per_layer, "ms": parts,
+            "step_ms": sum(parts.values()), "gemm_tflops": gemm_tflops, "hbm_tbs": hbm_tbs}
+
+
+def profile_of(path: str, variant: str) -> dict:
+    """The kernel time by category that train_throughput.py --profile stored for a variant."""
+    try:
+        results = json.loads(Path(path).read_text())["results"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: cannot read a train_throughput.py result from {path}: {e}") from None
+    prof = results.get(variant, {}).get("profile")
+    if not prof:
+        have = [k for k, v in results.items() if isinstance(v, dict) and v.get("profile")]
+        raise SystemExit(f"error: {path} has no profile of {variant!r} (profiled: {', '.join(have) or 'none'})")
+    return prof["ms_per_step_by_category"]
+
+
+def report(floor: dict, measured: dict | None, target_tok_s: float) -> tuple[str, dict]:
+    ms = floor["ms"]
+    other_floor = sum(v for k, v in ms.items() if k not in ("GEMMs", "attention"))
+    lines = [f"{floor['preset']}, {floor['tokens']:,} tokens a step: GEMMs at {floor['gemm_tflops']:.0f} TFLOP/s, "
+             f"HBM at {floor['hbm_tbs']:.2f} TB/s",
+             f"{'part':52s} {'GB':>7s} {'floor ms':>9s}"]
+    for k, v in ms.items():
+        gb = floor["bytes"].get(k)
+        lines.append(f"{k:52s} {'' if gb is None else f'{gb / 1e9:7.2f}':>7s} {v:9.2f}")
+    summary = {"floor_ms": floor["step_ms"], "floor_tok_s": floor["tokens"] / floor["step_ms"] * 1000,
+               "other_floor_ms": other_floor}
+    lines.append(f"{'step floor':52s} {'':7s} {floor['step_ms']:9.2f}   = {summary['floor_tok_s']:,.0f} tok/s")
+    if measured:
+        total = sum(measured.values())
+        other = total - measured.get("gemm", 0.0) - measured.get("attention", 0.0)
+        summary.update(measured_ms=total, measured_tok_s=floor["tokens"] / total * 1000, measured_other_ms=other)
+        lines.append(f"measured kernels: {total:.2f} ms ({summary['measured_tok_s']:,.0f} tok/s): GEMMs "
+                     f"{measured.get('gemm', 0):.2f}, attention {measured.get('attention', 0):.2f}, the rest "
+                     f"{other:.2f} ms against its floor of {other_floor:.2f} ({other / other_floor:.2f}x)")
+        if target_tok_s:
+            budget = floor["tokens"] / target_tok_s * 1000 - measured.get("gemm", 0.0) - measured.get("attention", 0.0)
+            summary.update(target_tok_s=target_tok_s, other_budget_ms=budget)
+            lines.append(f"at {target_tok_s:,.0f} tok/s (kernel time only) with these GEMMs and attention, the rest may "
+                         f"take {budget:.2f} ms: {budget / other_floor:.2f}x its floor")
+    return "\n".join(lines), summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="95m")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--residual-bytes", type=int, default=2, choices=(2, 4),
+                   help="the residual stream's element size (2: --residual-stream bf16, the default)")
+    p.add_argument("--hbm-tbs", type=float, default=HBM_TBS_H100)
+    p.add_argument("--gemm-tflops", type=float, default=0.0,
+                   help="GEMM rate (0: the profile's measured rate, else 789, an H100's bf16 8192^3)")
+    p.add_argument("--attention-tflops", type=float, default=300.0, help="attention's rate without a profile")
+    p.add_argument("--profile", default="", help="a train_throughput.py --out JSON holding a profile")
+    p.add_argument("--variant", default="fast-defaults", help="whose profile (with --profile)")
+    p.add_argument("--target-tok-s", type=float, default=0.0)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    from bitnet.model import PRESETS
+
+    if a.preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {a.preset!r} (known: {', '.join(PRESETS)})")
+    measured = profile_of(a.profile, a.variant) if a.profile else None
+    gemm_tflops = a.gemm_tflops or GEMM_TFLOPS_H100
+    if measured and not a.gemm_tflops:  # the rate the step's own GEMMs reached
+        probe = step_floor(a.preset, a.batch, a.seq_len)
+        gemm_tflops = probe["gemm_flops"] / (measured["gemm"] / 1000) / 1e12
+    floor = step_floor(a.preset, a.batch, a.seq_len, a.residual_bytes, a.hbm_tbs, gemm_tflops,
+                       measured["attention"] if measured else None, a.attention_tflops)
+    text, summary = report(floor, measured, a.target_tok_s)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"floor": floor, "measured": measured, "summary": summary}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
