@@ -56,8 +56,10 @@ def layer_ops(cfg, act_bytes: int = 2, residual_bytes: int = 2) -> dict[str, int
 
 def step_floor(preset: str, batch: int, seq_len: int, residual_bytes: int = 2, hbm_tbs: float = HBM_TBS_H100,
                gemm_tflops: float = GEMM_TFLOPS_H100, attention_ms: float | None = None,
-               attention_tflops: float = 300.0) -> dict:
-    """The floor of one training step, part by part (ms, and bytes or FLOPs)."""
+               attention_tflops: float = 300.0, checkpointed_blocks: int = 0) -> dict:
+    """The floor of one training step, part by part (ms, and bytes or FLOPs). checkpointed_blocks: blocks whose
+    forward runs again in the backward (--activation-checkpointing): their GEMMs' forward (2 of the 6 FLOPs a
+    parameter and token), attention's forward (2 of its 7) and their forward ops' bytes once more."""
     import torch
 
     from bitnet.model import PRESETS, Transformer
@@ -70,10 +72,12 @@ def step_floor(preset: str, batch: int, seq_len: int, residual_bytes: int = 2, h
     params = model.num_params()
     tokens = batch * seq_len
     per_layer = layer_ops(cfg, residual_bytes=residual_bytes)
-    gemm_flops = 6 * matmul * tokens
-    attn_flops = 7 * batch * seq_len**2 * cfg.n_heads * cfg.head_dim * cfg.n_layers
+    gemm_flops = 6 * matmul * tokens + 2 * bitlinear * tokens * checkpointed_blocks // cfg.n_layers
+    attn_flops = batch * seq_len**2 * cfg.n_heads * cfg.head_dim * (7 * cfg.n_layers + 2 * checkpointed_blocks)
+    forward_bytes = sum(v for k, v in per_layer.items() if k.endswith("(fwd)"))
     bytes_ = {
-        "fused elementwise ops (blocks)": sum(per_layer.values()) * cfg.n_layers * tokens,
+        "fused elementwise ops (blocks)": (sum(per_layer.values()) * cfg.n_layers
+                                           + forward_bytes * checkpointed_blocks) * tokens,
         "loss kernel (bf16 logits read and written)": 2 * tokens * cfg.vocab_size * 2,
         "weight quantization (read twice, written in bf16)": bitlinear * (4 + 4 + 2),
         "AdamW + clip (fp32)": params * (4 * 4 + 3 * 4 + 4),
@@ -131,6 +135,7 @@ def main() -> None:
     p.add_argument("--preset", default="95m")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--checkpointed-blocks", type=int, default=0, help="blocks recomputed in the backward")
     p.add_argument("--residual-bytes", type=int, default=2, choices=(2, 4),
                    help="the residual stream's element size (2: --residual-stream bf16, the default)")
     p.add_argument("--hbm-tbs", type=float, default=HBM_TBS_H100)
@@ -146,13 +151,16 @@ def main() -> None:
 
     if a.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {a.preset!r} (known: {', '.join(PRESETS)})")
+    if not 0 <= a.checkpointed_blocks <= PRESETS[a.preset].n_layers:
+        raise SystemExit(f"error: --checkpointed-blocks {a.checkpointed_blocks} is not between 0 and the "
+                         f"{a.preset}'s {PRESETS[a.preset].n_layers} blocks")
     measured = profile_of(a.profile, a.variant) if a.profile else None
     gemm_tflops = a.gemm_tflops or GEMM_TFLOPS_H100
     if measured and not a.gemm_tflops:  # the rate the step's own GEMMs reached
-        probe = step_floor(a.preset, a.batch, a.seq_len)
+        probe = step_floor(a.preset, a.batch, a.seq_len, checkpointed_blocks=a.checkpointed_blocks)
         gemm_tflops = probe["gemm_flops"] / (measured["gemm"] / 1000) / 1e12
     floor = step_floor(a.preset, a.batch, a.seq_len, a.residual_bytes, a.hbm_tbs, gemm_tflops,
-                       measured["attention"] if measured else None, a.attention_tflops)
+                       measured["attention"] if measured else None, a.attention_tflops, a.checkpointed_blocks)
     text, summary = report(floor, measured, a.target_tok_s)
     if a.out:
         Path(a.out).write_text(json.dumps({"floor": floor, "measured": measured, "summary": summary}, indent=1))

@@ -39,6 +39,20 @@ def test_95m_bytes_and_flops_by_hand():
     assert f["ms"]["attention"] == 5.0 and f["step_ms"] == pytest.approx(sum(f["ms"].values()))
 
 
+def test_checkpointed_blocks_run_their_forward_twice():
+    floor = load_script()
+    cfg, tokens = PRESETS["3b"], 32 * 1024
+    plain, every = floor.step_floor("3b", 32, 1024), floor.step_floor("3b", 32, 1024, checkpointed_blocks=26)
+    bitlinear = plain["matmul_params"] - cfg.vocab_size * cfg.dim
+    assert every["gemm_flops"] == plain["gemm_flops"] + 2 * bitlinear * tokens  # the blocks' GEMMs, not the head's
+    assert every["attention_flops"] == plain["attention_flops"] * 9 // 7  # forward: 2 of attention's 7
+    forward = sum(v for k, v in floor.layer_ops(cfg).items() if k.endswith("(fwd)"))
+    extra = every["bytes"]["fused elementwise ops (blocks)"] - plain["bytes"]["fused elementwise ops (blocks)"]
+    assert extra == forward * 26 * tokens and forward == 3 * (2 * 3200 * 2) + 2 * 9600 * 2 + 3 * 8640 * 2  # norms, RoPE, SwiGLU
+    half = floor.step_floor("3b", 32, 1024, checkpointed_blocks=13)
+    assert half["gemm_flops"] == plain["gemm_flops"] + bitlinear * tokens
+
+
 def test_profile_gives_the_gemm_rate_and_the_budget_at_a_target(tmp_path):
     measured = {"gemm": 25.0, "attention": 6.0, "inductor": 4.0, "project triton": 8.0, "optimizer": 1.0,
                 "other": 2.0}
@@ -67,3 +81,7 @@ def test_a_profile_without_the_variant_is_one_line_error(tmp_path):
     assert proc.stderr.strip() == f"error: {path} has no profile of 'fast-defaults' (profiled: fast)"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "9b"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: unknown preset '9b'")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--checkpointed-blocks", "9"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: --checkpointed-blocks 9 is not between 0 and the 95m's 8 blocks"
