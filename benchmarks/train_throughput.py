@@ -231,6 +231,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+CATEGORIES = ("gemm", "attention", "inductor", "project triton", "optimizer", "other")
+
+
+def kernel_category(name: str) -> str:
+    """A profiled CUDA kernel's category. Inductor's kernels first: one that fuses a norm with attention's
+    backward is named after it. Attention: SDPA's cuDNN kernels and cuDNN's helpers around them (the GQA head
+    reduction, dO.O, dQ's conversion), FlashAttention's."""
+    low = name.lower()
+    if low.startswith(("_rmsnorm", "_cross_entropy", "_swiglu", "_rope")):
+        return "project triton"
+    if low.startswith("triton"):
+        return "inductor"
+    if any(k in low for k in ("sdpa", "flash", "fmha", "cudnn", "attention")):
+        return "attention"
+    if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
+        return "gemm"
+    if any(k in low for k in ("multi_tensor", "adam", "foreach")):
+        return "optimizer"
+    return "other"
+
+
 def profile_steps(step, batches, device, n=2) -> dict:
     """CUDA kernel time per step, by category and the top kernels."""
     import torch
@@ -246,21 +267,9 @@ def profile_steps(step, batches, device, n=2) -> dict:
         if t > 0:
             rows.append((e.key, e.count // n, t / n / 1000))
     rows.sort(key=lambda r: -r[2])
-    cats = {"gemm": 0.0, "attention": 0.0, "inductor": 0.0, "project triton": 0.0, "optimizer": 0.0, "other": 0.0}
+    cats = dict.fromkeys(CATEGORIES, 0.0)
     for name, _, ms in rows:
-        low = name.lower()
-        if any(k in low for k in ("sdpa", "flash", "fmha", "attention")):
-            cats["attention"] += ms
-        elif any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
-            cats["gemm"] += ms
-        elif low.startswith(("_rmsnorm", "_cross_entropy", "_swiglu", "_rope")):
-            cats["project triton"] += ms
-        elif low.startswith("triton"):
-            cats["inductor"] += ms
-        elif any(k in low for k in ("multi_tensor", "adam", "foreach")):
-            cats["optimizer"] += ms
-        else:
-            cats["other"] += ms
+        cats[kernel_category(name)] += ms
     return {"ms_per_step_by_category": {k: round(v, 3) for k, v in cats.items()},
             "kernel_ms_per_step": round(sum(r[2] for r in rows), 3),
             "top": [{"kernel": k[:110], "calls": c, "ms": round(ms, 3)} for k, c, ms in rows[:80]]}

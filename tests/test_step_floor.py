@@ -72,6 +72,28 @@ def test_profile_gives_the_gemm_rate_and_the_budget_at_a_target(tmp_path):
     assert "the rest may take 9.96 ms" in proc.stdout
 
 
+def test_a_full_kernel_list_is_sorted_again_with_todays_categories(tmp_path):
+    floor = load_script()
+    top = [{"kernel": "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "calls": 24, "ms": 20.0},
+           {"kernel": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "calls": 8, "ms": 3.0},
+           {"kernel": "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*", "calls": 8, "ms": 0.5},
+           {"kernel": "triton_per_fused__scaled_dot_product_cudnn_attention_backward__to_copy_add_div", "calls": 8,
+            "ms": 0.25},
+           {"kernel": "_swiglu_norm_bwd_kernel", "calls": 8, "ms": 3.0},
+           {"kernel": "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizer", "calls": 6,
+            "ms": 1.0},
+           {"kernel": "void at::native::vectorized_gather_kernel<16, long>", "calls": 1, "ms": 0.125}]
+    stored = {"gemm": 20.0, "attention": 3.25, "inductor": 0.0, "project triton": 3.0, "optimizer": 1.0, "other": 0.625}
+    path = tmp_path / "tt.json"
+    path.write_text(json.dumps({"results": {"fast-defaults": {"profile": {
+        "ms_per_step_by_category": stored, "kernel_ms_per_step": 27.875, "top": top}}}}))
+    assert floor.profile_of(str(path), "fast-defaults") == {
+        "gemm": 20.0, "attention": 3.5, "inductor": 0.25, "project triton": 3.0, "optimizer": 1.0, "other": 0.125}
+    path.write_text(json.dumps({"results": {"fast-defaults": {"profile": {  # a cut list: the stored categories
+        "ms_per_step_by_category": stored, "kernel_ms_per_step": 40.0, "top": top}}}}))
+    assert floor.profile_of(str(path), "fast-defaults") == stored
+
+
 def test_a_profile_without_the_variant_is_one_line_error(tmp_path):
     path = tmp_path / "tt.json"
     path.write_text(json.dumps({"results": {"fast": {"profile": {"ms_per_step_by_category": {"gemm": 1.0}}}}}))
