@@ -52,6 +52,10 @@ VARIANTS = {
     # the same with the trainer's defaults since issue 25's sixth session: bf16 residual stream, head in 4096-row chunks
     "fast-defaults": ("bitnet", "project", "project",
                       {"residual_stream": "bf16", "kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}),
+    # ... with the RMSNorm + quantize kernel inside the compiled blocks instead of inductor's fused reference
+    "fast-defaults-normkernel": ("bitnet", "project", "project",
+                                 {"residual_stream": "bf16", "kernels": {"cross_entropy_launch": {"chunk_rows": 4096},
+                                                                         "norm_quant": "kernel"}}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"kernels": {"loss": "torch"}}),  # F.cross_entropy, fp32 logits
@@ -82,6 +86,7 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-repeat": {},  # the same r
                     "bitnet-train-fp8-dw": {"argv": ["--fp8", "grad_weight"]},
                     "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]},
                     "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
+                    "bitnet-train-normkernel": {"kernels": {"norm_quant": "kernel"}},  # the norms' kernel, compiled
                     # the defaults since issue 25's sixth session (bf16 residual stream, the head in chunks of 4096
                     # rows) against the seed's (fp32 stream, the whole head) and each change alone; the headchunk
                     # rows keep the fp32 stream, as measured before the defaults changed

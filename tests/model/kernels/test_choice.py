@@ -25,6 +25,10 @@ def test_defaults_are_the_kernels_with_their_shipped_launch_settings():
 def test_bad_values_are_refused_with_the_field_name():
     with pytest.raises(ValueError, match=r"KernelChoice.loss must be one of \('auto', 'torch'\), got 'triton'"):
         KernelChoice(loss="triton")
+    with pytest.raises(ValueError, match=r"KernelChoice.norm_quant must be one of \('auto', 'torch', 'kernel'\), "
+                                         r"got 'triton'"):
+        KernelChoice(norm_quant="triton")
+    assert KernelChoice(norm_quant="kernel").norm_quant == "kernel"  # the kernel inside compiled regions too
     with pytest.raises(TypeError, match="KernelChoice.swiglu_launch must be a SwigluLaunch"):
         KernelChoice(swiglu_launch={"fwd_rows": 2})
     with pytest.raises(TypeError, match="set_kernels takes a KernelChoice"):
@@ -69,7 +73,7 @@ def test_cpu_tensors_take_every_reference_whatever_the_choice():
     gate_up, w2 = swiglu_inputs((3, 64), torch.float32)
     qkv, cos, sin = qkv_inputs(2, 4, 4, 2, 8, torch.float32, seed=1)
     hx, hw, t = head_inputs(6, 8, 50, seed=2)
-    for c in (KernelChoice(), ALL_TORCH):
+    for c in (KernelChoice(), ALL_TORCH, KernelChoice(norm_quant="kernel")):
         with use_kernels(c):
             assert torch.equal(choice.norm_act_quant(x, w, EPS, torch.bfloat16),
                                norm_act_quant_reference(x, w, EPS, torch.bfloat16))
@@ -142,3 +146,17 @@ def test_on_cuda_auto_runs_each_kernel_and_torch_each_reference():
             assert not choice.stacks_qkv(qkv)
             assert torch.equal(choice.head_cross_entropy(hx, hw, t, torch.bfloat16),
                                head_cross_entropy_reference(hx, hw, t, torch.bfloat16))
+        # inside torch.compile: the reference (for inductor to fuse) under "auto", the kernel's op under "kernel"
+        traced = []
+
+        def backend(gm, example_inputs):
+            traced.append(any("rmsnorm_act_quant" in str(n.target) for n in gm.graph.nodes))
+            return gm.forward
+
+        for c, want in ((KernelChoice(), norm_act_quant_reference), (KernelChoice(norm_quant="kernel"),
+                                                                     rmsnorm.rmsnorm_act_quant)):
+            torch._dynamo.reset()
+            with use_kernels(c):
+                y = torch.compile(lambda a, b: choice.norm_act_quant(a, b, EPS, torch.bfloat16), backend=backend)(x, w)
+            assert torch.equal(y, want(x, w, EPS, torch.bfloat16))  # the traced graph runs eagerly: bit for bit
+        assert traced == [False, True]

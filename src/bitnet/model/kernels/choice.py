@@ -26,6 +26,7 @@ Impl = Literal["auto", "torch"]
 IMPLS = ("auto", "torch")
 AttentionImpl = Literal["sdpa", "fa4"]
 ATTENTION_IMPLS = ("sdpa", "fa4")
+NORM_IMPLS = ("auto", "torch", "kernel")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class KernelChoice:
     norm_quant: RMSNorm + int8 quantization (`rmsnorm`), on CUDA in eager mode only: inside torch.compile
         inductor fuses the reference with its neighbours (silu * up, the residual add), which measured
         faster than the standalone kernel (54.1 vs 59.0 ms per 95m step on an H100, benchmarks/NOTES.md).
+        "kernel": the kernel inside compiled regions too (an exploration row: inductor's norms run at 1.8x
+        their traffic floor, benchmarks/step_floor.py).
     swiglu_norm_quant: silu(gate) * up + sub-norm + int8 quantization (`swiglu`), on CUDA, eager and
         compiled: the GEMMs around it leave inductor nothing to fuse it with; -1.0 ms per 95m step (run 4).
     rope_qkv: training's q/k/v as one GEMM split and rotated by the `rope` kernel (CUDA, under autograd, no KV
@@ -54,7 +57,7 @@ class KernelChoice:
         (benchmarks/attention_speed.py).
     """
 
-    norm_quant: Impl = "auto"
+    norm_quant: Literal["auto", "torch", "kernel"] = "auto"
     swiglu_norm_quant: Impl = "auto"
     rope_qkv: Impl = "auto"
     loss: Impl = "auto"
@@ -75,7 +78,7 @@ class KernelChoice:
             elif f.name.startswith("fp8_"):
                 if not isinstance(value, bool):
                     raise TypeError(f"KernelChoice.{f.name} must be True or False, got {value!r}")
-            elif value not in (allowed := ATTENTION_IMPLS if f.name == "attention" else IMPLS):
+            elif value not in (allowed := {"attention": ATTENTION_IMPLS, "norm_quant": NORM_IMPLS}.get(f.name, IMPLS)):
                 raise ValueError(f"KernelChoice.{f.name} must be one of {allowed}, got {value!r}")
 
     @classmethod
@@ -123,7 +126,8 @@ def _kernel_applies(impl: Impl, t: torch.Tensor) -> bool:
 
 def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in out_dtype."""
-    if _current.norm_quant == "auto" and x.is_cuda and not torch.compiler.is_compiling() and available():
+    where = _current.norm_quant == "kernel" or (_current.norm_quant == "auto" and not torch.compiler.is_compiling())
+    if where and x.is_cuda and available():
         return rmsnorm.rmsnorm_act_quant(x, weight, eps, out_dtype)
     return references.norm_act_quant_reference(x, weight, eps, out_dtype)
 
