@@ -4,22 +4,26 @@
     PYTHONPATH=src python benchmarks/step_floor.py                                    # 95m, H100 figures
     PYTHONPATH=src python benchmarks/step_floor.py --profile tt.json --variant fast-defaults --target-tok-s 770000
     PYTHONPATH=src python benchmarks/step_floor.py --hbm-tbs 4.8                      # an H200's bandwidth
+    PYTHONPATH=src python benchmarks/step_floor.py --preset 1.3b --micro-batches 2    # grad accumulation
 
 The floor keeps the step's design (its GEMMs, its attention and its fused kernels) and asks each part to run at
 the hardware's limit:
 - GEMMs: 6 x (matmul parameters, the tied head included) x tokens FLOPs at --gemm-tflops (default: the rate the
   profile's GEMM kernels reached, else 789 TFLOP/s, an H100's bf16 GEMM at 8192^3 measured in issue 5);
-- attention: the profile's attention kernels as measured (cuDNN), else 7 x B x T^2 x heads x head_dim FLOPs
-  (causal forward 2 B T^2 H d, backward 2.5 times that) at --attention-tflops;
-- every other kernel moves only the bytes it must: each fused op reads its inputs once and writes its outputs once
-  (the table `layer_ops`: bf16 activations, the residual stream at --residual-bytes), the loss kernel reads and
-  writes the bf16 logits, each BitLinear weight is read twice (absmean, then quantized) and written once in bf16,
-  fused AdamW reads parameter, gradient and both moments and writes three of them, the clip reads the gradients;
-  all at --hbm-tbs (H100 SXM: 3.35 TB/s; H200: 4.8). Residual adds in the forward are counted as free (inductor
-  puts them in the GEMMs' epilogues: the addmm kernels of the profile).
-With a profile (`benchmarks/train_throughput.py --profile VARIANT --out tt.json`), the measured kernel time per
-category sits beside the floor, and --target-tok-s says how much time the kernels other than GEMMs and attention
-may take at that rate, against their floor. Prints the table; writes JSON (--out).
+- attention: the profile's attention kernels as measured (cuDNN and its helpers), else 7 x B x T^2 x heads x
+  head_dim FLOPs (causal forward 2 B T^2 H d, backward 2.5 times that) at --attention-tflops;
+- every other kernel moves only the bytes it must, at --hbm-tbs (H100 SXM: 3.35 TB/s; H200: 4.8): each fused op
+  of a block reads its inputs once and writes its outputs once (`layer_ops`: bf16 activations, the residual
+  stream at --residual-bytes; each residual add is counted in the norm after it, which reads the stream and the
+  branch's output and writes their sum and its quantized norm); the loss kernel reads and writes the bf16
+  logits; the embedding, the final norm and the tied weight's two gradients added (`edge_ops`); each BitLinear
+  weight read twice (absmean, then quantized) and written once in bf16, per micro-batch; fused AdamW reads
+  parameter, gradient and both moments and writes three of them, and the clip reads the gradients, once a step.
+--checkpointed-blocks adds the recomputed forward of those blocks (GEMMs, attention, ops, weight quantization).
+With a profile (`benchmarks/train_throughput.py --profile VARIANT --out tt.json`; its preset, batch and
+sequence length are taken from the file), the measured kernel time per category sits beside the floor, and
+--target-tok-s says how much time the kernels other than GEMMs and attention may take at that rate, against
+their floor. Prints the table; writes JSON (--out).
 """
 
 import argparse
@@ -41,26 +45,43 @@ def layer_ops(cfg, act_bytes: int = 2, residual_bytes: int = 2) -> dict[str, int
     d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
     a, r = act_bytes, residual_bytes
     qkv = q + 2 * kv
+    # the block input's add is the previous block's (the first block has none; the final norm takes the last one)
+    add_norm = d * r + d * a + d * r + d * a  # read the stream and the branch, write their sum and its quantized norm
+    norm_backward = d * a + d * r + d * r + d * r  # read dy, the saved input, the stream's gradient; write the sum
     return {
-        "norm + quantize, attention input (fwd)": d * r + d * a,
+        "residual add + norm + quantize, attention input (fwd)": add_norm,
         "q/k/v split + RoPE (fwd)": 2 * qkv * a,
         "attention sub-norm + quantize (fwd)": 2 * q * a,
-        "norm + quantize, FFN input (fwd)": d * r + d * a,
+        "residual add + norm + quantize, FFN input (fwd)": add_norm,
         "SwiGLU + sub-norm + quantize (fwd)": 2 * f * a + f * a,
         "SwiGLU backward": 2 * f * a + f * a + 2 * f * a,
-        "norm backward + stream gradient, FFN input": d * a + d * r + 2 * d * r,
+        "norm backward + stream gradient, FFN input": norm_backward,
         "attention sub-norm backward": 3 * q * a,
         "q/k/v RoPE backward": 2 * qkv * a,
-        "norm backward + stream gradient, attention input": d * a + d * r + 2 * d * r,
+        "norm backward + stream gradient, attention input": norm_backward,
     }
+
+
+def edge_ops(cfg, tokens: int, act_bytes: int = 2, residual_bytes: int = 2) -> int:
+    """Bytes a step outside the blocks, besides the loss kernel: the embedding's gather (fp32 rows read, the
+    stream written) and its backward (the stream's gradient read, fp32 rows added to), the final norm forward and
+    backward, and the tied weight's two fp32 gradients (head, embedding) added into one."""
+    d, a, r = cfg.dim, act_bytes, residual_bytes
+    embedding = tokens * (4 * d + d * r) + tokens * (d * r + 8 * d)
+    final_norm = tokens * (d * r + d * a) + tokens * (d * a + d * r + d * r)
+    tied_gradients = 3 * cfg.vocab_size * d * 4
+    return embedding + final_norm + tied_gradients
 
 
 def step_floor(preset: str, batch: int, seq_len: int, residual_bytes: int = 2, hbm_tbs: float = HBM_TBS_H100,
                gemm_tflops: float = GEMM_TFLOPS_H100, attention_ms: float | None = None,
-               attention_tflops: float = 300.0, checkpointed_blocks: int = 0) -> dict:
-    """The floor of one training step, part by part (ms, and bytes or FLOPs). checkpointed_blocks: blocks whose
-    forward runs again in the backward (--activation-checkpointing): their GEMMs' forward (2 of the 6 FLOPs a
-    parameter and token), attention's forward (2 of its 7) and their forward ops' bytes once more."""
+               attention_tflops: float = 300.0, checkpointed_blocks: int = 0, micro_batches: int = 1) -> dict:
+    """The floor of one training step of batch x seq_len tokens, part by part (ms, and bytes or FLOPs).
+
+    checkpointed_blocks: blocks whose forward runs again in the backward (--activation-checkpointing): their
+    GEMMs' forward (2 of the 6 FLOPs a parameter and token), attention's forward (2 of its 7), their forward
+    ops' bytes and their weights' quantization once more. micro_batches: gradient accumulation; the weights are
+    quantized once per micro-batch, AdamW runs once a step."""
     import torch
 
     from bitnet.model import PRESETS, Transformer
@@ -69,18 +90,20 @@ def step_floor(preset: str, batch: int, seq_len: int, residual_bytes: int = 2, h
     with torch.device("meta"):
         model = Transformer(cfg)
     matmul = model.num_params() - sum(p.numel() for p in model.parameters() if p.dim() == 1)
-    bitlinear = matmul - cfg.vocab_size * cfg.dim
+    bitlinear = matmul - cfg.vocab_size * cfg.dim  # the blocks' weights (the tied head is the embedding)
     params = model.num_params()
     tokens = batch * seq_len
     per_layer = layer_ops(cfg, residual_bytes=residual_bytes)
     gemm_flops = 6 * matmul * tokens + 2 * bitlinear * tokens * checkpointed_blocks // cfg.n_layers
     attn_flops = batch * seq_len**2 * cfg.n_heads * cfg.head_dim * (7 * cfg.n_layers + 2 * checkpointed_blocks)
     forward_bytes = sum(v for k, v in per_layer.items() if k.endswith("(fwd)"))
+    quantizations = micro_batches * (1 + checkpointed_blocks / cfg.n_layers)
     bytes_ = {
         "fused elementwise ops (blocks)": (sum(per_layer.values()) * cfg.n_layers
                                            + forward_bytes * checkpointed_blocks) * tokens,
         "loss kernel (bf16 logits read and written)": 2 * tokens * cfg.vocab_size * 2,
-        "weight quantization (read twice, written in bf16)": bitlinear * (4 + 4 + 2),
+        "embedding, final norm, tied gradients": edge_ops(cfg, tokens, residual_bytes=residual_bytes),
+        "weight quantization (read twice, written in bf16)": int(bitlinear * (4 + 4 + 2) * quantizations),
         "AdamW + clip (fp32)": params * (4 * 4 + 3 * 4 + 4),
     }
     parts = {"GEMMs": gemm_flops / (gemm_tflops * 1e12) * 1000,
@@ -88,30 +111,40 @@ def step_floor(preset: str, batch: int, seq_len: int, residual_bytes: int = 2, h
     parts.update({k: v / (hbm_tbs * 1e12) * 1000 for k, v in bytes_.items()})
     return {"preset": preset, "tokens": tokens, "matmul_params": matmul, "gemm_flops": gemm_flops,
             "attention_flops": attn_flops, "bytes": bytes_, "layer_bytes_per_token": per_layer, "ms": parts,
-            "step_ms": sum(parts.values()), "gemm_tflops": gemm_tflops, "hbm_tbs": hbm_tbs}
+            "step_ms": sum(parts.values()), "gemm_tflops": gemm_tflops, "hbm_tbs": hbm_tbs,
+            "checkpointed_blocks": checkpointed_blocks, "micro_batches": micro_batches}
 
 
-def profile_of(path: str, variant: str) -> dict:
-    """The kernel time by category that train_throughput.py --profile stored for a variant."""
+def read_profile(path: str, variant: str) -> tuple[dict, dict]:
+    """(kernel ms per step by category, the run's preset/batch/seq_len) of a train_throughput.py --out file."""
     try:
-        results = json.loads(Path(path).read_text())["results"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: cannot read a train_throughput.py result from {path}: {e}") from None
-    prof = results.get(variant, {}).get("profile")
+        data = json.loads(Path(path).read_text())
+        results = data["results"]
+        prof = results.get(variant, {}).get("profile") if isinstance(results.get(variant), dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: cannot read a train_throughput.py result from {path}: {e!r}") from None
     if not prof:
         have = [k for k, v in results.items() if isinstance(v, dict) and v.get("profile")]
         raise SystemExit(f"error: {path} has no profile of {variant!r} (profiled: {', '.join(have) or 'none'})")
-    top = prof.get("top", [])
-    if top and abs(sum(r["ms"] for r in top) - prof["kernel_ms_per_step"]) < 0.01 * prof["kernel_ms_per_step"]:
-        # every kernel is listed: sort them again with today's categories (older files put cuDNN's helper kernels
-        # under "other" and an inductor norm kernel named after attention's backward under "attention")
-        from train_throughput import CATEGORIES, kernel_category
+    run = {k: data.get(k) for k in ("preset", "batch", "seq_len")}
+    try:
+        top, total = prof.get("top", []), prof.get("kernel_ms_per_step", 0.0)
+        if top and abs(sum(r["ms"] for r in top) - total) < 0.01 * total:
+            # every kernel is listed: sort them again with today's categories (older files put cuDNN's helper
+            # kernels under "other" and an inductor norm kernel named after attention's backward under "attention")
+            from train_throughput import CATEGORIES, kernel_category
 
-        cats = dict.fromkeys(CATEGORIES, 0.0)
-        for r in top:
-            cats[kernel_category(r["kernel"])] += r["ms"]
-        return {k: round(v, 3) for k, v in cats.items()}
-    return prof["ms_per_step_by_category"]
+            cats = dict.fromkeys(CATEGORIES, 0.0)
+            for r in top:
+                cats[kernel_category(r["kernel"])] += r["ms"]
+            cats = {k: round(v, 3) for k, v in cats.items()}
+        else:
+            cats = dict(prof["ms_per_step_by_category"])
+        if not cats.get("gemm", 0) > 0:
+            raise ValueError("no GEMM time in the profile")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SystemExit(f"error: the profile of {variant!r} in {path} is not usable: {e!r}") from None
+    return cats, run
 
 
 def report(floor: dict, measured: dict | None, target_tok_s: float) -> tuple[str, dict]:
@@ -141,11 +174,12 @@ def report(floor: dict, measured: dict | None, target_tok_s: float) -> tuple[str
     return "\n".join(lines), summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="95m")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--preset", default=None, help="default: the profile's, else 95m")
+    p.add_argument("--batch", type=int, default=None, help="sequences a step (default: the profile's, else 32)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the profile's, else 1024")
+    p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--checkpointed-blocks", type=int, default=0, help="blocks recomputed in the backward")
     p.add_argument("--residual-bytes", type=int, default=2, choices=(2, 4),
                    help="the residual stream's element size (2: --residual-stream bf16, the default)")
@@ -157,24 +191,42 @@ def main() -> None:
     p.add_argument("--variant", default="fast-defaults", help="whose profile (with --profile)")
     p.add_argument("--target-tok-s", type=float, default=0.0)
     p.add_argument("--out", default="")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from bitnet.model import PRESETS
 
+    measured, run = read_profile(a.profile, a.variant) if a.profile else (None, {})
+    for name, default in (("preset", "95m"), ("batch", 32), ("seq_len", 1024)):
+        given, profiled = getattr(a, name), run.get(name)
+        if given is not None and profiled is not None and given != profiled:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {given} differs from the profile's {profiled} "
+                             f"({a.profile})")
+        setattr(a, name, given if given is not None else profiled if profiled is not None else default)
     if a.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {a.preset!r} (known: {', '.join(PRESETS)})")
     if not 0 <= a.checkpointed_blocks <= PRESETS[a.preset].n_layers:
         raise SystemExit(f"error: --checkpointed-blocks {a.checkpointed_blocks} is not between 0 and the "
                          f"{a.preset}'s {PRESETS[a.preset].n_layers} blocks")
-    measured = profile_of(a.profile, a.variant) if a.profile else None
+    for name in ("batch", "seq_len", "micro_batches", "hbm_tbs", "attention_tflops"):
+        if not getattr(a, name) > 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    for name in ("gemm_tflops", "target_tok_s"):
+        if getattr(a, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive (0: not given), got {getattr(a, name)}")
+    if a.batch % a.micro_batches:
+        raise SystemExit(f"error: --micro-batches {a.micro_batches} does not divide --batch {a.batch}")
     gemm_tflops = a.gemm_tflops or GEMM_TFLOPS_H100
     if measured and not a.gemm_tflops:  # the rate the step's own GEMMs reached
         probe = step_floor(a.preset, a.batch, a.seq_len, checkpointed_blocks=a.checkpointed_blocks)
         gemm_tflops = probe["gemm_flops"] / (measured["gemm"] / 1000) / 1e12
     floor = step_floor(a.preset, a.batch, a.seq_len, a.residual_bytes, a.hbm_tbs, gemm_tflops,
-                       measured["attention"] if measured else None, a.attention_tflops, a.checkpointed_blocks)
+                       measured.get("attention", 0.0) if measured else None, a.attention_tflops, a.checkpointed_blocks,
+                       a.micro_batches)
     text, summary = report(floor, measured, a.target_tok_s)
     if a.out:
-        Path(a.out).write_text(json.dumps({"floor": floor, "measured": measured, "summary": summary}, indent=1))
+        try:
+            Path(a.out).write_text(json.dumps({"floor": floor, "measured": measured, "summary": summary}, indent=1))
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {a.out}: {e.strerror or e}") from None
     print(text)
 
 

@@ -111,7 +111,7 @@ def test_dispatchers_compile_into_one_graph_under_either_choice():
                       + choice.swiglu_norm_act_quant(c, d, EPS, torch.float32), fullgraph=True)
     want = norm_act_quant_reference(x, w, EPS, torch.float32) + swiglu_norm_act_quant_reference(gate_up, w2, EPS,
                                                                                               torch.float32)
-    for c in (KernelChoice(), ALL_TORCH):
+    for c in (KernelChoice(), ALL_TORCH, KernelChoice(norm_quant="kernel")):
         with use_kernels(c):
             torch.testing.assert_close(f(x, w, gate_up, w2), want)
 

@@ -1,7 +1,7 @@
 """The one place that picks, per fused op, its Triton kernel or its PyTorch reference.
 
-`KernelChoice` holds the pick per op ("auto": the kernel where it applies, "torch": the reference) and the
-launch settings of the kernels that have them. One choice is current in the process, `KernelChoice()`
+`KernelChoice` holds the pick per op ("auto": the kernel where it applies, "torch": the reference; the norms
+also take "kernel": theirs inside compiled regions too) and the launch settings of the kernels that have them. One choice is current in the process, `KernelChoice()`
 unless changed: `use_kernels(choice)` changes it for a `with` block, `set_kernels(choice)` until changed
 again (benchmarks' variants). The model calls the functions below, which read the current choice at call
 time; torch.compile guards on it (a changed choice recompiles), a captured CUDA graph replays what it saw.
@@ -36,8 +36,8 @@ class KernelChoice:
     norm_quant: RMSNorm + int8 quantization (`rmsnorm`), on CUDA in eager mode only: inside torch.compile
         inductor fuses the reference with its neighbours (silu * up, the residual add), which measured
         faster than the standalone kernel (54.1 vs 59.0 ms per 95m step on an H100, benchmarks/NOTES.md).
-        "kernel": the kernel inside compiled regions too (an exploration row: inductor's norms run at 1.8x
-        their traffic floor, benchmarks/step_floor.py).
+        "kernel": the kernel inside compiled regions too (an exploration row: inductor's norms take about 1.5x
+        the time their bytes need, benchmarks/step_floor.py).
     swiglu_norm_quant: silu(gate) * up + sub-norm + int8 quantization (`swiglu`), on CUDA, eager and
         compiled: the GEMMs around it leave inductor nothing to fuse it with; -1.0 ms per 95m step (run 4).
     rope_qkv: training's q/k/v as one GEMM split and rotated by the `rope` kernel (CUDA, under autograd, no KV
