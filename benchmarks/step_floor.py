@@ -169,8 +169,8 @@ def report(floor: dict, measured: dict | None, target_tok_s: float) -> tuple[str
         if target_tok_s:
             budget = floor["tokens"] / target_tok_s * 1000 - measured.get("gemm", 0.0) - measured.get("attention", 0.0)
             summary.update(target_tok_s=target_tok_s, other_budget_ms=budget)
-            lines.append(f"at {target_tok_s:,.0f} tok/s (kernel time only) with these GEMMs and attention, the rest may "
-                         f"take {budget:.2f} ms: {budget / other_floor:.2f}x its floor")
+            lines.append(f"at {target_tok_s:,.0f} tok/s (kernel time only) with these GEMMs and attention, the rest "
+                         f"may take {budget:.2f} ms: {budget / other_floor:.2f}x its floor")
     return "\n".join(lines), summary
 
 
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     for name in ("gemm_tflops", "target_tok_s"):
         if getattr(a, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive (0: not given), got {getattr(a, name)}")
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive (0: not given), "
+                             f"got {getattr(a, name)}")
     if a.batch % a.micro_batches:
         raise SystemExit(f"error: --micro-batches {a.micro_batches} does not divide --batch {a.batch}")
     gemm_tflops = a.gemm_tflops or GEMM_TFLOPS_H100

@@ -1,11 +1,12 @@
 """The one place that picks, per fused op, its Triton kernel or its PyTorch reference.
 
 `KernelChoice` holds the pick per op ("auto": the kernel where it applies, "torch": the reference; the norms
-also take "kernel": theirs inside compiled regions too) and the launch settings of the kernels that have them. One choice is current in the process, `KernelChoice()`
-unless changed: `use_kernels(choice)` changes it for a `with` block, `set_kernels(choice)` until changed
-again (benchmarks' variants). The model calls the functions below, which read the current choice at call
-time; torch.compile guards on it (a changed choice recompiles), a captured CUDA graph replays what it saw.
-The kernels run on CUDA tensors only (and only with Triton installed); elsewhere every op is its reference.
+also take "kernel": theirs inside compiled regions too) and the launch settings of the kernels that have them.
+One choice is current in the process, `KernelChoice()` unless changed: `use_kernels(choice)` changes it for a
+`with` block, `set_kernels(choice)` until changed again (benchmarks' variants). The model calls the functions
+below, which read the current choice at call time; torch.compile guards on it (a changed choice recompiles),
+a captured CUDA graph replays what it saw. The kernels run on CUDA tensors only (and only with Triton
+installed); elsewhere every op is its reference.
 """
 
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ Impl = Literal["auto", "torch"]
 IMPLS = ("auto", "torch")
 AttentionImpl = Literal["sdpa", "fa4"]
 ATTENTION_IMPLS = ("sdpa", "fa4")
+NormImpl = Literal["auto", "torch", "kernel"]
 NORM_IMPLS = ("auto", "torch", "kernel")
 
 
@@ -57,7 +59,7 @@ class KernelChoice:
         (benchmarks/attention_speed.py).
     """
 
-    norm_quant: Literal["auto", "torch", "kernel"] = "auto"
+    norm_quant: NormImpl = "auto"
     swiglu_norm_quant: Impl = "auto"
     rope_qkv: Impl = "auto"
     loss: Impl = "auto"
@@ -126,8 +128,8 @@ def _kernel_applies(impl: Impl, t: torch.Tensor) -> bool:
 
 def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in out_dtype."""
-    where = _current.norm_quant == "kernel" or (_current.norm_quant == "auto" and not torch.compiler.is_compiling())
-    if where and x.is_cuda and available():
+    wanted = _current.norm_quant == "kernel" or (_current.norm_quant == "auto" and not torch.compiler.is_compiling())
+    if wanted and x.is_cuda and available():
         return rmsnorm.rmsnorm_act_quant(x, weight, eps, out_dtype)
     return references.norm_act_quant_reference(x, weight, eps, out_dtype)
 
