@@ -20,14 +20,17 @@ the hardware's limit:
   weight read twice (absmean, then quantized) and written once in bf16, per micro-batch; fused AdamW reads
   parameter, gradient and both moments and writes three of them, and the clip reads the gradients, once a step.
 --checkpointed-blocks adds the recomputed forward of those blocks (GEMMs, attention, ops, weight quantization).
-With a profile (`benchmarks/train_throughput.py --profile VARIANT --out tt.json`; its preset, batch and
-sequence length are taken from the file), the measured kernel time per category sits beside the floor, and
---target-tok-s says how much time the kernels other than GEMMs and attention may take at that rate, against
-their floor. Prints the table; writes JSON (--out).
+Not counted, so the floor is a lower bound: zero fills of gradient buffers, the weight gradients' casts to fp32,
+and gradient accumulation across micro-batches.
+With a profile (`benchmarks/train_throughput.py --profile VARIANT --out tt.json`: a bare step of the whole
+batch, nothing checkpointed; its preset, batch and sequence length are taken from the file), the measured kernel
+time per category sits beside the floor, and --target-tok-s says how much time the kernels other than GEMMs and
+attention may take at that rate, against their floor. Prints the table; writes JSON (--out).
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -128,6 +131,8 @@ def read_profile(path: str, variant: str) -> tuple[dict, dict]:
         raise SystemExit(f"error: {path} has no profile of {variant!r} (profiled: {', '.join(have) or 'none'})")
     run = {k: data.get(k) for k in ("preset", "batch", "seq_len")}
     try:
+        if not (isinstance(run["preset"], str) and all(isinstance(run[k], int) for k in ("batch", "seq_len"))):
+            raise ValueError(f"no preset, batch and seq_len of its run: {run}")
         top, total = prof.get("top", []), prof.get("kernel_ms_per_step", 0.0)
         if top and abs(sum(r["ms"] for r in top) - total) < 0.01 * total:
             # every kernel is listed: sort them again with today's categories (older files put cuDNN's helper
@@ -140,8 +145,11 @@ def read_profile(path: str, variant: str) -> tuple[dict, dict]:
             cats = {k: round(v, 3) for k, v in cats.items()}
         else:
             cats = dict(prof["ms_per_step_by_category"])
-        if not cats.get("gemm", 0) > 0:
-            raise ValueError("no GEMM time in the profile")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in cats.values()):
+            raise ValueError(f"a category's time is not a number of ms: {cats}")
+        for needed in ("gemm", "attention"):
+            if not cats.get(needed, 0) > 0:
+                raise ValueError(f"no {needed} time in the profile")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SystemExit(f"error: the profile of {variant!r} in {path} is not usable: {e!r}") from None
     return cats, run
@@ -161,16 +169,20 @@ def report(floor: dict, measured: dict | None, target_tok_s: float) -> tuple[str
     lines.append(f"{'step floor':52s} {'':7s} {floor['step_ms']:9.2f}   = {summary['floor_tok_s']:,.0f} tok/s")
     if measured:
         total = sum(measured.values())
-        other = total - measured.get("gemm", 0.0) - measured.get("attention", 0.0)
+        other = total - measured["gemm"] - measured["attention"]
         summary.update(measured_ms=total, measured_tok_s=floor["tokens"] / total * 1000, measured_other_ms=other)
         lines.append(f"measured kernels: {total:.2f} ms ({summary['measured_tok_s']:,.0f} tok/s): GEMMs "
-                     f"{measured.get('gemm', 0):.2f}, attention {measured.get('attention', 0):.2f}, the rest "
+                     f"{measured['gemm']:.2f}, attention {measured['attention']:.2f}, the rest "
                      f"{other:.2f} ms against its floor of {other_floor:.2f} ({other / other_floor:.2f}x)")
         if target_tok_s:
-            budget = floor["tokens"] / target_tok_s * 1000 - measured.get("gemm", 0.0) - measured.get("attention", 0.0)
+            budget = floor["tokens"] / target_tok_s * 1000 - measured["gemm"] - measured["attention"]
             summary.update(target_tok_s=target_tok_s, other_budget_ms=budget)
-            lines.append(f"at {target_tok_s:,.0f} tok/s (kernel time only) with these GEMMs and attention, the rest "
-                         f"may take {budget:.2f} ms: {budget / other_floor:.2f}x its floor")
+            if budget <= 0:
+                lines.append(f"at {target_tok_s:,.0f} tok/s (kernel time only) these GEMMs and attention alone take "
+                             f"{-budget:.2f} ms too long: unreachable")
+            else:
+                lines.append(f"at {target_tok_s:,.0f} tok/s (kernel time only) with these GEMMs and attention, the "
+                             f"rest may take {budget:.2f} ms: {budget / other_floor:.2f}x its floor")
     return "\n".join(lines), summary
 
 
@@ -203,24 +215,31 @@ def main(argv: list[str] | None = None) -> None:
         setattr(a, name, given if given is not None else profiled if profiled is not None else default)
     if a.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {a.preset!r} (known: {', '.join(PRESETS)})")
+    if a.profile and (a.checkpointed_blocks or a.micro_batches != 1):
+        raise SystemExit("error: a profile is a bare step of the whole batch with nothing checkpointed; "
+                         "--checkpointed-blocks and --micro-batches apply without --profile")
+    if a.target_tok_s and not a.profile:
+        raise SystemExit("error: --target-tok-s needs --profile (the measured GEMMs and attention it budgets around)")
     if not 0 <= a.checkpointed_blocks <= PRESETS[a.preset].n_layers:
         raise SystemExit(f"error: --checkpointed-blocks {a.checkpointed_blocks} is not between 0 and the "
                          f"{a.preset}'s {PRESETS[a.preset].n_layers} blocks")
     for name in ("batch", "seq_len", "micro_batches", "hbm_tbs", "attention_tflops"):
-        if not getattr(a, name) > 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+        if not (getattr(a, name) > 0 and math.isfinite(getattr(a, name))):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number, got {getattr(a, name)}")
     for name in ("gemm_tflops", "target_tok_s"):
-        if getattr(a, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive (0: not given), "
+        if not (getattr(a, name) >= 0 and math.isfinite(getattr(a, name))):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number (0: not given), "
                              f"got {getattr(a, name)}")
+    if a.seq_len > PRESETS[a.preset].max_seq_len:
+        raise SystemExit(f"error: --seq-len {a.seq_len} exceeds the {a.preset}'s max_seq_len "
+                         f"{PRESETS[a.preset].max_seq_len}")
     if a.batch % a.micro_batches:
         raise SystemExit(f"error: --micro-batches {a.micro_batches} does not divide --batch {a.batch}")
     gemm_tflops = a.gemm_tflops or GEMM_TFLOPS_H100
     if measured and not a.gemm_tflops:  # the rate the step's own GEMMs reached
-        probe = step_floor(a.preset, a.batch, a.seq_len, checkpointed_blocks=a.checkpointed_blocks)
-        gemm_tflops = probe["gemm_flops"] / (measured["gemm"] / 1000) / 1e12
+        gemm_tflops = step_floor(a.preset, a.batch, a.seq_len)["gemm_flops"] / (measured["gemm"] / 1000) / 1e12
     floor = step_floor(a.preset, a.batch, a.seq_len, a.residual_bytes, a.hbm_tbs, gemm_tflops,
-                       measured.get("attention", 0.0) if measured else None, a.attention_tflops, a.checkpointed_blocks,
+                       measured["attention"] if measured else None, a.attention_tflops, a.checkpointed_blocks,
                        a.micro_batches)
     text, summary = report(floor, measured, a.target_tok_s)
     if a.out:

@@ -23,8 +23,8 @@ Rows (global batch 32 x 1024, bf16 autocast, fused AdamW, grad clip 1.0, random 
                  on --data token data: the median tok_s of its scalars.jsonl
   bitnet-train-* the same with trainer flags or process-wide switches changed (see TRAINER_VARIANTS)
 A row's "kernels" tweak is a `bitnet.model.kernels.KernelChoice` (as a dict of its fields): each fused op's
-Triton kernel or its PyTorch reference ("torch"; for the norms also "kernel", their kernel inside the compiled
-blocks), and the kernels' launch settings.
+Triton kernel or its PyTorch reference ("torch"; `norm_quant` also takes "kernel", its kernel inside the
+compiled blocks), and the kernels' launch settings.
 MFU = model.flops_per_token(seq_len) * tok/s / peak, where flops_per_token = 6 * (matmul params incl.
 the tied head) + 12 * n_layers * dim * seq_len = 648 MFLOP/token for 95m; peaks: 989 TFLOP/s (H100 dense
 bf16 datasheet) and the bf16 GEMM rate measured in this run (8192^3, random data).

@@ -10,7 +10,7 @@ import torch
 from bitnet.model import PRESETS, Transformer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_floor.py"
-MATMUL_95M = 95_354_880  # 95,398,656 parameters less the 17 norm gains' 43,776
+MATMUL_95M = 95_354_880  # 95,398,656 parameters less the 33 norm gains' 43,776 (4 a block and the final one)
 
 
 def load_script():
@@ -104,6 +104,8 @@ def test_profile_gives_the_gemm_rate_and_the_budget_at_a_target(tmp_path, capsys
     assert f["ms"]["attention"] == 6.0 and summary["measured_ms"] == 46.0 and summary["measured_other_ms"] == 15.0
     assert summary["other_budget_ms"] == pytest.approx(32768 / 800000 * 1000 - 31.0)  # 9.96 ms
     assert "the rest may take 9.96 ms" in stdout
+    message, stdout = run(capsys, "--profile", str(path), "--target-tok-s", "1100000")  # 29.8 ms a step: GEMMs 25
+    assert message is None and "these GEMMs and attention alone take 1.21 ms too long: unreachable" in stdout
     # the profile's run sets the shape; another one given on the command line is refused
     message, _ = run(capsys, "--profile", str(path), "--preset", "700m")
     assert message == f"error: --preset 700m differs from the profile's 95m ({path})"
@@ -141,13 +143,32 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
                                                              f"{path}: TypeError")
     write_profile(path, {"gemm": 0.0, "attention": 1.0})
     assert run(capsys, "--profile", str(path))[0] == (
-        f"error: the profile of 'fast-defaults' in {path} is not usable: ValueError('no GEMM time in the profile')")
+        f"error: the profile of 'fast-defaults' in {path} is not usable: ValueError('no gemm time in the profile')")
+    write_profile(path, {"gemm": 20.0, "other": 1.0})
+    assert run(capsys, "--profile", str(path))[0].endswith("ValueError('no attention time in the profile')")
+    write_profile(path, {"gemm": 20.0, "attention": None})
+    assert "is not usable: ValueError(\"a category's time is not a number of ms" in run(capsys, "--profile", str(path))[0]
+    path.write_text(json.dumps({"batch": "32", "results": {"fast-defaults": {"profile": {
+        "ms_per_step_by_category": {"gemm": 1.0, "attention": 1.0}}}}}))
+    message = run(capsys, "--profile", str(path))[0]
+    assert message.startswith("error: the profile of") and "no preset, batch and seq_len of its run" in message
+    write_profile(path, {"gemm": 20.0, "attention": 5.0})
+    assert run(capsys, "--profile", str(path), "--checkpointed-blocks", "2")[0] == (
+        "error: a profile is a bare step of the whole batch with nothing checkpointed; --checkpointed-blocks and "
+        "--micro-batches apply without --profile")
+    assert run(capsys, "--target-tok-s", "770000")[0] == (
+        "error: --target-tok-s needs --profile (the measured GEMMs and attention it budgets around)")
     assert run(capsys, "--preset", "9b")[0].startswith("error: unknown preset '9b'")
     assert run(capsys, "--checkpointed-blocks", "9")[0] == (
         "error: --checkpointed-blocks 9 is not between 0 and the 95m's 8 blocks")
-    assert run(capsys, "--hbm-tbs", "0")[0] == "error: --hbm-tbs must be positive, got 0.0"
-    assert run(capsys, "--batch", "-1")[0] == "error: --batch must be positive, got -1"
-    assert run(capsys, "--gemm-tflops", "-5")[0] == "error: --gemm-tflops must be positive (0: not given), got -5.0"
+    assert run(capsys, "--hbm-tbs", "0")[0] == "error: --hbm-tbs must be a positive number, got 0.0"
+    assert run(capsys, "--hbm-tbs", "inf")[0] == "error: --hbm-tbs must be a positive number, got inf"
+    assert run(capsys, "--batch", "-1")[0] == "error: --batch must be a positive number, got -1"
+    assert run(capsys, "--gemm-tflops", "-5")[0] == (
+        "error: --gemm-tflops must be a positive number (0: not given), got -5.0")
+    assert run(capsys, "--gemm-tflops", "nan")[0] == (
+        "error: --gemm-tflops must be a positive number (0: not given), got nan")
+    assert run(capsys, "--preset", "tiny")[0] == "error: --seq-len 1024 exceeds the tiny's max_seq_len 256"
     assert run(capsys, "--micro-batches", "3")[0] == "error: --micro-batches 3 does not divide --batch 32"
     message, stdout = run(capsys, "--out", str(tmp_path / "missing" / "floor.json"))
     assert message.startswith(f"error: cannot write {tmp_path / 'missing' / 'floor.json'}: ") and stdout == ""

@@ -1,7 +1,7 @@
 """The one place that picks, per fused op, its Triton kernel or its PyTorch reference.
 
-`KernelChoice` holds the pick per op ("auto": the kernel where it applies, "torch": the reference; the norms
-also take "kernel": theirs inside compiled regions too) and the launch settings of the kernels that have them.
+`KernelChoice` holds the pick per op ("auto": the kernel where it applies, "torch": the reference; `norm_quant`
+also takes "kernel": its kernel inside compiled regions too) and the launch settings of the kernels that have them.
 One choice is current in the process, `KernelChoice()` unless changed: `use_kernels(choice)` changes it for a
 `with` block, `set_kernels(choice)` until changed again (benchmarks' variants). The model calls the functions
 below, which read the current choice at call time; torch.compile guards on it (a changed choice recompiles),
