@@ -269,6 +269,11 @@ def profile_steps(step, batches, device, n=2) -> dict:
         for i in range(n):
             step(batches[i % len(batches)])
         sync(device)
+    return kernel_summary(prof, n)
+
+
+def kernel_summary(prof, n: int) -> dict:
+    """A finished profiler's CUDA kernels over n steps: ms per step by category, the total, the top kernels."""
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
@@ -587,6 +592,9 @@ def run_trainer(a, t0) -> dict:
             first["t"] = time.time()
         return out
     loop.train_step = graphed.train_step = timed_train_step  # the graphed step's first steps run uncaptured
+    window = {}
+    if a.child in a.profile.split(",") and a.device.startswith("cuda"):
+        window = profile_trainer_window(graphed, start=a.trainer_steps // 2 + 11, count=40)
     runs = Path(a.workdir) / "runs"
     argv = ["--preset", a.preset, "--data", a.data, "--num-steps", str(a.trainer_steps), "--runs-dir", str(runs),
             "--run-id", "bench", "--overwrite", "--quiet", "--device", a.device]
@@ -610,8 +618,44 @@ def run_trainer(a, t0) -> dict:
            "mem_gib_max": max(r.get("mem_gib", 0) for r in rows), "final_loss": rows[-1]["loss"],
            "ttfs_s": first.get("t", float("nan")) - t0, "wall_s": time.time() - t0, "train_main_s": wall,
            "data": a.data, "steps": a.trainer_steps}
+    if window:
+        res["profile"] = window
+        print(f"[bitnet-train] steps {window['steps']}: wall {window['wall_ms_per_step']:.2f} ms/step, kernels "
+              f"{window['kernel_ms_per_step']:.2f}, GPU idle {window['idle_ms_per_step']:.2f}; by category: "
+              f"{window['ms_per_step_by_category']}", flush=True)
     print(f"[bitnet-train] rc {rc}: median tok/s {res['tok_s_median']:,.0f} over {len(rows)} rows {tok}; "
           f"ttfs {res['ttfs_s']:.1f}s; wall {res['wall_s']:.0f}s", flush=True)
+    return res
+
+
+def profile_trainer_window(graphed, start: int, count: int) -> dict:
+    """Profile the trainer's captured steps start .. start+count-1 as the loop runs them (data, hooks, the
+    LR schedule included): kernel time per step against wall time per step. The difference is time the GPU
+    waited for the host; kernels that take longer than in the bare step's profile point at clocks instead.
+    Returns a dict that is filled when the window ends (empty if the run is shorter)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    res, state = {}, {}
+    inner = graphed.GraphedTrainStep.__call__
+
+    def call(self, *args, **kw):
+        n = self.calls + 1  # the step this call runs
+        if n == start:
+            torch.cuda.synchronize()
+            state["prof"] = profile(activities=[ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+            state["t"] = time.perf_counter()
+        out = inner(self, *args, **kw)
+        if n == start + count - 1:
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - state["t"]) * 1000 / count
+            state["prof"].__exit__(None, None, None)
+            res.update(kernel_summary(state["prof"], count), steps=f"{start}-{start + count - 1}",
+                       wall_ms_per_step=round(wall_ms, 3))
+            res["idle_ms_per_step"] = round(wall_ms - res["kernel_ms_per_step"], 3)
+        return out
+    graphed.GraphedTrainStep.__call__ = call
     return res
 
 
