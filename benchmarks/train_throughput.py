@@ -90,6 +90,9 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-repeat": {},  # the same r
                     "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]},
                     "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
                     "bitnet-train-normkernel": {"kernels": {"norm_quant": "kernel"}},  # the norms' kernel, compiled
+                    # eval every 100 steps (256 sequences): the peak with eval's forwards, which the default
+                    # intervals (eval every 5,000 steps) leave out of a short row
+                    "bitnet-train-eval": {"argv": ["--eval-interval", "100"]},
                     # the defaults since issue 25's sixth session (bf16 residual stream, the head in chunks of 4096
                     # rows) against the seed's (fp32 stream, the whole head) and each change alone; the headchunk
                     # rows keep the fp32 stream, as measured before the defaults changed
