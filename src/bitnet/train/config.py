@@ -140,12 +140,14 @@ class TrainConfig:
 # sizes take the LRs of Table 2 of "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (stage 1 peak -> stage
 # 2 start: 700M 1.5e-3 -> 1e-3, the seed's values; 1.3B and 3B 1.2e-3 -> 8e-4; the end LR at 1% of the peak,
 # the seed's ratio), and a micro-batch that fits an 80 GB GPU at 32 x 1024 with fp32 weights and AdamW state
-# (README, section 'Model'): the 700m takes the whole batch at once. The 3b takes it at once too, every block
-# checkpointed: 1.6% faster than micro-batches of 4 without, and 13.6 GiB less (benchmarks/RESULTS.md, H100).
+# (README, section 'Model'): the 700m takes the whole batch at once. The 1.3b and 3b take it at once too, every
+# block checkpointed: 4.6% and 1.6% faster than micro-batches of 16 and 4 without, and 25.6 and 13.6 GiB less
+# (benchmarks/RESULTS.md, side by side on one H100).
 PRESET_TRAIN_DEFAULTS = {
     "95m": {},
     "700m": {},
-    "1.3b": dict(lr_peak=1.2e-3, lr_stage1_end=8e-4, lr_stage2_start=8e-4, lr_end=1.2e-5, micro_batch_size=16),
+    "1.3b": dict(lr_peak=1.2e-3, lr_stage1_end=8e-4, lr_stage2_start=8e-4, lr_end=1.2e-5, micro_batch_size=32,
+                 activation_checkpointing="all"),
     "3b": dict(lr_peak=1.2e-3, lr_stage1_end=8e-4, lr_stage2_start=8e-4, lr_end=1.2e-5, micro_batch_size=32,
                activation_checkpointing="all"),
     # sized so that scripts/quickstart.sh takes a few minutes on 2 CPU cores (README, measured)
