@@ -614,19 +614,26 @@ def run_trainer(a, t0) -> dict:
         except json.JSONDecodeError:  # a torn last line
             pass
     tok = [r["tok_s"] for r in rows]
-    res = {"rc": rc, "rows": len(rows), "tok_s_rows": tok, "tok_s_median": statistics.median(tok),
+    # the rows whose steps the profiler ran under are left out of the medians (its tracing slows them)
+    last = window.get("first_step", 0) + window.get("count", 0) - 1
+    timed = [r for r, first_step in zip(rows, [1] + [r["step"] + 1 for r in rows])
+             if not window or r["step"] < window["first_step"] or first_step > last]
+    res = {"rc": rc, "rows": len(rows), "tok_s_rows": tok,
+           "tok_s_median": statistics.median(r["tok_s"] for r in timed),
            "tok_s_median_after_first": statistics.median(tok[1:]) if len(tok) > 1 else None,
-           "step_ms_median": statistics.median(r["step_ms"] for r in rows),
-           "tok_s_from_step_ms": a.batch * a.seq_len / (statistics.median(r["step_ms"] for r in rows) / 1000),
+           "profiled_rows": len(rows) - len(timed),
+           "step_ms_median": statistics.median(r["step_ms"] for r in timed),
+           "tok_s_from_step_ms": a.batch * a.seq_len / (statistics.median(r["step_ms"] for r in timed) / 1000),
            "mem_gib_max": max(r.get("mem_gib", 0) for r in rows), "final_loss": rows[-1]["loss"],
            "ttfs_s": first.get("t", float("nan")) - t0, "wall_s": time.time() - t0, "train_main_s": wall,
            "data": a.data, "steps": a.trainer_steps}
-    if window:
+    if "steps" in window:
         res["profile"] = window
         print(f"[bitnet-train] steps {window['steps']}: wall {window['wall_ms_per_step']:.2f} ms/step, kernels "
               f"{window['kernel_ms_per_step']:.2f}, GPU idle {window['idle_ms_per_step']:.2f}; by category: "
               f"{window['ms_per_step_by_category']}", flush=True)
-    print(f"[bitnet-train] rc {rc}: median tok/s {res['tok_s_median']:,.0f} over {len(rows)} rows {tok}; "
+    print(f"[bitnet-train] rc {rc}: median tok/s {res['tok_s_median']:,.0f} over {len(timed)} unprofiled rows of "
+          f"{len(rows)} {tok}; "
           f"ttfs {res['ttfs_s']:.1f}s; wall {res['wall_s']:.0f}s", flush=True)
     return res
 
@@ -635,11 +642,11 @@ def profile_trainer_window(graphed, start: int, count: int) -> dict:
     """Profile the trainer's captured steps start .. start+count-1 as the loop runs them (data, hooks, the
     LR schedule included): kernel time per step against wall time per step. The difference is time the GPU
     waited for the host; kernels that take longer than in the bare step's profile point at clocks instead.
-    Returns a dict that is filled when the window ends (empty if the run is shorter)."""
+    Returns a dict that is filled when the window ends (only first_step and count if the run is shorter)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    res, state = {}, {}
+    res, state = {"first_step": start, "count": count}, {}  # "steps" etc. once the window has run
     inner = graphed.GraphedTrainStep.__call__
 
     def call(self, *args, **kw):
