@@ -133,6 +133,20 @@ def test_a_full_kernel_list_is_sorted_again_with_todays_categories(tmp_path):
     assert floor.read_profile(str(path), "fast-defaults")[0] == stored
 
 
+def test_a_trainer_window_profile_is_read_by_its_variant(tmp_path, capsys):
+    # train_throughput.py --profile bitnet-train: the trainer row holds a window's profile beside its own numbers
+    window = {"ms_per_step_by_category": {"gemm": 26.0, "attention": 6.5, "inductor": 4.5, "project triton": 8.0,
+                                          "optimizer": 1.3, "other": 1.4},
+              "first_step": 211, "count": 40, "steps": "211-250", "wall_ms_per_step": 48.5, "idle_ms_per_step": 0.8}
+    path, out = tmp_path / "tt.json", tmp_path / "floor.json"
+    path.write_text(json.dumps({"preset": "95m", "batch": 32, "seq_len": 1024,
+                                "results": {"bitnet-train": {"tok_s_median": 680000.0, "profile": window}}}))
+    message, _ = run(capsys, "--profile", str(path), "--variant", "bitnet-train", "--out", str(out))
+    assert message is None
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["measured_ms"] == pytest.approx(47.7) and summary["measured_other_ms"] == pytest.approx(15.2)
+
+
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     path = tmp_path / "tt.json"
     path.write_text(json.dumps({"results": {"fast": {"profile": {"ms_per_step_by_category": {"gemm": 1.0}}}}}))
