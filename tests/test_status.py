@@ -155,6 +155,19 @@ def test_text_screen(run, capsys):
     assert "attn  -1/0/+1 0.300/0.400/0.300 (step 10) -> 0.250/0.500/0.250 (step 100)" in out
 
 
+def test_the_gpu_clock_and_power_of_the_last_row_are_shown(tmp_path, capsys):
+    run = make_run(tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics/scalars.jsonl").read_text().splitlines()]
+    rows[-1].update(gpu_sm_mhz=1755, gpu_power_w=690.4)
+    _write_jsonl(run / "metrics/scalars.jsonl", rows)
+    assert status_cli.main([str(run)]) == 0
+    assert "GPU 1,755 MHz 690 W" in capsys.readouterr().out
+    rows[-1]["gpu_power_w"] = None  # a row without both (CPU runs, no NVML) shows neither
+    _write_jsonl(run / "metrics/scalars.jsonl", rows)
+    assert status_cli.main([str(run)]) == 0
+    assert "MHz" not in capsys.readouterr().out
+
+
 def test_smoothing_flag_and_json(run, capsys):
     assert status_cli.main([str(run), "--json", "--smoothing", "5"]) == 0
     s = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))

@@ -315,6 +315,7 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
         "elapsed_s": elapsed,
         "tok_s_sustained": gained / elapsed if gained is not None and elapsed else None,
         "mem_gib": _num(last.get("mem_gib")), "mem_gib_max": max(mems) if mems else None,
+        "gpu_sm_mhz": _num(last.get("gpu_sm_mhz")), "gpu_power_w": _num(last.get("gpu_power_w")),
         "last_row_age_s": age_s, "row_interval_s": row_interval_s, "stalled": stalled, "finished": finished,
     })
 
@@ -462,7 +463,9 @@ def render_text(s: dict) -> str:
             f"optim      lr {_f(s['lr'], '.3e')}   wd {_f(s['wd'], '.3g')}   grad_norm {_f(s['grad_norm'], '.4g')}",
             f"speed      {_count(s['tok_s'])} tok/s   {_f(s['step_ms'], '.1f')} ms/step   "
             f"sustained {_count(s['tok_s_sustained'])} tok/s   "
-            f"mem {_f(s['mem_gib'], '.1f')} GiB (max {_f(s['mem_gib_max'], '.1f')})",
+            f"mem {_f(s['mem_gib'], '.1f')} GiB (max {_f(s['mem_gib_max'], '.1f')})"
+            + (f"   GPU {s['gpu_sm_mhz']:,.0f} MHz {s['gpu_power_w']:,.0f} W" if s["gpu_sm_mhz"] is not None
+               and s["gpu_power_w"] is not None else ""),
             f"time       elapsed {_dur(s['elapsed_s'])}"
             + (f" ({len(s['legs'])} legs)" if len(s["legs"]) > 1 else "") + f"   ETA {_dur(s['eta_s'])} (step_ms) / "
             f"{_dur(s['eta_wall_s'])} (wall)   last row {_dur(s['last_row_age_s'])} ago"

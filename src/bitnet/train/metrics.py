@@ -3,7 +3,7 @@ TensorBoard, the anomaly detector) through Hook.on_log (docs/design.md, "trainin
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,14 @@ def memory_gib(device: torch.device) -> float:
         return math.nan
 
 
+def gpu_clock_and_power(device: torch.device) -> dict:
+    """The SM clock (MHz) and the board's power draw (W) as NVML reports them for about the last second
+    (torch.cuda's readers over nvidia-ml-py). Why: a 700 W H100 runs the 95m step at its power cap with the SM
+    clock near 1,760 of its 1,980 MHz (benchmarks/RESULTS.md, "Issue 25, eighth session"), so a run's tok/s
+    can move with the card, not the code."""
+    return {"gpu_sm_mhz": torch.cuda.clock_rate(device), "gpu_power_w": torch.cuda.power_draw(device) / 1000}
+
+
 @dataclass
 class MetricsRow:
     """What stays fixed over a run (device, world size, FLOPs per token); `build` makes one step's row."""
@@ -37,12 +45,27 @@ class MetricsRow:
     world_size: int
     tokens_per_step: int
     flops_per_token: float
+    nvml: bool = field(init=False)
+    """Whether rows carry the GPU's clock and power: on CUDA where NVML answers."""
+
+    def __post_init__(self):
+        self.nvml = self.device.type == "cuda" and bool(self._gpu_telemetry())
+
+    def _gpu_telemetry(self) -> dict:
+        try:
+            return gpu_clock_and_power(self.device)
+        except Exception:  # telemetry only: no nvidia-ml-py, or NVML refusing, turns it off, never the run
+            self.nvml = False
+            return {}
 
     def build(self, step: int, tokens: int, loss: float, loss_avg: float, lr: float, wd: float, grad_norm: float,
               step_ms: float, tok_s: float, epoch: float) -> dict:
         """The scalars row; host values only (the loop synced once for them). step_ms is per step."""
         mfu = (self.flops_per_token * self.tokens_per_step / (step_ms / 1000) / peak_flops(self.device)
                / self.world_size)
-        return {"step": step, "tokens": tokens, "loss": loss, "loss_avg": loss_avg, "lr": lr, "wd": wd,
-                "grad_norm": grad_norm, "step_ms": step_ms, "tok_s": tok_s, "mfu": mfu,
-                "mem_gib": memory_gib(self.device), "epoch": epoch, "time": time.time()}
+        row = {"step": step, "tokens": tokens, "loss": loss, "loss_avg": loss_avg, "lr": lr, "wd": wd,
+               "grad_norm": grad_norm, "step_ms": step_ms, "tok_s": tok_s, "mfu": mfu,
+               "mem_gib": memory_gib(self.device), "epoch": epoch, "time": time.time()}
+        if self.nvml:
+            row.update(self._gpu_telemetry())
+        return row
