@@ -24,9 +24,10 @@ Not counted, so the floor is a lower bound: zero fills of gradient buffers, the 
 and gradient accumulation across micro-batches.
 With a profile (`benchmarks/train_throughput.py --profile VARIANT --out tt.json`: a bare step of the whole
 batch, nothing checkpointed, or `--variant bitnet-train`: a window of the trainer's own steps, at the clocks a
-long run holds, which on a 700 W H100 are power-capped below a bare step's short burst; its preset, batch and
-sequence length are taken from the file), the measured kernel time per category sits beside the floor, and --target-tok-s says how much time the kernels other than GEMMs and
-attention may take at that rate, against their floor. Prints the table; writes JSON (--out).
+long run holds, which on a 700 W H100 measured a little lower than a bare step's short burst; its preset, batch
+and sequence length are taken from the file), the measured kernel time per category sits beside the floor, and
+--target-tok-s says how much time the kernels other than GEMMs and attention may take at that rate, against
+their floor. Prints the table; writes JSON (--out).
 """
 
 import argparse

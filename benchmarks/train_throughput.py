@@ -596,8 +596,11 @@ def run_trainer(a, t0) -> dict:
         return out
     loop.train_step = graphed.train_step = timed_train_step  # the graphed step's first steps run uncaptured
     window = {}
+    start, count = a.trainer_steps // 2 + 11, 40  # mid-run, after the capture, inside one log interval of 100
     if a.child in a.profile.split(",") and a.device.startswith("cuda"):
-        window = profile_trainer_window(graphed, start=a.trainer_steps // 2 + 11, count=40)
+        if start + count - 1 > a.trainer_steps:
+            raise SystemExit(f"--profile {a.child} needs --trainer-steps of at least {2 * (count + 10) - 1}")
+        window = profile_trainer_window(graphed, start, count)
     runs = Path(a.workdir) / "runs"
     argv = ["--preset", a.preset, "--data", a.data, "--num-steps", str(a.trainer_steps), "--runs-dir", str(runs),
             "--run-id", "bench", "--overwrite", "--quiet", "--device", a.device]
@@ -614,13 +617,10 @@ def run_trainer(a, t0) -> dict:
         except json.JSONDecodeError:  # a torn last line
             pass
     tok = [r["tok_s"] for r in rows]
-    # the rows whose steps the profiler ran under are left out of the medians (its tracing slows them)
-    last = window.get("first_step", 0) + window.get("count", 0) - 1
-    timed = [r for r, first_step in zip(rows, [1] + [r["step"] + 1 for r in rows])
-             if not window or r["step"] < window["first_step"] or first_step > last]
+    timed = unprofiled_rows(rows, window)
     res = {"rc": rc, "rows": len(rows), "tok_s_rows": tok,
            "tok_s_median": statistics.median(r["tok_s"] for r in timed),
-           "tok_s_median_after_first": statistics.median(tok[1:]) if len(tok) > 1 else None,
+           "tok_s_median_after_first": statistics.median(r["tok_s"] for r in timed[1:]) if len(timed) > 1 else None,
            "profiled_rows": len(rows) - len(timed),
            "step_ms_median": statistics.median(r["step_ms"] for r in timed),
            "tok_s_from_step_ms": a.batch * a.seq_len / (statistics.median(r["step_ms"] for r in timed) / 1000),
@@ -636,6 +636,17 @@ def run_trainer(a, t0) -> dict:
           f"{len(rows)} {tok}; "
           f"ttfs {res['ttfs_s']:.1f}s; wall {res['wall_s']:.0f}s", flush=True)
     return res
+
+
+def unprofiled_rows(rows: list[dict], window: dict) -> list[dict]:
+    """The scalars rows none of whose steps ran under the profiler (its tracing slows them), all of them if
+    no window ran, or if every row holds profiled steps (a short run: then the medians say so by their rows)."""
+    if "steps" not in window:
+        return rows
+    last = window["first_step"] + window["count"] - 1
+    firsts = [1] + [r["step"] + 1 for r in rows[:-1]]  # a row's steps: after the previous row's, up to its own
+    clean = [r for r, first in zip(rows, firsts) if r["step"] < window["first_step"] or first > last]
+    return clean or rows
 
 
 def profile_trainer_window(graphed, start: int, count: int) -> dict:

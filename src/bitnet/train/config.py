@@ -141,7 +141,7 @@ class TrainConfig:
 # 2 start: 700M 1.5e-3 -> 1e-3, the seed's values; 1.3B and 3B 1.2e-3 -> 8e-4; the end LR at 1% of the peak,
 # the seed's ratio), and a micro-batch that fits an 80 GB GPU at 32 x 1024 with fp32 weights and AdamW state
 # (README, section 'Model'): the 700m takes the whole batch at once. The 1.3b and 3b take it at once too, every
-# block checkpointed: 4.6% and 1.6% faster than micro-batches of 16 and 4 without, and 25.6 and 13.6 GiB less
+# block checkpointed: 4.6% and 1.6% faster than micro-batches of 16 and 4 without, and 25.5 and 13.6 GiB less
 # (benchmarks/RESULTS.md, side by side on one H100).
 PRESET_TRAIN_DEFAULTS = {
     "95m": {},

@@ -1,0 +1,75 @@
+"""benchmarks/train_throughput.py: the trainer's profile window and the rows its medians keep (CPU, with the
+profiler and the CUDA sync replaced by fakes at torch's boundary)."""
+
+import importlib.util
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+tt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tt)
+
+
+def test_the_medians_leave_out_the_rows_the_profiler_ran_in():
+    rows = [{"step": s} for s in (100, 200, 300, 400)]
+    window = {"first_step": 211, "count": 40, "steps": "211-250"}
+    assert [r["step"] for r in tt.unprofiled_rows(rows, window)] == [100, 200, 400]
+    across = {"first_step": 191, "count": 40, "steps": "191-230"}  # steps 191-200 and 201-230: two rows
+    assert [r["step"] for r in tt.unprofiled_rows(rows, across)] == [100, 400]
+    assert tt.unprofiled_rows(rows, {"first_step": 211, "count": 40}) == rows  # the window never ran
+    assert tt.unprofiled_rows(rows, {}) == rows
+    short = [{"step": 100}, {"step": 150}]  # every row holds profiled steps: all are kept, not none
+    assert tt.unprofiled_rows(short, {"first_step": 86, "count": 40, "steps": "86-125"}) == short
+
+
+class FakeProfile:
+    """torch.profiler.profile as the window uses it: entered, exited, then asked for its kernels."""
+    opened = []
+
+    def __init__(self, activities):
+        self.closed = False
+        FakeProfile.opened.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.closed = True
+
+    def key_averages(self):
+        kernel = types.SimpleNamespace(key="nvjet_sm90_tst_256x128", count=3 * 24, self_device_time_total=3 * 20_000)
+        norm = types.SimpleNamespace(key="triton_per_fused_add_mean", count=3 * 8, self_device_time_total=3 * 5_000)
+        return [kernel, norm]
+
+
+def test_the_window_profiles_the_captured_steps_it_names(monkeypatch):
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    FakeProfile.opened.clear()
+
+    class Step:  # GraphedTrainStep's counting: one call a step, warmup calls included
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, batches, lr, wd):
+            self.calls += 1
+            return self.calls
+    graphed = types.SimpleNamespace(GraphedTrainStep=Step)
+    window = tt.profile_trainer_window(graphed, start=5, count=3)
+    assert window == {"first_step": 5, "count": 3}
+    step = graphed.GraphedTrainStep()
+    for n in range(1, 5):
+        assert step([], 1e-3, 0.1) == n
+    assert FakeProfile.opened == [] and "steps" not in window
+    step([], 1e-3, 0.1)  # step 5 opens it
+    assert len(FakeProfile.opened) == 1 and not FakeProfile.opened[0].closed
+    for _ in range(4):
+        step([], 1e-3, 0.1)
+    assert FakeProfile.opened[0].closed and len(FakeProfile.opened) == 1  # closed after step 7, never again
+    assert window["steps"] == "5-7" and window["kernel_ms_per_step"] == 25.0
+    assert window["ms_per_step_by_category"]["gemm"] == 20.0 and window["ms_per_step_by_category"]["inductor"] == 5.0
+    assert window["idle_ms_per_step"] == pytest.approx(window["wall_ms_per_step"] - 25.0, abs=1e-3)
