@@ -47,18 +47,17 @@ import types
 from functools import partial
 from pathlib import Path
 
+# the trainer's defaults since issue 25's sixth session: bf16 residual stream, the head in chunks of 4096 rows
+DEFAULTS_TWEAKS = {"residual_stream": "bf16", "kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}
 VARIANTS = {
     # name: (quantization, formulation, compile, tweaks)
     "eager-ref": ("bitnet", "ref", "none", {"kernels": {"loss": "torch", "embedding": "torch"}}),
     "compile-ref": ("bitnet", "ref", "model", {"kernels": {"loss": "torch", "embedding": "torch"}}),
     "fast": ("bitnet", "project", "project", {}),
-    # the same with the trainer's defaults since issue 25's sixth session: bf16 residual stream, head in 4096-row chunks
-    "fast-defaults": ("bitnet", "project", "project",
-                      {"residual_stream": "bf16", "kernels": {"cross_entropy_launch": {"chunk_rows": 4096}}}),
+    "fast-defaults": ("bitnet", "project", "project", DEFAULTS_TWEAKS),
     # ... with the RMSNorm + quantize kernel inside the compiled blocks instead of inductor's fused reference
-    "fast-defaults-normkernel": ("bitnet", "project", "project",
-                                 {"residual_stream": "bf16", "kernels": {"cross_entropy_launch": {"chunk_rows": 4096},
-                                                                         "norm_quant": "kernel"}}),
+    "fast-defaults-normkernel": ("bitnet", "project", "project", {
+        **DEFAULTS_TWEAKS, "kernels": {**DEFAULTS_TWEAKS["kernels"], "norm_quant": "kernel"}}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"kernels": {"loss": "torch"}}),  # F.cross_entropy, fp32 logits
@@ -657,22 +656,22 @@ def profile_trainer_window(graphed, start: int, count: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    res, state = {"first_step": start, "count": count}, {}  # "steps" etc. once the window has run
+    res = {"first_step": start, "count": count}  # "steps" etc. once the window has run
+    prof, t0 = profile(activities=[ProfilerActivity.CUDA]), []
     inner = graphed.GraphedTrainStep.__call__
 
     def call(self, *args, **kw):
         n = self.calls + 1  # the step this call runs
         if n == start:
             torch.cuda.synchronize()
-            state["prof"] = profile(activities=[ProfilerActivity.CUDA])
-            state["prof"].__enter__()
-            state["t"] = time.perf_counter()
+            prof.start()
+            t0.append(time.perf_counter())
         out = inner(self, *args, **kw)
         if n == start + count - 1:
             torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - state["t"]) * 1000 / count
-            state["prof"].__exit__(None, None, None)
-            res.update(kernel_summary(state["prof"], count), steps=f"{start}-{start + count - 1}",
+            wall_ms = (time.perf_counter() - t0[0]) * 1000 / count
+            prof.stop()
+            res.update(kernel_summary(prof, count), steps=f"{start}-{start + count - 1}",
                        wall_ms_per_step=round(wall_ms, 3))
             res["idle_ms_per_step"] = round(wall_ms - res["kernel_ms_per_step"], 3)
         return out
