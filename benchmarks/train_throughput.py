@@ -58,6 +58,9 @@ VARIANTS = {
     # ... with the RMSNorm + quantize kernel inside the compiled blocks instead of inductor's fused reference
     "fast-defaults-normkernel": ("bitnet", "project", "project", {
         **DEFAULTS_TWEAKS, "kernels": {**DEFAULTS_TWEAKS["kernels"], "norm_quant": "kernel"}}),
+    # ... with switch 4 of issue 25: BitLinear's forward GEMMs in FP8 from e4m3 activations
+    "fast-defaults-fp8fwd": ("bitnet", "project", "project", {
+        **DEFAULTS_TWEAKS, "kernels": {**DEFAULTS_TWEAKS["kernels"], "fp8_forward": True}}),
     "bf16-compiled": ("none", "project", "project", {}),
     # exploration: one change each against `fast` (benchmarks/NOTES.md)
     "fast-torchce": ("bitnet", "project", "project", {"kernels": {"loss": "torch"}}),  # F.cross_entropy, fp32 logits
@@ -87,6 +90,7 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-repeat": {},  # the same r
                     "bitnet-train-fp8-dx": {"argv": ["--fp8", "grad_input"]},
                     "bitnet-train-fp8-dw": {"argv": ["--fp8", "grad_weight"]},
                     "bitnet-train-fp8-all": {"argv": ["--fp8", "all"]},
+                    "bitnet-train-fp8-fwd": {"argv": ["--fp8", "forward"]},  # switch 4: e4m3 activations
                     "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
                     "bitnet-train-normkernel": {"kernels": {"norm_quant": "kernel"}},  # the norms' kernel, compiled
                     # eval every 100 steps (256 sequences): the peak with eval's forwards, which the default

@@ -22,6 +22,11 @@ def test_fp8_parts_parse_lists_all_and_none():
     assert fp8_parts("grad_weight, head") == ("head", "grad_weight")  # canonical order
     with pytest.raises(ValueError, match="--fp8 takes none, all or a comma list"):
         fp8_parts("head,all")
+    # the FP8 forward changes what the model computes while it trains: 'all' leaves it out, naming it works
+    assert "forward" not in fp8_parts("all")
+    assert fp8_parts("forward") == ("forward",) and fp8_parts("forward,head") == ("head", "forward")
+    with pytest.raises(ValueError, match="grad_weight, forward; got 'fwd'"):
+        fp8_parts("fwd")
 
 
 def test_use_fp8_sets_exactly_the_named_switches_and_warns_off_cuda():
@@ -30,8 +35,13 @@ def test_use_fp8_sets_exactly_the_named_switches_and_warns_off_cuda():
             use_fp8(("head", "grad_weight"), torch.device("cpu"))
         c = current_kernels()
         assert (c.fp8_head, c.fp8_grad_input, c.fp8_grad_weight, c.loss) == (True, False, True, "torch")
+        assert not c.fp8_forward
+        with pytest.warns(UserWarning, match="--fp8 forward applies on CUDA only"):
+            use_fp8(("forward",), torch.device("cpu"))
+        c = current_kernels()
+        assert (c.fp8_head, c.fp8_grad_input, c.fp8_grad_weight, c.fp8_forward) == (False, False, False, True)
         use_fp8((), torch.device("cpu"))
-        assert not (current_kernels().fp8_head or current_kernels().fp8_grad_weight)
+        assert not (current_kernels().fp8_head or current_kernels().fp8_grad_weight or current_kernels().fp8_forward)
 
 
 def test_a_cpu_run_with_fp8_trains_exactly_as_without(runs, capsys):

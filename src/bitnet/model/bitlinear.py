@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitnet.model.kernels import choice, fp8
-from bitnet.model.kernels.references import EPS  # the quantizers' clamp, shared with the kernels
+from bitnet.model.kernels.references import EPS, e4m3_act_quant  # EPS: the quantizers' clamp, as the kernels'
 
 
 def weight_scale(w: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,12 @@ def activation_scale(x: torch.Tensor) -> torch.Tensor:
     return 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
 
 
-def activation_quant(x: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize activations per token to 8 bits (computed in fp32, returned in x's dtype)."""
+def activation_quant(x: torch.Tensor, e4m3: bool = False) -> torch.Tensor:
+    """Fake-quantize activations per token to 8 bits (computed in fp32, returned in x's dtype): int8 levels,
+    or with e4m3 the FP8 forward's grid (`references.e4m3_act_quant`)."""
     x32 = x.float()
+    if e4m3:
+        return e4m3_act_quant(x32).to(x.dtype)
     s = activation_scale(x32)
     return ((x32 * s).round().clamp(-128, 127) / s).to(x.dtype)
 
@@ -87,6 +90,13 @@ def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: floa
     return choice.swiglu_norm_act_quant(gate_up, weight, eps, matmul_dtype(gate_up))
 
 
+def swiglu_norm_act_quant_for_gemm(gate_up: torch.Tensor, weight: torch.Tensor, eps: float
+                                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`swiglu_norm_act_quant` and, under the FP8 forward, the down GEMM's e4m3 operand and row scales where the
+    kernel wrote them (else None): what `BitLinear.forward` takes."""
+    return choice.swiglu_norm_act_quant_for_gemm(gate_up, weight, eps, matmul_dtype(gate_up))
+
+
 _weights_generation = 0
 
 
@@ -97,7 +107,8 @@ def weights_updated() -> None:
 
 
 class BitLinear(nn.Linear):
-    """Drop-in for `nn.Linear` (no bias) whose forward uses ternary weights and int8 activations.
+    """Drop-in for `nn.Linear` (no bias) whose forward uses ternary weights and int8 activations (e4m3 ones
+    while training under `KernelChoice.fp8_forward`).
 
     The parameter `weight` stays full precision (the latent weights AdamW updates). The input is
     expected to be normalized already: in our SubLN layout an RMSNorm precedes every BitLinear
@@ -111,13 +122,14 @@ class BitLinear(nn.Linear):
         self.quantized_input = quantized_input
         self._inference_cache = None  # (key, w_q) for forwards without autograd; see _inference_weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_e4m3: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_e4m3: under the FP8 forward, x's e4m3 values and row scales if its quantizer wrote them."""
         # Quantize in fp32, then hand the matmul operands to autocast's dtype (bf16 holds the
         # integers -128..127 and {-1,0,1} exactly; only the scales round).
         dtype = matmul_dtype(x)
         if not self.quantized_input:
-            x = ste(x, activation_quant(x))
-        return ternary_matmul(x.to(dtype), [self], dtype)
+            x = ste(x, activation_quant(x, choice.fp8_forward(x, dtype)))
+        return ternary_matmul(x.to(dtype), [self], dtype, x_e4m3)
 
     def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W_q in dtype: with the STE under autograd (and inside torch.compile), else the no-grad cache."""
@@ -163,7 +175,7 @@ def fused_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
     if len(quantized_input) > 1:
         raise ValueError("fused_linear: BitLinears that quantize their input mixed with ones that do not")
     if quantized_input == {False}:  # the same input quantized once for all of them
-        x = ste(x, activation_quant(x))
+        x = ste(x, activation_quant(x, choice.fp8_forward(x, dtype)))
     if all(isinstance(layer, BitLinear) for layer in layers):
         return ternary_matmul(x.to(dtype), layers, dtype)
     weights = [layer.quantized_weight(dtype) if isinstance(layer, BitLinear) else layer.weight.to(dtype)
@@ -171,20 +183,27 @@ def fused_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
     return F.linear(x.to(dtype), torch.cat(weights))
 
 
-def ternary_matmul(x: torch.Tensor, layers: Sequence[BitLinear], dtype: torch.dtype) -> torch.Tensor:
+def ternary_matmul(x: torch.Tensor, layers: Sequence[BitLinear], dtype: torch.dtype,
+                   x_e4m3: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x @ [W_q1; W_q2; ...]^T for already-quantized x in dtype; under the FP8 switches (`KernelChoice.fp8_*`,
-    training on FP8 hardware) the backward's GEMMs run in FP8 (`kernels/fp8.py`), the forward the same GEMM."""
-    grad_input_fp8, grad_weight_fp8 = choice.fp8_backward(x, sum(layer.out_features for layer in layers))
-    if not (grad_input_fp8 or grad_weight_fp8):
+    training on FP8 hardware) the backward's GEMMs run in FP8 (`kernels/fp8.py`), and under the FP8 forward
+    the forward's too, from x's e4m3 values (x_e4m3, or recovered from x: exact on the e4m3 grid)."""
+    out_features = sum(layer.out_features for layer in layers)
+    grad_input_fp8, grad_weight_fp8 = choice.fp8_backward(x, out_features)
+    forward_fp8 = choice.fp8_forward_gemm(x, out_features)
+    if not (grad_input_fp8 or grad_weight_fp8 or forward_fp8):
         weights = [layer.quantized_weight(dtype) for layer in layers]
         return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
     w_q, w_t, inv_s = [], [], []
-    for layer in layers:  # one ternary quantization per layer feeds both the forward and the FP8 backward
+    for layer in layers:  # one ternary quantization per layer feeds the forward and the FP8 GEMMs
         t, s = ternary_parts(layer.weight)
         w_q.append(ste(layer.weight, (t / s).to(layer.weight.dtype)).to(dtype))
         w_t.append(t)
         inv_s.append((1.0 / s).expand(layer.out_features))
-    return fp8.ternary_linear(x, torch.cat(w_q), torch.cat(w_t), torch.cat(inv_s), grad_input_fp8, grad_weight_fp8)
+    if forward_fp8 and x_e4m3 is None:
+        x_e4m3 = fp8.e4m3_grid_rows(x)
+    return fp8.ternary_linear(x, torch.cat(w_q), torch.cat(w_t), torch.cat(inv_s), grad_input_fp8, grad_weight_fp8,
+                              x_e4m3 if forward_fp8 else None)
 
 
 def make_linear(in_features: int, out_features: int, quantization: str, quantized_input: bool = False) -> nn.Linear:

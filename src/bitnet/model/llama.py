@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bitnet.model.bitlinear import fused_linear, make_linear, matmul_dtype, norm_act_quant, swiglu_norm_act_quant
+from bitnet.model.bitlinear import (fused_linear, make_linear, matmul_dtype, norm_act_quant,
+                                    swiglu_norm_act_quant_for_gemm)
 from bitnet.model.config import ModelConfig
 from bitnet.model.kernels import choice
 from bitnet.model.kernels.references import apply_rope
@@ -163,7 +164,8 @@ class MLP(nn.Module):
             if gate_up is None:
                 gate_up = torch.cat((gate, up), dim=-1)
             norm = self.ffn_sub_norm
-            return self.down_proj(swiglu_norm_act_quant(gate_up, norm.weight, norm.eps))
+            y, y_e4m3 = swiglu_norm_act_quant_for_gemm(gate_up, norm.weight, norm.eps)
+            return self.down_proj(y) if y_e4m3 is None else self.down_proj(y, y_e4m3)
         return self.down_proj(self.ffn_sub_norm(F.silu(gate) * up))
 
 

@@ -77,7 +77,7 @@ def use_fp8(parts: tuple[str, ...], device: torch.device) -> None:
     if parts and device.type != "cuda":
         warnings.warn(f"--fp8 {','.join(parts)} applies on CUDA only; this {device.type} run uses the exact bf16/fp32 math")
     set_kernels(replace(current_kernels(), fp8_head="head" in parts, fp8_grad_input="grad_input" in parts,
-                        fp8_grad_weight="grad_weight" in parts))
+                        fp8_grad_weight="grad_weight" in parts, fp8_forward="forward" in parts))
 
 
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None,

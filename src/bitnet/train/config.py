@@ -13,19 +13,22 @@ from bitnet.model.config import PRESETS
 
 
 FP8_PARTS = ("head", "grad_input", "grad_weight")
+"""What --fp8 all turns on: every switch that leaves the model's forward alone."""
+FP8_SWITCHES = (*FP8_PARTS, "forward")
+"""Every name --fp8 takes in a list; 'forward' trains the activations as e4m3 and must be named."""
 
 
 def fp8_parts(value: str) -> tuple[str, ...]:
-    """The FP8 switches named by --fp8: 'none', 'all', or a comma list of FP8_PARTS."""
+    """The FP8 switches named by --fp8: 'none', 'all' (FP8_PARTS), or a comma list of FP8_SWITCHES."""
     names = [n.strip() for n in value.split(",") if n.strip()]
     if names in (["none"], []):
         return ()
     if names == ["all"]:
         return FP8_PARTS
-    unknown = [n for n in names if n not in FP8_PARTS]
+    unknown = [n for n in names if n not in FP8_SWITCHES]
     if unknown:
-        raise ValueError(f"--fp8 takes none, all or a comma list of {', '.join(FP8_PARTS)}; got {value!r}")
-    return tuple(n for n in FP8_PARTS if n in names)
+        raise ValueError(f"--fp8 takes none, all or a comma list of {', '.join(FP8_SWITCHES)}; got {value!r}")
+    return tuple(n for n in FP8_SWITCHES if n in names)
 
 
 def checkpointed_blocks(value: str, n_layers: int) -> int:
@@ -65,8 +68,9 @@ class TrainConfig:
     cuda_graphs: str = _f("auto", "capture the whole step as one CUDA graph and replay it: auto (on for one CUDA "
                                   "process unless --anomaly-policy skip), on, off", choices=("auto", "on", "off"))
     fp8: str = _f("none", "FP8 tensor cores (CUDA, compute capability 8.9+) for: head (the tied head + loss), "
-                          "grad_input / grad_weight (BitLinear's backward GEMMs); a comma list, all, or none. "
-                          "Forward and exports are unchanged; elsewhere the exact bf16 math runs")
+                          "grad_input / grad_weight (BitLinear's backward GEMMs), forward (BitLinear's forward "
+                          "GEMM, activations trained as e4m3 instead of int8: eval, samples and exports keep "
+                          "int8); a comma list, all (the first three), or none. Elsewhere the exact bf16 math runs")
     activation_checkpointing: str = _f("none", "recompute activations in the backward instead of keeping them: "
                                                "none, all, or N (the first N blocks); each block saves about its "
                                                "activation memory and costs one more forward of it (README, "

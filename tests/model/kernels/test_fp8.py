@@ -231,3 +231,136 @@ def test_fp8_head_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(captured) and captured.item() == pytest.approx(eager.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- switch 4: the FP8 forward
+
+FORWARD_ON = KernelChoice(fp8_forward=True)
+
+
+def test_e4m3_act_quant_puts_each_row_on_a_power_of_two_scaled_e4m3_grid():
+    from bitnet.model.kernels.references import e4m3_act_quant, e4m3_row_scale
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(6, 256, generator=g) * torch.tensor([1.0, 1e-3, 300.0, 0.0, 2.0 ** -14, 7.0])[:, None]
+    q = e4m3_act_quant(y)
+    scale = e4m3_row_scale(y.abs().amax(dim=1, keepdim=True).clamp(min=1e-5))
+    assert torch.equal(scale.log2(), scale.log2().round())  # powers of two
+    units = q / scale
+    assert torch.equal(units.to(fp8.E4M3).float(), units)  # every value is an e4m3 number times its row's scale
+    assert torch.equal(q.bfloat16().float(), q)  # and exact in bf16, so the bf16 GEMM computes the same product
+    top = units.abs().amax(dim=1)
+    assert ((top > 224) & (top <= 448))[[0, 1, 2, 4, 5]].all() and q[3].abs().max() == 0  # a zero row stays zero
+    assert torch.equal(q, (y / scale).to(fp8.E4M3).float() * scale)  # torch's cast: round half to even
+    err = (q - y).abs() / y.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    assert err[[0, 1, 2, 4, 5]].max() <= 2.0 ** -4  # 3 mantissa bits: half a step at the top binade
+    # ties round to even, as the Triton kernel's arithmetic must too: 17 -> 16, 19 -> 20, 100 -> 96 in units of 1
+    ties = torch.tensor([[17.0, 19.0, 100.0, 448.0]])
+    assert e4m3_act_quant(ties).tolist() == [[16.0, 20.0, 96.0, 448.0]]
+
+
+def test_e4m3_grid_rows_recover_the_gemm_operand_exactly():
+    from bitnet.model.kernels.references import e4m3_act_quant
+    y = (torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)) * 3)
+    x = e4m3_act_quant(y).to(torch.bfloat16)
+    x8, scale = fp8.e4m3_grid_rows(x)
+    assert x8.dtype == fp8.E4M3 and x8.shape == (10, 64) and scale.shape == (10, 1)
+    assert torch.equal((x8.float() * scale).view(2, 5, 64), x.float())
+
+
+def test_fp8_forward_applies_to_training_in_bf16_on_cuda_only(monkeypatch):
+    from bitnet.model.kernels import choice
+    x = torch.zeros(32, 2048, dtype=torch.bfloat16)
+    assert KernelChoice().fp8_forward is False
+    with use_kernels(FORWARD_ON):
+        assert not choice.fp8_forward(x, torch.bfloat16)  # a CPU tensor
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        assert choice.fp8_forward(x, torch.bfloat16) and choice.fp8_forward_gemm(x, 6144)
+        assert not choice.fp8_forward(x, torch.float32)  # no autocast: fp32 matmuls keep int8 levels
+        assert choice.fp8_forward(torch.zeros(32, 5460, dtype=torch.bfloat16), torch.bfloat16)  # the grid ...
+        assert not choice.fp8_forward_gemm(torch.zeros(32, 5460, dtype=torch.bfloat16), 2048)  # ... the bf16 GEMM
+        assert not choice.fp8_forward_gemm(x, 10920)
+        with torch.no_grad():
+            assert not choice.fp8_forward(x, torch.bfloat16)  # eval, sampling, exports: int8 levels
+        assert choice.fp8_backward(x, 6144) == (False, False)  # the other switches stay off
+    assert not choice.fp8_forward(x, torch.bfloat16)
+
+
+def test_ternary_linear_fp8_forward_is_the_bf16_product_and_leaves_the_backward_exact():
+    from bitnet.model.kernels.references import e4m3_act_quant
+    w_q, w_t, inv_s = _stacked_layers()
+    g = torch.Generator().manual_seed(2)
+    x = e4m3_act_quant(torch.randn(3, 32, 64, generator=g)).to(torch.bfloat16)
+    dy = torch.randn(3, 32, w_q.shape[0], generator=g).to(torch.bfloat16)
+    xa, wa, xb, wb = (t.clone().requires_grad_() for t in (x, w_q, x, w_q))
+    y = fp8.ternary_linear(xa, wa, w_t, inv_s, False, False, fp8.e4m3_grid_rows(x))
+    ref = F.linear(xb, wb)
+    exact = (x.double() @ (w_t.double() * inv_s.double()[:, None]).t()).float()  # no rounding of W_t / s
+    assert y.shape == ref.shape and y.dtype == torch.bfloat16
+    assert 0 < rel(y, ref) < 1e-2 and rel(y, exact) <= rel(ref, exact) + 4e-3  # FP8 is not worse than bf16 W_q
+    y.backward(dy)
+    ref.backward(dy)
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(wa.grad, wb.grad)  # the backward is F.linear's
+
+
+def test_fp8_forward_trains_through_fp8_gemms_and_eval_keeps_int8(monkeypatch):
+    """A small model's training step with the FP8 forward on a CPU (the CUDA check patched out), eager and
+    compiled: FP8 GEMMs, a loss near the exact one, and eval (no autograd) on int8 levels as before."""
+    from bitnet.model.kernels import choice
+    model, idx, y = small_model_batch(vocab=128, n_layers=2, n_heads=4, n_kv_heads=2, data_seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss0, grads0 = _loss_and_grads(model, idx, y)
+    monkeypatch.setattr(choice, "_fp8_training", lambda x, dtype: dtype == torch.bfloat16 and torch.is_grad_enabled())
+    calls = []
+    real = torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    with use_kernels(FORWARD_ON), torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(torch, "_scaled_mm", counted)
+        loss1, grads1 = _loss_and_grads(model, idx, y)
+        monkeypatch.setattr(torch, "_scaled_mm", real)  # inductor cannot name a patched extern kernel
+        loss2, grads2 = _loss_and_grads(torch.compile(model), idx, y)
+        with torch.no_grad():
+            eval_loss = model(idx, targets=y)
+    # per block: q, k, v (three GEMMs without the rope kernel), o, gate/up as one, down
+    assert len(calls) == 6 * 2 and all(shape[0] == 32 for shape in calls)
+    assert loss1 != loss0 and abs(loss1 - loss0) < 2e-3 * loss0  # another forward, a near one
+    assert abs(loss2 - loss1) < 1e-3 * loss0  # compiled: the same forward up to inductor's roundings
+    for grads in (grads1, grads2):
+        assert all(g.isfinite().all() for g in grads) and max(rel(b, a) for a, b in zip(grads0, grads)) < 0.3
+    assert torch.equal(eval_loss, loss0)  # without autograd: the int8 forward, as exports compute it
+
+
+def test_off_cuda_the_fp8_forward_leaves_training_bit_identical():
+    model, idx, y = small_model_batch(vocab=128, n_layers=2, n_heads=4, n_kv_heads=2, data_seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss0, grads0 = _loss_and_grads(model, idx, y)
+        with use_kernels(FORWARD_ON):
+            loss1, grads1 = _loss_and_grads(model, idx, y)
+    assert torch.equal(loss0, loss1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp8_forward_training_step_on_gpu_follows_the_exact_one(monkeypatch):
+    """95m-shaped blocks (2 layers), compiled as the trainer runs them: the FP8 forward's loss and gradients
+    near the exact step's, its GEMMs in FP8."""
+    if not fp8.supported(torch.zeros(1, device="cuda")):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    cfg = ModelConfig(n_layers=2)
+    model = Transformer(cfg).cuda()
+    model.init_weights(seed=0)
+    idx = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    y = idx.roll(-1, dims=1)
+    step = torch.compile(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss0, grads0 = _loss_and_grads(step, idx, y)
+        with use_kernels(FORWARD_ON):
+            eager_loss, _ = _loss_and_grads(model, idx, y)
+            loss1, grads1 = _loss_and_grads(step, idx, y)
+    assert abs(loss1.item() - loss0.item()) < 0.01 * loss0.item()
+    assert abs(eager_loss.item() - loss1.item()) < 1e-3 * loss0.item()
+    worst = max(rel(b, a) for a, b in zip(grads0, grads1))
+    assert 0 < worst < 0.3, worst

@@ -145,3 +145,55 @@ def test_swiglu_op_under_compile_and_autograd():
     assert rel(y, y_ref) < 2e-2
     for a, b in ((gua, gur), (wa, wr)):
         assert rel(a.grad, b.grad) < 3e-2
+
+
+def run_swiglu_e4m3_vs_reference(device: str, shapes, dtypes) -> None:
+    """The forward kernel on the FP8 forward's e4m3 grid: y as the reference's (bit for bit from fp32 inputs
+    on any target), and its e4m3 operand and power-of-two row scales giving y back exactly."""
+    for shape in shapes:
+        for xdt in dtypes:
+            gate_up, w = (t.to(device) for t in swiglu_inputs(shape, xdt, seed=shape[-1]))
+            n = shape[-1]
+            g2, u2 = gate_up.reshape(-1, 2 * n).chunk(2, dim=1)
+            y, rstd = (torch.full(s, float("nan"), dtype=d, device=device)
+                       for s, d in ((g2.shape, torch.bfloat16), ((g2.shape[0],), torch.float32)))
+            y8 = torch.full(g2.shape, float("nan"), device=device).to(torch.float8_e4m3fn)
+            scale = torch.full((g2.shape[0],), float("nan"), device=device)
+            swiglu.launch_swiglu_forward(g2, u2, w, y, rstd, EPS, SwigluLaunch(), y8, scale)
+            ref = swiglu_norm_act_quant_reference(gate_up, w, EPS, torch.bfloat16, e4m3=True).reshape(g2.shape)
+            assert not (y.isnan().any() or y8.float().isnan().any() or scale.isnan().any()), (shape, xdt)
+            assert torch.equal(scale.log2(), scale.log2().round())
+            assert torch.equal(y8.float() * scale[:, None], y.float()), (shape, xdt)
+            if xdt == torch.float32 or device == "cuda":
+                assert torch.equal(y, ref), (shape, xdt, rel(y, ref))
+            else:  # the interpreter truncates bf16 casts (helpers.py): silu * up an ulp apart, which can move
+                # a value across an e4m3 rounding boundary (a step: 1/8 to 1/16 of it)
+                assert rel(y, ref) < 5e-2 and (y == ref).float().mean() > 0.9, (shape, xdt)
+
+
+@interpreter
+def test_swiglu_e4m3_kernel_on_the_interpreter():
+    run_swiglu_e4m3_vs_reference("cpu", [(3, 64), (7, 100), (2, 3, 3072)], [torch.float32, torch.bfloat16])
+
+
+@interpreter
+def test_swiglu_e4m3_op_through_autograd_on_the_interpreter():
+    """The op's e4m3 outputs carry no gradient: y's gradient is the int8 op's (the STE's identity)."""
+    gate_up, w = swiglu_inputs((2, 3, 64), torch.float32)
+    gua, wa = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y, y8, scale = swiglu.swiglu_norm_act_quant_e4m3(gua, wa, EPS, torch.float32)
+    assert y8.shape == (2, 3, 64) and y8.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    assert not (y8.requires_grad or scale.requires_grad)
+    gur, wr = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = swiglu.swiglu_norm_act_quant(gur, wr, EPS, torch.float32)
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.equal(gua.grad, gur.grad) and torch.equal(wa.grad, wr.grad)
+
+
+@pytest.mark.gpu
+@cuda
+def test_swiglu_e4m3_kernel_on_gpu():
+    run_swiglu_e4m3_vs_reference("cuda", [(37, 3072), (2, 1024, 3072), (5, 64), (3, 1000)],
+                                 [torch.bfloat16, torch.float32])

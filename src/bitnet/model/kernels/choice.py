@@ -55,6 +55,11 @@ class KernelChoice:
     fp8_head, fp8_grad_input, fp8_grad_weight: FP8 tensor cores (`fp8`) for the tied head + loss, BitLinear's
         input gradient and its weight gradient, training on CUDA only (the caller checks the card: compute
         capability 8.9+); off, or anywhere else, the exact bf16 GEMMs. Off by default (benchmarks/RESULTS.md).
+    fp8_forward: BitLinear's forward GEMM in FP8, its activations quantized per token to e4m3 with a
+        power-of-two scale instead of int8 levels (`references.e4m3_act_quant`): this changes what the model
+        computes while it trains (training on CUDA in bf16 only). Eval, sampling and every export keep the
+        int8 levels, so the trained model is used with other activations than it trained with; what that
+        costs is measured as eval loss (benchmarks/RESULTS.md). Off by default.
     attention: causal attention without a KV cache (training, prefill). "sdpa": torch's SDPA, whose own
         backend pick is cuDNN on Hopper. "fa4": FlashAttention-4's kernels (`kernels/attention.py`) where they
         apply (CUDA sm90/sm100, bf16/fp16, FA4 installed), else SDPA; off by default until measured
@@ -69,6 +74,7 @@ class KernelChoice:
     fp8_head: bool = False
     fp8_grad_input: bool = False
     fp8_grad_weight: bool = False
+    fp8_forward: bool = False
     attention: AttentionImpl = "sdpa"
     swiglu_launch: SwigluLaunch = SwigluLaunch()
     cross_entropy_launch: CrossEntropyLaunch = CrossEntropyLaunch()
@@ -129,7 +135,10 @@ def _kernel_applies(impl: Impl, t: torch.Tensor) -> bool:
 
 
 def norm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in out_dtype."""
+    """RMSNorm(x) * weight, fake-quantized per token to 8 bits (STE), in out_dtype: int8 levels, or the e4m3
+    grid where the FP8 forward applies (`fp8_forward`; the reference then, which inductor fuses)."""
+    if fp8_forward(x, out_dtype):
+        return references.norm_act_quant_reference(x, weight, eps, out_dtype, e4m3=True)
     wanted = _current.norm_quant == "kernel" or (_current.norm_quant == "auto" and not torch.compiler.is_compiling())
     if wanted and x.is_cuda and available():
         return rmsnorm.rmsnorm_act_quant(x, weight, eps, out_dtype)
@@ -140,9 +149,21 @@ def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: floa
                           out_dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm(silu(gate) * up) * weight, fake-quantized per token to 8 bits (STE), in out_dtype; gate_up
     (..., 2 * ffn) holds gate and up side by side."""
+    return swiglu_norm_act_quant_for_gemm(gate_up, weight, eps, out_dtype)[0]
+
+
+def swiglu_norm_act_quant_for_gemm(gate_up: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+                                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`swiglu_norm_act_quant` and the next GEMM's operand: (y, None), or where the FP8 forward applies y on the
+    e4m3 grid and (y8, row scales) from the kernel's same pass (None from the reference: the GEMM recovers
+    them from y)."""
+    e4m3 = fp8_forward(gate_up, out_dtype)
     if _kernel_applies(_current.swiglu_norm_quant, gate_up):
-        return swiglu.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype, _current.swiglu_launch)
-    return references.swiglu_norm_act_quant_reference(gate_up, weight, eps, out_dtype)
+        if e4m3:
+            y, y8, scale = swiglu.swiglu_norm_act_quant_e4m3(gate_up, weight, eps, out_dtype, _current.swiglu_launch)
+            return y, (y8, scale)
+        return swiglu.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype, _current.swiglu_launch), None
+    return references.swiglu_norm_act_quant_reference(gate_up, weight, eps, out_dtype, e4m3), None
 
 
 def stacks_qkv(x: torch.Tensor) -> bool:
@@ -158,12 +179,32 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
     return references.rope_qkv_reference(qkv, cos, sin, n_heads, n_kv_heads)
 
 
+def _fp8_training(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Training on CUDA with matmuls in bf16 (autocast): where the FP8 switches may apply."""
+    return x.is_cuda and dtype == torch.bfloat16 and torch.is_grad_enabled()
+
+
+def _fp8_gemm_fits(x: torch.Tensor, out_features: int) -> bool:
+    """Every dimension of x @ W^T (W: out_features rows) a multiple of 16, as FP8 tensor cores need (the 1.3b
+    preset's FFN width 5460 is not: its FFN layers keep the exact GEMMs)."""
+    return x.shape[-1] % 16 == 0 and out_features % 16 == 0 and x.numel() // x.shape[-1] % 16 == 0
+
+
+def fp8_forward(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether activations x, quantized for a matmul in out_dtype, take the FP8 forward's e4m3 grid."""
+    return _current.fp8_forward and _fp8_training(x, out_dtype)
+
+
+def fp8_forward_gemm(x: torch.Tensor, out_features: int) -> bool:
+    """Whether a BitLinear's forward GEMM runs in FP8: x (in the matmul dtype) is on the e4m3 grid and the GEMM
+    fits. Where it does not fit, the bf16 GEMM computes the same product (the grid is exact in bf16)."""
+    return fp8_forward(x, x.dtype) and _fp8_gemm_fits(x, out_features)
+
+
 def fp8_backward(x: torch.Tensor, out_features: int) -> tuple[bool, bool]:
     """Whether a BitLinear (x @ W^T, W: out_features rows) runs its (input, weight) gradient GEMMs in FP8:
-    training on CUDA in bf16 (autocast), switch on, and every GEMM dimension a multiple of 16, as FP8 tensor cores need (the
-    1.3b preset's FFN width 5460 is not: its FFN layers keep the exact GEMMs)."""
-    fits = x.shape[-1] % 16 == 0 and out_features % 16 == 0 and x.numel() // x.shape[-1] % 16 == 0
-    training = x.is_cuda and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and fits
+    training on CUDA in bf16 (autocast), switch on, and the GEMM fits."""
+    training = _fp8_training(x, x.dtype) and _fp8_gemm_fits(x, out_features)
     return training and _current.fp8_grad_input, training and _current.fp8_grad_weight
 
 

@@ -21,21 +21,27 @@ Three switches (`KernelChoice.fp8_*`), each off by default, used when training o
   the largest p is), so a per-row scale would gain at most one bit, and the fixed scale keeps
   probabilities down to ~5e-10 instead of e4m3's ~2e-6.
 
-The forward of every BitLinear is unchanged (bf16 GEMM on the exact ternary and int8 values), so eval,
-sampling and every export see the same model with the switches on or off.
+- `fp8_forward` (switch 4): BitLinear's forward GEMM from e4m3 activations and the exact e4m3 ternary
+  weights, with the activations' power-of-two row scales and the weights' 1/s per output column. The
+  activations are quantized onto that grid by their quantizers (`references.e4m3_act_quant`), so the GEMM's
+  operand is recovered from the bf16 value exactly (`e4m3_grid_rows`) or comes from the kernel's own pass.
+  This one changes the training forward's numerics; eval, sampling and exports keep int8 levels.
+
+With the first three alone the forward of every BitLinear is unchanged (bf16 GEMM on the exact ternary and
+int8 values), so eval, sampling and every export see the same model with the switches on or off.
 """
 
 import torch
 import torch.nn.functional as F
 
 from bitnet.model.kernels.common import INTERPRET, triton
-from bitnet.model.kernels.references import IGNORE_INDEX
+from bitnet.model.kernels.references import EPS, IGNORE_INDEX, e4m3_row_scale
 
 if triton is not None:
     import triton.language as tl
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+E4M3_MAX = 448.0  # as references.E4M3_MAX
 E5M2 = torch.float8_e5m2
 GRAD_SCALE = 2.0 ** 15
 """The head gradient g (|g| <= 1) is stored as e5m2(g * 2^15): below e5m2's maximum 57,344, a power of two."""
@@ -63,6 +69,15 @@ def to_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+def e4m3_grid_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8 (M, K) e4m3, scale (M, 1) fp32) with x8 * scale == x exactly, for x (..., K) already on the FP8
+    forward's grid (`references.e4m3_act_quant`): the scale is the power of two of x's own row maximum, which
+    is the quantizer's or half of it, and either maps every value of the row onto e4m3 without rounding."""
+    x2 = x.reshape(-1, x.shape[-1])
+    scale = e4m3_row_scale(x2.abs().amax(dim=1, keepdim=True).float().clamp(min=EPS))
+    return (x2.float() / scale).to(E4M3), scale
+
+
 def mm_nt(a8: torch.Tensor, a_scale: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor,
           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(a8 * a_scale) @ (b8 * b_scale)^T from row-major a8 (M, K) and b8 (N, K), the layout FP8 tensor cores
@@ -76,17 +91,22 @@ def mm_nt(a8: torch.Tensor, a_scale: torch.Tensor, b8: torch.Tensor, b_scale: to
 
 
 class _TernaryLinear(torch.autograd.Function):
-    """x @ w_q^T with F.linear's forward; the backward's GEMMs in FP8 where asked, else as F.linear's."""
+    """x @ w_q^T with F.linear's forward, or from e4m3 operands (x8, x_scale, w8) where given; the backward's
+    GEMMs in FP8 where asked, else as F.linear's."""
 
     @staticmethod
-    def forward(ctx, x, w_q, w_ternary_t, inv_scale, grad_input_fp8: bool, grad_weight_fp8: bool):
+    def forward(ctx, x, w_q, w_ternary_t, inv_scale, grad_input_fp8: bool, grad_weight_fp8: bool,
+                x8=None, x_scale=None, w8=None):
         # only what the backward reads: the FP8 dX needs W_t and 1/s, the exact one W_q; both dW need x
         if grad_input_fp8:
             ctx.save_for_backward(x, None, w_ternary_t, inv_scale)
         else:
             ctx.save_for_backward(x, w_q, None, None)
         ctx.fp8 = grad_input_fp8, grad_weight_fp8
-        return F.linear(x, w_q)
+        if x8 is None:
+            return F.linear(x, w_q)
+        y = mm_nt(x8.reshape(-1, x8.shape[-1]), x_scale, w8, inv_scale, x.dtype)  # x8*scale @ (W_t/s)^T
+        return y.view(*x.shape[:-1], w8.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -109,18 +129,25 @@ class _TernaryLinear(torch.autograd.Function):
                 dw = mm_nt(a8, a_scale, b8, b_scale, dy.dtype)
             else:
                 dw = dy2.t() @ x2
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def ternary_linear(x: torch.Tensor, w_q: torch.Tensor, w_ternary: torch.Tensor, inv_scale: torch.Tensor,
-                   grad_input_fp8: bool, grad_weight_fp8: bool) -> torch.Tensor:
+                   grad_input_fp8: bool, grad_weight_fp8: bool,
+                   x_e4m3: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x @ w_q^T where w_q = w_ternary * inv_scale[:, None] (rows may come from several layers, each with its
     own scale); gradients flow to x and w_q as through F.linear, their GEMMs in FP8 where asked.
 
     x (..., K) and w_q (N, K) in the matmul dtype, w_ternary (N, K) in {-1, 0, +1}, inv_scale (N,) fp32.
+    x_e4m3: (x8 (..., K) e4m3, row scales (M, 1) fp32) with x8 * scale == x: the forward GEMM in FP8 from them
+    and the ternary matrix (exact in e4m3), scaled by 1/s per output column.
     """
-    w_ternary_t = w_ternary.detach().t().contiguous().to(E4M3) if grad_input_fp8 else None
-    return _TernaryLinear.apply(x, w_q, w_ternary_t, inv_scale.detach(), grad_input_fp8, grad_weight_fp8)
+    w_ternary = w_ternary.detach()
+    w_ternary_t = w_ternary.t().contiguous().to(E4M3) if grad_input_fp8 else None
+    x8, x_scale = x_e4m3 if x_e4m3 is not None else (None, None)
+    w8 = w_ternary.to(E4M3) if x_e4m3 is not None else None
+    return _TernaryLinear.apply(x, w_q, w_ternary_t, inv_scale.detach(), grad_input_fp8, grad_weight_fp8,
+                                x8, x_scale, w8)
 
 
 # ---------------------------------------------------------------------------- the tied head + cross entropy

@@ -20,7 +20,7 @@ from bitnet.model.kernels.references import EPS
 if triton is not None:
     import triton.language as tl
 
-    from bitnet.model.kernels.common import load_rows, row_block
+    from bitnet.model.kernels.common import e4m3_quant_rows, load_rows, row_block
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,18 @@ def swiglu_norm_act_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: floa
     gate_up (..., 2 * ffn) holds gate and up side by side; its gradient comes back as one tensor too, so
     the fused gate/up GEMM's backward reads it without a copy.
     """
-    y, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype, launch.as_ints())
+    y, _, _, _ = torch.ops.bitnet.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype, launch.as_ints(), False)
     return y
+
+
+def swiglu_norm_act_quant_e4m3(gate_up: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
+                               launch: SwigluLaunch = SwigluLaunch()
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`swiglu_norm_act_quant` on the FP8 forward's e4m3 grid (`references.e4m3_act_quant`): (y, y8, scale)
+    with y as before (the STE's output, what the backward reads), and from the same pass the down GEMM's
+    operand y8 (..., ffn) e4m3 with its power-of-two row scales (M, 1) fp32, y = y8 * scale exactly."""
+    y, _, y8, scale = torch.ops.bitnet.swiglu_norm_act_quant(gate_up, weight, eps, out_dtype, launch.as_ints(), True)
+    return y, y8, scale
 
 
 if triton is not None:
@@ -78,9 +88,12 @@ if triton is not None:
         return sig, a, (a * u).to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _swiglu_norm_quant_fwd_kernel(G, U, W, Y, RSTD, M, N, stride_g, stride_u, stride_y, eps, quant_eps,
-                                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _swiglu_norm_quant_fwd_kernel(G, U, W, Y, RSTD, Y8, SCALE, M, N, stride_g, stride_u, stride_y, stride_y8,
+                                      eps, quant_eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      E4M3: tl.constexpr):
         # As rmsnorm.py's forward kernel, on h = silu(g) * u formed in registers and never stored.
+        # E4M3: the FP8 forward's grid instead of int8 levels, and also its e4m3 values and row scales
+        # (Y8, SCALE) for the next GEMM.
         cols = tl.arange(0, BLOCK_N)
         rows, row_ok, mask, rows64 = row_block(tl.program_id(0) * ROWS, M, cols < N, ROWS)
         g = load_rows(G, rows64, stride_g, cols, mask)
@@ -90,11 +103,16 @@ if triton is not None:
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))
         y = (h * rstd[:, None] * w[None, :]).to(G.dtype.element_ty).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(y), axis=1), quant_eps)
-        v = y * tl.div_rn(127.0, amax)[:, None]
-        q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)  # round half to even
-        # q / s as q * (max|y| / 127): a multiply per element instead of a division (at most an ulp of
-        # fp32 apart, which the bf16 output does not see)
-        step = amax / 127.0
+        if E4M3:
+            q, step = e4m3_quant_rows(y, amax)
+            tl.store(Y8 + rows64[:, None] * stride_y8 + cols[None, :], q.to(Y8.dtype.element_ty), mask=mask)
+            tl.store(SCALE + rows, step, mask=row_ok)
+        else:
+            v = y * tl.div_rn(127.0, amax)[:, None]
+            q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0)  # round half to even
+            # q / s as q * (max|y| / 127): a multiply per element instead of a division (at most an ulp of
+            # fp32 apart, which the bf16 output does not see)
+            step = amax / 127.0
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (q * step[:, None]).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -162,13 +180,17 @@ def swiglu_backward_programs(m: int, device: torch.device, launch: SwigluLaunch 
 
 
 def launch_swiglu_forward(g2: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
-                          rstd: torch.Tensor, eps: float, launch: SwigluLaunch = SwigluLaunch()) -> None:
-    """Fill y (M, N) and rstd (M,) from gate and up (M, N); tests pass poisoned y and rstd."""
+                          rstd: torch.Tensor, eps: float, launch: SwigluLaunch = SwigluLaunch(),
+                          y8: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
+    """Fill y (M, N) and rstd (M,) from gate and up (M, N); with y8 (M, N) e4m3 and scale (M,) the FP8
+    forward's grid and its operand too. Tests pass poisoned outputs."""
     M, N = g2.shape
     rows = launch.fwd_rows
+    e4m3 = y8 is not None
     _swiglu_norm_quant_fwd_kernel[(triton.cdiv(M, rows),)](
-        g2, u2, weight, y, rstd, M, N, g2.stride(0), u2.stride(0), y.stride(0), eps, EPS,
-        ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=launch.fwd_warps)
+        g2, u2, weight, y, rstd, y8 if e4m3 else y, scale if e4m3 else rstd, M, N, g2.stride(0), u2.stride(0),
+        y.stride(0), y8.stride(0) if e4m3 else 0, eps, EPS,
+        ROWS=rows, BLOCK_N=triton.next_power_of_2(N), E4M3=e4m3, num_warps=launch.fwd_warps)
 
 
 def launch_swiglu_backward(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, weight: torch.Tensor,
@@ -196,19 +218,30 @@ def _halves(t2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 if triton is not None:
 
+    def _e4m3_outputs(gate_up: torch.Tensor, e4m3: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The e4m3 operand (..., ffn) and its row scales (M, 1), empty unless e4m3."""
+        rows, ffn = gate_up.numel() // gate_up.shape[-1], gate_up.shape[-1] // 2
+        shape = (*gate_up.shape[:-1], ffn) if e4m3 else (0,)
+        return (gate_up.new_empty(shape, dtype=torch.float8_e4m3fn),
+                gate_up.new_empty((rows, 1) if e4m3 else (0,), dtype=torch.float32))
+
     @torch.library.custom_op("bitnet::swiglu_norm_act_quant", mutates_args=())
     def _swiglu_norm_act_quant_op(gate_up: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                                  launch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                                  launch: list[int], e4m3: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         g2, u2 = _halves(as_rows(gate_up))
         y = torch.empty(g2.shape, dtype=out_dtype, device=gate_up.device)
         rstd = torch.empty(g2.shape[0], dtype=torch.float32, device=gate_up.device)
-        launch_swiglu_forward(g2, u2, weight, y, rstd, eps, SwigluLaunch.from_ints(launch))
-        return y.view(*gate_up.shape[:-1], g2.shape[1]), rstd
+        y8, scale = _e4m3_outputs(gate_up, e4m3)
+        launch_swiglu_forward(g2, u2, weight, y, rstd, eps, SwigluLaunch.from_ints(launch),
+                              y8.view(g2.shape) if e4m3 else None, scale.view(-1) if e4m3 else None)
+        return y.view(*gate_up.shape[:-1], g2.shape[1]), rstd, y8, scale
 
     @_swiglu_norm_act_quant_op.register_fake
-    def _(gate_up, weight, eps, out_dtype, launch):
+    def _(gate_up, weight, eps, out_dtype, launch, e4m3):
         return (gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=out_dtype),
-                gate_up.new_empty(gate_up.numel() // gate_up.shape[-1], dtype=torch.float32))
+                gate_up.new_empty(gate_up.numel() // gate_up.shape[-1], dtype=torch.float32),
+                *_e4m3_outputs(gate_up, e4m3))
 
     @torch.library.custom_op("bitnet::swiglu_norm_backward", mutates_args=())
     def _swiglu_norm_backward_op(dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor,
@@ -228,14 +261,14 @@ if triton is not None:
         return torch.empty_like(gate_up), torch.empty_like(weight)
 
     def _swiglu_setup_context(ctx, inputs, output):
-        gate_up, weight, _, _, launch = inputs
+        gate_up, weight, _, _, launch, _ = inputs
         ctx.save_for_backward(gate_up, weight, output[1])
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(*output[1:])  # rstd, and the e4m3 operand: the STE's gradient goes to y
         ctx.launch = launch
 
-    def _swiglu_backward(ctx, dy, _drstd):
+    def _swiglu_backward(ctx, dy, _drstd, _dy8, _dscale):
         gate_up, weight, rstd = ctx.saved_tensors
         d_gate_up, dw = torch.ops.bitnet.swiglu_norm_backward(dy, gate_up, weight, rstd, ctx.launch)
-        return d_gate_up, dw, None, None, None
+        return d_gate_up, dw, None, None, None, None
 
     _swiglu_norm_act_quant_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
