@@ -35,13 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from bitnet.model.kernels.common import INTERPRET, triton
-from bitnet.model.kernels.references import EPS, IGNORE_INDEX, e4m3_row_scale
+from bitnet.model.kernels.references import E4M3_MAX, EPS, IGNORE_INDEX, e4m3_row_scale
 
 if triton is not None:
     import triton.language as tl
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # as references.E4M3_MAX
 E5M2 = torch.float8_e5m2
 GRAD_SCALE = 2.0 ** 15
 """The head gradient g (|g| <= 1) is stored as e5m2(g * 2^15): below e5m2's maximum 57,344, a power of two."""
