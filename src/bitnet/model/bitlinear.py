@@ -128,6 +128,9 @@ class BitLinear(nn.Linear):
         # integers -128..127 and {-1,0,1} exactly; only the scales round).
         dtype = matmul_dtype(x)
         if not self.quantized_input:
+            if x_e4m3 is not None:
+                raise ValueError("BitLinear: x_e4m3 is the e4m3 form of an already quantized input "
+                                 "(quantized_input=True); this layer quantizes its own")
             x = ste(x, activation_quant(x, choice.fp8_forward(x, dtype)))
         return ternary_matmul(x.to(dtype), [self], dtype, x_e4m3)
 

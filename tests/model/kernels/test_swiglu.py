@@ -7,6 +7,7 @@ import torch
 
 from bitnet.model.bitlinear import swiglu_norm_act_quant
 from bitnet.model.kernels import SwigluLaunch, choice, swiglu
+from bitnet.model.kernels.common import triton
 from bitnet.model.kernels.references import swiglu_norm_act_quant_reference
 from tests.model.kernels.helpers import EPS, GPU_DTYPES, cuda, interpreter, rel, swiglu_inputs, unfused
 
@@ -164,10 +165,13 @@ def run_swiglu_e4m3_vs_reference(device: str, shapes, dtypes) -> None:
             assert not (y.isnan().any() or y8.float().isnan().any() or scale.isnan().any()), (shape, xdt)
             assert torch.equal(scale.log2(), scale.log2().round())
             assert torch.equal(y8.float() * scale[:, None], y.float()), (shape, xdt)
-            if xdt == torch.float32 or device == "cuda":
+            if xdt == torch.float32 and device == "cpu":
                 assert torch.equal(y, ref), (shape, xdt, rel(y, ref))
-            else:  # the interpreter truncates bf16 casts (helpers.py): silu * up an ulp apart, which can move
-                # a value across an e4m3 rounding boundary (a step: 1/8 to 1/16 of it)
+            elif device == "cuda":  # the kernel's sigmoid (exp2, fast reciprocal) is not torch's: an ulp apart
+                # now and then, which can move a value across an e4m3 rounding boundary (found on an H100:
+                # 2e-4 relative over 2,048 rows of 3,072)
+                assert rel(y, ref) < 1e-2 and (y == ref).float().mean() > 0.999, (shape, xdt, rel(y, ref))
+            else:  # the interpreter truncates bf16 casts (helpers.py): silu * up an ulp apart, and the same
                 assert rel(y, ref) < 5e-2 and (y == ref).float().mean() > 0.9, (shape, xdt)
 
 
@@ -197,3 +201,41 @@ def test_swiglu_e4m3_op_through_autograd_on_the_interpreter():
 def test_swiglu_e4m3_kernel_on_gpu():
     run_swiglu_e4m3_vs_reference("cuda", [(37, 3072), (2, 1024, 3072), (5, 64), (3, 1000)],
                                  [torch.bfloat16, torch.float32])
+
+
+if triton is not None:
+    import triton.language as tl
+
+    from bitnet.model.kernels.common import e4m3_quant_rows
+
+    @triton.jit
+    def _e4m3_rows_kernel(Y, R, S, N, BLOCK_N: tl.constexpr):
+        # one row per program through the kernels' e4m3 helper, its amax clamped as theirs is
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        ok = cols < N
+        y = tl.load(Y + row * N + cols, mask=ok, other=0.0)[None, :]
+        r, scale = e4m3_quant_rows(y, tl.maximum(tl.max(tl.abs(y), axis=1), 1e-5))
+        tl.store(R + row * N + cols[None, :], r, mask=ok[None, :])
+        tl.store(S + row + tl.arange(0, 1), scale)
+
+
+@interpreter
+def test_e4m3_rounding_arithmetic_is_torchs_cast_on_every_value_and_tie():
+    """The kernels round onto e4m3 by arithmetic, not by a cast: on every e4m3 value, every midpoint (a tie,
+    rounded half to even) and an ulp either side of it, subnormals included, at several power-of-two scales,
+    it must give torch's float8 cast exactly, and the scale of `references.e4m3_row_scale`."""
+    from bitnet.model.kernels.references import e4m3_row_scale
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = e4m3[e4m3.isfinite() & (e4m3 >= 0)].unique().sort().values
+    ties = (values[1:] + values[:-1]) / 2
+    row = torch.cat([values, ties, ties.nextafter(torch.tensor(1e9)), ties.nextafter(torch.tensor(-1e9)),
+                     torch.tensor([2.0 ** -10, 3 * 2.0 ** -11, 1e-30])])
+    row = torch.cat([row, -row])  # 448 is in it: the scale is 1, then 2^k below
+    y = torch.stack([row * 2.0 ** k for k in (-20, -7, 0, 5, 30)] + [row * 0])
+    r, scale = torch.empty_like(y), torch.empty(y.shape[0])
+    _e4m3_rows_kernel[(y.shape[0],)](y, r, scale, y.shape[1], BLOCK_N=triton.next_power_of_2(y.shape[1]))
+    ref_scale = e4m3_row_scale(y.abs().amax(dim=1, keepdim=True).clamp(min=EPS))
+    assert torch.equal(scale, ref_scale.view(-1))
+    assert torch.equal(r, (y / ref_scale).to(torch.float8_e4m3fn).float())
+    assert r[2, :len(values)].tolist() == values.tolist()  # scale 1: the values themselves come back

@@ -1,7 +1,7 @@
 """FP8 tensor-core GEMMs for the training step, through `torch._scaled_mm` (docs/design.md, section "FP8").
 
-Three switches (`KernelChoice.fp8_*`), each off by default, used when training on CUDA in bf16 (`choice.fp8_backward`,
-`choice.head_cross_entropy`); whoever turns them on checks the card has FP8 tensor cores (compute capability 8.9+,
+Four switches (`KernelChoice.fp8_*`), each off by default, used when training on CUDA in bf16 (`choice.fp8_backward`,
+`choice.fp8_forward`, `choice.head_cross_entropy`); whoever turns them on checks the card has FP8 tensor cores (compute capability 8.9+,
 `supported`), as `bitnet-train --fp8` does:
 
 - `fp8_grad_input`: BitLinear's dX = dY @ W_q. W_q = W_t / s with W_t in {-1, 0, +1}; the per-output-row
@@ -12,7 +12,8 @@ Three switches (`KernelChoice.fp8_*`), each off by default, used when training o
   product over its feature's scale, not the level, so every value rounds to e4m3's 3 mantissa bits (at most
   1/16 relative error in its normal range; values below 2^-6 of their feature's largest fall into subnormals
   or flush to zero). Unlike the ternary weights, the int8 levels themselves are not exact in e4m3 above 16
-  (17 -> 16 or 18, 100 -> 96). This touches the weight gradient only; the forward stays exact.
+  (17 -> 16 or 18, 100 -> 96). This touches the weight gradient only; the forward stays exact. (Under
+  `fp8_forward` X holds e4m3 values times a power-of-two row scale instead of int8 levels.)
 - `fp8_head`: the tied head + cross entropy. The forward logits come from e4m3 x and W (one scale each);
   one Triton kernel turns each chunk of logits into the loss and the logits' gradient g = softmax - onehot
   in e5m2 (g * 2^15; a transposed copy feeds dW), and the gradient GEMMs run
@@ -72,7 +73,7 @@ def e4m3_grid_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8 (M, K) e4m3, scale (M, 1) fp32) with x8 * scale == x exactly, for x (..., K) already on the FP8
     forward's grid (`references.e4m3_act_quant`): the scale is the power of two of x's own row maximum, which
     is the quantizer's or half of it, and either maps every value of the row onto e4m3 without rounding."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.detach().reshape(-1, x.shape[-1])  # an operand, not a path for gradients: they go through x
     scale = e4m3_row_scale(x2.abs().amax(dim=1, keepdim=True).float().clamp(min=EPS))
     return (x2.float() / scale).to(E4M3), scale
 
