@@ -194,17 +194,23 @@ def test_fp8_head_on_gpu_matches_the_exact_head():
     run_head_fp8_vs_reference("cuda", 4096, 768, 32000, chunk_rows=1024, tol=0.02)
 
 
-@pytest.mark.gpu
-@cuda
-def test_fp8_training_step_on_gpu_follows_the_exact_one():
-    """The 95m-shaped blocks (2 layers) with every switch on: loss and gradients near the exact step's."""
+def _gpu_95m_blocks():
+    """The 95m preset's shapes with 2 layers on the GPU (init seed 0) and a batch of 4 x 512 with its targets;
+    skips without FP8 tensor cores."""
     if not fp8.supported(torch.zeros(1, device="cuda")):
         pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
     cfg = ModelConfig(n_layers=2)
     model = Transformer(cfg).cuda()
     model.init_weights(seed=0)
     idx = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    y = idx.roll(-1, dims=1)
+    return model, idx, idx.roll(-1, dims=1)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp8_training_step_on_gpu_follows_the_exact_one():
+    """The 95m-shaped blocks (2 layers) with every switch on: loss and gradients near the exact step's."""
+    model, idx, y = _gpu_95m_blocks()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss0, grads0 = _loss_and_grads(model, idx, y)
         with use_kernels(ALL_ON):
@@ -345,16 +351,10 @@ def test_off_cuda_the_fp8_forward_leaves_training_bit_identical():
 
 @pytest.mark.gpu
 @cuda
-def test_fp8_forward_training_step_on_gpu_follows_the_exact_one(monkeypatch):
-    """95m-shaped blocks (2 layers), compiled as the trainer runs them: the FP8 forward's loss and gradients
-    near the exact step's, its GEMMs in FP8."""
-    if not fp8.supported(torch.zeros(1, device="cuda")):
-        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
-    cfg = ModelConfig(n_layers=2)
-    model = Transformer(cfg).cuda()
-    model.init_weights(seed=0)
-    idx = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    y = idx.roll(-1, dims=1)
+def test_fp8_forward_training_step_on_gpu_follows_the_exact_one():
+    """95m-shaped blocks (2 layers), compiled as the trainer runs them and eager: the FP8 forward's loss and
+    gradients near the exact step's, and compiled near eager."""
+    model, idx, y = _gpu_95m_blocks()
     step = torch.compile(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss0, grads0 = _loss_and_grads(step, idx, y)
