@@ -9,7 +9,7 @@ to --steps, eval every --eval-interval steps, no samples) in its own process, on
 one is in --work). Rows run in --rows order, most important first; a wall-clock guard skips the rows that
 would not finish before --budget-s, and says so.
 - exact-s<seed>: --fp8 none, the trainer's defaults. Two seeds give the noise floor: the same recipe, another init and data order.
-- <switches>-s<seed>: --fp8 <switches> (head, grad_input, grad_weight, all; several joined by '+'); bf16resid or
+- <switches>-s<seed>: --fp8 <switches> (head, grad_input, grad_weight, forward, all; several joined by '+'); bf16resid or
   fp32resid among them sets --residual-stream (e.g. fp32resid-s0, bf16resid+head-s0); exact: the trainer's defaults.
 For each row: median tok/s of its scalars rows after the first (compile), peak memory, the mean train loss of
 the last --tail-steps steps, every eval loss. Quality of a switch = its loss minus exact-s0's (same seed, same
