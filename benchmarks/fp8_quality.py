@@ -34,6 +34,7 @@ from long_run import build_corpus, default_roots  # noqa: E402
 
 from bitnet.run import layout  # noqa: E402
 from bitnet.run.jsonl import read_jsonl  # noqa: E402
+from bitnet.train.metrics import gpu_telemetry_medians  # noqa: E402
 
 DEFAULT_ROWS = "exact-s0,all-s0,exact-s1,head-s0,grad_input-s0,grad_weight-s0"
 RESIDUAL_SWITCHES = {"bf16resid": "bf16", "fp32resid": "fp32"}
@@ -87,8 +88,9 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
             "head_chunk_rows": trained["head_chunk_rows"], "seed": seed, "wall_s": wall, "tok_s": statistics.median(tok),
             "peak_gib": max(r.get("mem_gib", 0.0) for r in rows), "tail_train_loss": statistics.fmean(tail),
             "final_train_loss": rows[-1]["loss"], "eval": [(e["step"], e["eval_loss"]) for e in evals],
-            "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "final_eval_loss": evals[-1]["eval_loss"] if evals else None, **gpu_telemetry_medians(rows),
             "loss_curve": [(r["step"], r["loss"]) for r in rows]}
+
 
 
 def compare(results: dict) -> dict:
@@ -122,7 +124,7 @@ def compare(results: dict) -> dict:
 
 def table(results: dict, deltas: dict) -> str:
     head = (f"{'row':<16} {'tok/s':>10} {'x exact':>8} {'peak GiB':>9} {'tail loss':>10} {'eval':>8} "
-            f"{'d tail':>8} {'d eval':>8} {'holds':>6}")
+            f"{'d tail':>8} {'d eval':>8} {'holds':>6} {'SM MHz':>7} {'W':>5}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         if "error" in r or "skipped" in r:
@@ -135,7 +137,8 @@ def table(results: dict, deltas: dict) -> str:
         de = f"{d['final_eval_loss_delta']:+.4f}" if d else "-"
         holds = {True: "yes", False: "no"}.get(d.get("holds"), "-")
         lines.append(f"{name:<16} {r['tok_s']:>10,.0f} {ratio:>8} {r['peak_gib']:>9.2f} {r['tail_train_loss']:>10.4f} "
-                     f"{ev:>8} {dt:>8} {de:>8} {holds:>6}")
+                     f"{ev:>8} {dt:>8} {de:>8} {holds:>6} {r.get('gpu_sm_mhz', '-'):>7} "
+                     f"{round(r['gpu_power_w']) if 'gpu_power_w' in r else '-':>5}")
     if "noise_floor" in deltas:
         f = deltas["noise_floor"]
         lines.append(f"noise floor, the largest |exact-sK - exact-s0| over {f['seeds']} seeds: "

@@ -587,6 +587,7 @@ def run_trainer(a, t0) -> dict:
     import bitnet.train.components as loop  # builds the step function
     import bitnet.train.graphed as graphed
     from bitnet.cli.train import train_main
+    from bitnet.train.metrics import gpu_telemetry_medians
 
     first = {}
     inner = loop.train_step
@@ -629,7 +630,7 @@ def run_trainer(a, t0) -> dict:
            "tok_s_from_step_ms": a.batch * a.seq_len / (statistics.median(r["step_ms"] for r in timed) / 1000),
            "mem_gib_max": max(r.get("mem_gib", 0) for r in rows), "final_loss": rows[-1]["loss"],
            "ttfs_s": first.get("t", float("nan")) - t0, "wall_s": time.time() - t0, "train_main_s": wall,
-           "data": a.data, "steps": a.trainer_steps}
+           "data": a.data, "steps": a.trainer_steps, **gpu_telemetry_medians(timed)}
     if "steps" in window:
         res["profile"] = window
         print(f"[bitnet-train] steps {window['steps']}: wall {window['wall_ms_per_step']:.2f} ms/step, kernels "

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bitnet.train import metrics
-from bitnet.train.metrics import MetricsRow
+from bitnet.train.metrics import MetricsRow, gpu_telemetry_medians
 
 
 def row(m: MetricsRow) -> dict:
@@ -55,3 +55,10 @@ def test_cpu_rows_have_no_gpu_fields(monkeypatch):
     monkeypatch.setattr(metrics, "gpu_clock_and_power", lambda device: pytest.fail("NVML asked on the CPU"))
     r = row(MetricsRow(torch.device("cpu"), world_size=1, tokens_per_step=4096, flops_per_token=1e9))
     assert "gpu_sm_mhz" not in r and r["step"] == 10 and r["tok_s"] == 81920.0
+
+
+def test_benchmark_rows_take_the_median_clock_and_power_of_the_rows_that_carry_them():
+    rows = [{"step": 100}, {"step": 200, "gpu_sm_mhz": 1755, "gpu_power_w": 690.0},
+            {"step": 300, "gpu_sm_mhz": 1530, "gpu_power_w": 700.0}, {"step": 400, "gpu_sm_mhz": 1800, "gpu_power_w": 650.0}]
+    assert gpu_telemetry_medians(rows) == {"gpu_sm_mhz": 1755, "gpu_power_w": 690.0}
+    assert gpu_telemetry_medians([{"step": 1}, {"step": 2}]) == {}  # CPU rows: no fields, no error

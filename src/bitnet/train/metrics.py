@@ -2,6 +2,7 @@
 TensorBoard, the anomaly detector) through Hook.on_log (docs/design.md, "training loop")."""
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,13 @@ def gpu_clock_and_power(device: torch.device) -> dict:
     clock near 1,760 of its 1,980 MHz (benchmarks/RESULTS.md, "Issue 25, eighth session"), so a run's tok/s
     can move with the card, not the code."""
     return {"gpu_sm_mhz": torch.cuda.clock_rate(device), "gpu_power_w": torch.cuda.power_draw(device) / 1000}
+
+
+def gpu_telemetry_medians(rows: list[dict]) -> dict:
+    """The median SM clock and board power over the scalars rows that carry them, for benchmarks: a row's tok/s
+    moves with the card's clock, so each benchmark row says what clock it ran at. Empty where no row has them."""
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in ("gpu_sm_mhz", "gpu_power_w")
+            if any(k in r for r in rows)}
 
 
 @dataclass
