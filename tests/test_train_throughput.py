@@ -73,3 +73,20 @@ def test_the_window_profiles_the_captured_steps_it_names(monkeypatch):
     assert window["steps"] == "5-7" and window["kernel_ms_per_step"] == 25.0
     assert window["ms_per_step_by_category"]["gemm"] == 20.0 and window["ms_per_step_by_category"]["inductor"] == 5.0
     assert window["idle_ms_per_step"] == pytest.approx(window["wall_ms_per_step"] - 25.0, abs=1e-3)
+
+
+def test_the_startup_breakdown_splits_the_time_to_first_step():
+    first = {"start": 112.0, "t": 130.5, "triton": [("_rope_qkv_fwd_kernel", 1.25), ("_swiglu_norm_bwd_kernel", 0.75)],
+             "compile_metrics": {"_compile.compile_inner": 9.0, "compile_fx.<locals>.bw_compiler": 4.5,
+                                 "GraphLowering.compile_to_module": 6.0}}
+    b = tt.startup_breakdown(t0=100.0, t_imported=104.0, t_main=105.0, first=first)
+    assert b["process_and_imports_s"] == 4.0 and b["setup_s"] == 7.0 and b["first_step_s"] == 18.5
+    assert b["dynamo_inductor_s"] == 13.5  # the forward's compile (dynamo with inductor inside) and the backward's
+    assert b["triton_compile_s"] == 2.0 and len(b["triton_compiles"]) == 2
+    assert tt.startup_breakdown(100.0, 104.0, 105.0, {"start": 112.0}) == {}  # no first step: nothing to split
+
+
+def test_dynamo_time_metrics_sum_each_phase(monkeypatch):
+    from torch._dynamo import utils
+    monkeypatch.setattr(utils, "compilation_time_metrics", {"a": [1.0, 2.5], "b": [4.0], "tiny": [0.001]})
+    assert list(tt.dynamo_time_metrics().items()) == [("b", 4.0), ("a", 3.5)]  # largest first, noise left out
