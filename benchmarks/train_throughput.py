@@ -587,15 +587,14 @@ def run_trainer(a, t0) -> dict:
     import bitnet.train.components as loop  # builds the step function
     import bitnet.train.graphed as graphed
     from bitnet.cli.train import train_main
+    from bitnet.status import startup_line
     from bitnet.train.metrics import gpu_telemetry_medians
 
-    t_imported = time.time()
     first = {}
     inner = loop.train_step
     triton_compiles = watch_triton_compiles()
 
     def timed_train_step(*args, **kw):
-        first.setdefault("start", time.time())
         out = inner(*args, **kw)
         if "t" not in first:
             sync(torch.device(a.device))
@@ -634,7 +633,7 @@ def run_trainer(a, t0) -> dict:
            "step_ms_median": statistics.median(r["step_ms"] for r in timed),
            "tok_s_from_step_ms": a.batch * a.seq_len / (statistics.median(r["step_ms"] for r in timed) / 1000),
            "mem_gib_max": max(r.get("mem_gib", 0) for r in rows), "final_loss": rows[-1]["loss"],
-           "ttfs_s": first.get("t", float("nan")) - t0, "startup": startup_breakdown(t0, t_imported, t_start, first),
+           "ttfs_s": first.get("t", float("nan")) - t0, "startup": startup_breakdown(runs / "bench", first),
            "wall_s": time.time() - t0, "train_main_s": wall,
            "data": a.data, "steps": a.trainer_steps, **gpu_telemetry_medians(timed)}
     if "steps" in window:
@@ -642,12 +641,11 @@ def run_trainer(a, t0) -> dict:
         print(f"[bitnet-train] steps {window['steps']}: wall {window['wall_ms_per_step']:.2f} ms/step, kernels "
               f"{window['kernel_ms_per_step']:.2f}, GPU idle {window['idle_ms_per_step']:.2f}; by category: "
               f"{window['ms_per_step_by_category']}", flush=True)
-    if "first_step_s" in res["startup"]:
+    if res["startup"]:
         b = res["startup"]
-        print(f"[bitnet-train] time to first step {res['ttfs_s']:.1f} s: process start and imports "
-              f"{b['process_and_imports_s']:.1f}, trainer setup {b['setup_s']:.1f}, first step {b['first_step_s']:.1f} "
-              f"(dynamo + inductor {b['dynamo_inductor_s']:.1f}, the project's Triton kernels {b['triton_compile_s']:.1f} "
-              f"over {len(b['triton_compiles'])} compiles)", flush=True)
+        print(f"[bitnet-train] {startup_line(b)} (in the first step: dynamo + inductor {b['dynamo_inductor_s']:.1f} s, "
+              f"the project's Triton kernels {b['triton_compile_s']:.1f} s over {len(b['triton_compiles'])} compiles)",
+              flush=True)
     print(f"[bitnet-train] rc {rc}: median tok/s {res['tok_s_median']:,.0f} over {len(timed)} unprofiled rows of "
           f"{len(rows)} {tok}; "
           f"ttfs {res['ttfs_s']:.1f}s; wall {res['wall_s']:.0f}s", flush=True)
@@ -680,16 +678,17 @@ def dynamo_time_metrics() -> dict[str, float]:
     return dict(sorted(((k, round(v, 3)) for k, v in sums.items() if v >= 0.01), key=lambda kv: -kv[1]))
 
 
-def startup_breakdown(t0: float, t_imported: float, t_main: float, first: dict) -> dict:
-    """Where the time to the first step went: process start and imports, the trainer's setup until its first
-    step begins (config, data, model, checkpoint), and the first step itself, of which torch.compile's
-    dynamo + inductor and the project's Triton kernel compiles are measured apart."""
-    if "t" not in first:
+def startup_breakdown(run_dir: Path, first: dict) -> dict:
+    """Where the time to the first step went: the trainer's own row (metrics/startup.jsonl: its phases from the
+    process's start), with torch.compile's dynamo + inductor and the project's Triton kernel compiles inside the
+    first step measured apart. Empty if the run wrote no row or took no step."""
+    from bitnet.run import layout
+    from bitnet.run.jsonl import read_jsonl
+    rows = read_jsonl(run_dir / layout.STARTUP) if (run_dir / layout.STARTUP).exists() else []
+    if not rows or "t" not in first:
         return {}
     metrics = first["compile_metrics"]
-    return {"process_and_imports_s": t_imported - t0, "setup_s": first["start"] - t_main,
-            "first_step_s": first["t"] - first["start"],
-            "dynamo_inductor_s": metrics.get("_compile.compile_inner", 0.0)
+    return {**rows[0], "dynamo_inductor_s": metrics.get("_compile.compile_inner", 0.0)
             + sum(v for k, v in metrics.items() if "bw_compiler" in k),
             "triton_compile_s": sum(s for _, s in first["triton"]),
             "triton_compiles": first["triton"], "compile_metrics": metrics}

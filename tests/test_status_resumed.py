@@ -9,6 +9,8 @@ same events again. The status of the continuation covers both legs and counts ea
 import json
 import signal
 
+import pytest
+
 from bitnet import status
 from bitnet.cli import status as status_cli
 from bitnet.run import layout
@@ -56,8 +58,16 @@ def test_status_joins_the_legs_of_a_killed_and_resumed_run(tmp_path, capsys):
     assert abs(s["elapsed_s"] - elapsed) < 1e-6 and start_a < a[0]["time"] and start_b < b[0]["time"]
     assert abs(s["tok_s_sustained"] - b[-1]["tokens"] / elapsed) < 1e-6
 
+    # each process's time to its first step: the resumed one's first step is the one after its checkpoint,
+    # and it writes no step_000000
+    startups = [json.loads((leg / layout.STARTUP).read_text()) for leg in (first, second)]
+    assert [r["step"] for r in startups] == [1, resume_step + 1] and s["startup"] == startups[1]
+    assert "initial_checkpoint" in startups[0]["phases_s"] and "initial_checkpoint" not in startups[1]["phases_s"]
+    assert startups[1]["started_at"] == pytest.approx(start_b, abs=0.05)  # /proc ticks: 10 ms
+
     assert status_cli.main([str(second)]) == 0
     out = capsys.readouterr().out
+    assert f"startup    step {resume_step + 1} done " in out
     assert "(2 legs)" in out and f"(steps 1-{killed_at}, redone after {resume_step})" in out
     assert f"({len(redone)} dumped again by a resumed leg, counted once)" in out
     killed = status.summarize(first)

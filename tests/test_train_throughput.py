@@ -2,6 +2,7 @@
 profiler and the CUDA sync replaced by fakes at torch's boundary)."""
 
 import importlib.util
+import json
 import types
 from pathlib import Path
 
@@ -75,15 +76,19 @@ def test_the_window_profiles_the_captured_steps_it_names(monkeypatch):
     assert window["idle_ms_per_step"] == pytest.approx(window["wall_ms_per_step"] - 25.0, abs=1e-3)
 
 
-def test_the_startup_breakdown_splits_the_time_to_first_step():
-    first = {"start": 112.0, "t": 130.5, "triton": [("_rope_qkv_fwd_kernel", 1.25), ("_swiglu_norm_bwd_kernel", 0.75)],
+def test_the_startup_breakdown_adds_the_compiles_to_the_trainers_row(tmp_path):
+    row = {"step": 1, "started_at": 100.0, "time_to_first_step_s": 30.5, "phases_s": {"imports": 4.0, "first_step": 18.5}}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "startup.jsonl").write_text(json.dumps(row) + "\n")
+    first = {"t": 130.5, "triton": [("_rope_qkv_fwd_kernel", 1.25), ("_swiglu_norm_bwd_kernel", 0.75)],
              "compile_metrics": {"_compile.compile_inner": 9.0, "compile_fx.<locals>.bw_compiler": 4.5,
                                  "GraphLowering.compile_to_module": 6.0}}
-    b = tt.startup_breakdown(t0=100.0, t_imported=104.0, t_main=105.0, first=first)
-    assert b["process_and_imports_s"] == 4.0 and b["setup_s"] == 7.0 and b["first_step_s"] == 18.5
+    b = tt.startup_breakdown(tmp_path, first)
+    assert {k: b[k] for k in row} == row
     assert b["dynamo_inductor_s"] == 13.5  # the forward's compile (dynamo with inductor inside) and the backward's
     assert b["triton_compile_s"] == 2.0 and len(b["triton_compiles"]) == 2
-    assert tt.startup_breakdown(100.0, 104.0, 105.0, {"start": 112.0}) == {}  # no first step: nothing to split
+    assert tt.startup_breakdown(tmp_path, {}) == {}  # no first step: nothing to split
+    assert tt.startup_breakdown(tmp_path / "none", first) == {}  # no row written
 
 
 def test_dynamo_time_metrics_sum_each_phase(monkeypatch):

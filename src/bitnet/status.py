@@ -355,6 +355,8 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
                   "latest": quant[-1][1]} if quant else None
 
     found, repeated = _leg_anomalies(legs)
+    starts = [r for leg in legs for r in reader.read(leg["dir"] / layout.STARTUP)]
+    s["startup"] = starts[-1] if starts else None  # the latest process's: a resumed leg starts again
     s["anomalies"] = {"count": len(found), "repeated_after_resume": repeated, "latest": [p.name for _, _, p in found[-3:]],
                       "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 
@@ -496,6 +498,7 @@ def render_text(s: dict) -> str:
                  f"anomalies  {an['count']} (latest: {', '.join(an['latest'])})"
                  + (f" ({repeats} dumped again by a resumed leg, counted once)" if repeats else "")
                  + (f"  {_one_line(an['latest_message'], 60)!r}" if an["latest_message"] else ""))
+    lines.append("startup    none yet" if s["startup"] is None else f"startup    {startup_line(s['startup'])}")
     ck = s["checkpoints"]
     lines.append(("checkpoint none yet" if ck["latest_step"] is None else
                   f"checkpoint step {ck['latest_step']:,} ({ck['count']} complete)")
@@ -520,6 +523,16 @@ def render_text(s: dict) -> str:
     if s["continued_in"]:
         lines.append(f"continued  in {', '.join(s['continued_in'])} (this leg was resumed there)")
     return "\n".join(lines)
+
+
+def startup_line(row: dict) -> str:
+    """A metrics/startup.jsonl row as one line: the time to the process's first step and its phases, largest
+    first (the trainer prints it too)."""
+    phases = sorted(((k, _num(v)) for k, v in _dict(row.get("phases_s")).items() if _num(v) is not None),
+                    key=lambda kv: -kv[1])
+    return (f"step {_f(_int(row.get('step')), ',')} done {_f(_num(row.get('time_to_first_step_s')), '.1f')} s "
+            f"after start: "
+            + ", ".join(f"{name.replace('_', ' ')} {v:.1f} s" for name, v in phases))
 
 
 def _json_safe(x):

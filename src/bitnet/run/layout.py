@@ -3,7 +3,7 @@
     runs/<run_id>/
       meta/config.json  meta/provenance.json  meta/dataset_fingerprint.json  meta/lock
       checkpoints/step_000500/{checkpoint.pt, meta.json}      (written as step_000500.tmp/, then renamed)
-      metrics/scalars.jsonl  metrics/quant.jsonl
+      metrics/scalars.jsonl  metrics/quant.jsonl  metrics/startup.jsonl
       eval/eval_results.jsonl
       samples/samples.jsonl
       anomalies/step_000123_<event>/info.json ...
@@ -25,6 +25,7 @@ FINGERPRINT = f"{META}/dataset_fingerprint.json"
 LOCK = f"{META}/lock"
 SCALARS = f"{METRICS}/scalars.jsonl"
 QUANT = f"{METRICS}/quant.jsonl"
+STARTUP = f"{METRICS}/startup.jsonl"
 EVAL_RESULTS = f"{EVAL}/eval_results.jsonl"
 SAMPLES_FILE = f"{SAMPLES}/samples.jsonl"
 TENSORBOARD = "tensorboard"

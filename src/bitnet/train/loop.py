@@ -20,6 +20,7 @@ import torch
 from bitnet.data import build_data, load_tokenizer
 from bitnet.device import pick_device
 from bitnet.instrumentation.samples import load_prompts
+from bitnet.instrumentation.startup import StartupClock
 from bitnet.instrumentation.tensorboard import require_tensorboard
 from bitnet.model import ModelConfig
 from bitnet.model.kernels import current_kernels, use_kernels
@@ -98,6 +99,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
            resumed_from: str | None, quiet: bool) -> RunResult:
     # ---- setup: validate everything before anything is written
     s = settings(cfg, model_cfg, world)
+    startup = StartupClock()  # marks the end of each phase until the first step
+    startup.mark("imports")
     # absurd sizes are refused before anything is allocated
     check_fits(cfg, model_cfg, s.micro, s.device, world.world_size)
     seed_everything(cfg.seed)
@@ -111,12 +114,14 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, more than the model's "
                          f"vocab_size {model_cfg.vocab_size}")
     data = build_data(cfg.data, tok, cfg.seq_len, cfg.seed, cfg.eval_sequences, s.micro, world.rank, world.world_size)
+    startup.mark("data")
 
     # ---- model, optimizer, resume
     model, optimizer = build_model(cfg, model_cfg, world, resume, s.derived["checkpointed_blocks"])
     state = TrainState()
     if resume is not None:
         restore(resume, cfg, model, optimizer, state, data)
+    startup.mark("model")
 
     # ---- run directory, step function, hooks, checkpointer
     run_dir, full_config, lock = open_run_dir(cfg, model_cfg, world, s, data, resumed_from)
@@ -126,8 +131,11 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
                                 hooks, progress.write)
     log = LogInterval(cfg, s, world, hooks, MetricsRow(s.device, world.world_size, s.tokens_per_step,
                                                         model.flops_per_token(cfg.seq_len)))
+    if world.is_main:  # first among the hooks: the first step's end is marked before the others work
+        hooks.insert(0, startup.attach(run_dir, None if quiet else progress.write))
     if not quiet and world.is_main:
         progress.write(banner(cfg, s, world, run_dir, model, state))
+    startup.mark("run_dir")
 
     # ---- the loop
     stopped_early, stop_reason, stopped_by_policy = False, "", False
@@ -135,8 +143,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     try:
         for hook in hooks:
             hook.on_train_start(state)
+        startup.mark("hooks_start")
         if resume is None:  # a fresh run keeps its initial weights: checkpoints/step_000000, as the seed lists it
             checkpointer.save(milestone=True, must_succeed=True)
+            startup.mark("initial_checkpoint")
         with GracefulStop() as stop:
             for step in range(state.step + 1, cfg.num_steps + 1):
                 lr, wd = lr_at(step, cfg, s.boundary), wd_at(step, cfg, s.boundary)
