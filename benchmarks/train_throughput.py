@@ -93,6 +93,8 @@ TRAINER_VARIANTS = {"bitnet-train": {}, "bitnet-train-repeat": {},  # the same r
                     "bitnet-train-fp8-fwd": {"argv": ["--fp8", "forward"]},  # switch 4: e4m3 activations
                     "bitnet-train-fa4": {"kernels": {"attention": "fa4"}},
                     "bitnet-train-normkernel": {"kernels": {"norm_quant": "kernel"}},  # the norms' kernel, compiled
+                    # inductor's compile workers started when it first compiles (torch's own timing), not at setup
+                    "bitnet-train-latepool": {"late_compile_pool": True},
                     # eval every 100 steps (256 sequences): the peak with eval's forwards, which the default
                     # intervals (eval every 5,000 steps) leave out of a short row
                     "bitnet-train-eval": {"argv": ["--eval-interval", "100"]},
@@ -200,6 +202,9 @@ def apply_tweaks(tweaks: dict) -> None:
     for key, value in tweaks.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
     set_kernels(KernelChoice.from_dict(tweaks.get("kernels", {})))
+    if tweaks.get("late_compile_pool"):
+        import bitnet.train.loop
+        bitnet.train.loop.start_compile_workers = lambda: None
     if tweaks.get("kernels", {}).get("attention") == "fa4":  # say whether FA4 runs or the row falls back to SDPA
         from bitnet.model.kernels import attention
         print(f"[fa4] available: {attention.fa4_available()} {attention.fa4_import_error() or ''}", flush=True)

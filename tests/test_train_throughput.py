@@ -95,3 +95,18 @@ def test_dynamo_time_metrics_sum_each_phase(monkeypatch):
     from torch._dynamo import utils
     monkeypatch.setattr(utils, "compilation_time_metrics", {"a": [1.0, 2.5], "b": [4.0], "tiny": [0.001]})
     assert list(tt.dynamo_time_metrics().items()) == [("b", 4.0), ("a", 3.5)]  # largest first, noise left out
+
+
+def test_the_latepool_row_leaves_the_compile_workers_to_torch(monkeypatch):
+    from bitnet.model.kernels import current_kernels, set_kernels
+    from bitnet.train import loop
+    monkeypatch.setattr(loop, "start_compile_workers", loop.start_compile_workers)  # restored after the test
+    before = current_kernels()
+    try:
+        tt.apply_tweaks(tt.TRAINER_VARIANTS["bitnet-train-latepool"])
+    finally:
+        set_kernels(before)
+    calls = []
+    monkeypatch.setattr("torch._inductor.async_compile.maybe_warm_pool", lambda: calls.append("warm"))
+    loop.start_compile_workers()
+    assert calls == []

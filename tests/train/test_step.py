@@ -65,3 +65,23 @@ def test_clip_scales_the_grads_for_other_optimizers_and_zero_turns_it_off():
     opt.grad_scale = torch.tensor(5.0)  # a stale clip from an earlier step must not survive
     clip_gradients(Holder(ps), 0.0, opt)
     assert opt.grad_scale is None
+
+
+def test_start_compile_workers_warms_inductors_pool(monkeypatch):
+    from torch._inductor import async_compile
+
+    from bitnet.train import step
+    calls = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: calls.append("warm"))
+    step.start_compile_workers()
+    assert calls == ["warm"]
+
+
+def test_the_trainer_on_the_cpu_starts_no_compile_workers(monkeypatch, tmp_path):
+    from bitnet.cli.train import train_main
+    from bitnet.train import loop
+    from tests.conftest import fast_args
+    calls = []
+    monkeypatch.setattr(loop, "start_compile_workers", lambda: calls.append("warm"))
+    assert train_main(fast_args(tmp_path, "cpu", steps=2)) == 0  # inductor's pool is for its GPU kernels
+    assert calls == []

@@ -35,6 +35,7 @@ from bitnet.train.metrics import MetricsRow
 from bitnet.train.optim import set_schedule
 from bitnet.train.schedule import lr_at, wd_at
 from bitnet.train.state import TrainState, seed_everything
+from bitnet.train.step import start_compile_workers
 
 
 @dataclass
@@ -100,6 +101,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
     # ---- setup: validate everything before anything is written
     s = settings(cfg, model_cfg, world)
     startup = StartupClock()  # marks the end of each phase until the first step
+    if s.use_compile and s.device.type == "cuda":
+        start_compile_workers()  # they start while the setup below runs
     startup.mark("imports")
     # absurd sizes are refused before anything is allocated
     check_fits(cfg, model_cfg, s.micro, s.device, world.world_size)

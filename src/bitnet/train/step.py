@@ -53,6 +53,20 @@ def compile_step(model: nn.Module, regional: bool = True) -> nn.Module:
     return compiled
 
 
+def start_compile_workers() -> None:
+    """Start inductor's pool of compile worker processes now, so that it is up when the first step compiles.
+
+    Torch starts the pool when inductor is first called, after dynamo has traced the first graph, and compiles
+    a graph's kernels in this process, one after another, until the pool is ready. Started at setup, the pool
+    comes up while the data, the model and the hooks are set up (issue #25: time to first step <= 30 s).
+    Does nothing where inductor would not use the pool (no Triton, one compile thread) or the API is gone."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # a torch without this private API: the pool starts at the first compile, as before
+        return
+    maybe_warm_pool()
+
+
 def pinned(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The CPU batch page-locked when it goes to a GPU, so its copy does not wait for the GPU's queue."""
     return batch.pin_memory() if device.type == "cuda" else batch
