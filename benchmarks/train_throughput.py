@@ -592,7 +592,7 @@ def run_trainer(a, t0) -> dict:
     import bitnet.train.components as loop  # builds the step function
     import bitnet.train.graphed as graphed
     from bitnet.cli.train import train_main
-    from bitnet.status import startup_line
+    from bitnet.run.startup import startup_line
     from bitnet.train.metrics import gpu_telemetry_medians
 
     first = {}

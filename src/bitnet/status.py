@@ -30,6 +30,7 @@ from pathlib import Path
 from bitnet.run import layout
 from bitnet.run.directory import base_run_id
 from bitnet.run.jsonl import JsonlReader
+from bitnet.run.startup import startup_line
 
 MAX_SMOOTHING = 20  # default loss moving-average window in rows: a fifth of the rows, at most this
 RECENT_ROWS = 20  # rows behind the medians (tok/s, step_ms, seconds per step): robust to one slow step
@@ -523,16 +524,6 @@ def render_text(s: dict) -> str:
     if s["continued_in"]:
         lines.append(f"continued  in {', '.join(s['continued_in'])} (this leg was resumed there)")
     return "\n".join(lines)
-
-
-def startup_line(row: dict) -> str:
-    """A metrics/startup.jsonl row as one line: the time to the process's first step and its phases, largest
-    first (the trainer prints it too)."""
-    phases = sorted(((k, _num(v)) for k, v in _dict(row.get("phases_s")).items() if _num(v) is not None),
-                    key=lambda kv: -kv[1])
-    return (f"step {_f(_int(row.get('step')), ',')} done {_f(_num(row.get('time_to_first_step_s')), '.1f')} s "
-            f"after start: "
-            + ", ".join(f"{name.replace('_', ' ')} {v:.1f} s" for name, v in phases))
 
 
 def _json_safe(x):

@@ -10,6 +10,7 @@ from bitnet.cli.train import train_main
 from bitnet.instrumentation import startup as startup_mod
 from bitnet.instrumentation.startup import StartupClock
 from bitnet.run import layout
+from bitnet.run.startup import startup_line
 from tests.conftest import fast_args
 
 PHASES = ["imports", "data", "model", "run_dir", "hooks_start", "initial_checkpoint", "first_step"]
@@ -65,5 +66,5 @@ def test_status_shows_the_row_and_survives_a_malformed_one(tmp_path):
     assert s["startup"]["step"] == 1 and "startup    step 1 done " in status.render_text(s)
     (runs / "st" / layout.STARTUP).write_text(json.dumps({"step": "x", "phases_s": {"data": "slow", "model": 2}})
                                                + "\n")
-    line = status.startup_line(status.summarize(runs / "st")["startup"])
+    line = startup_line(status.summarize(runs / "st")["startup"])
     assert line == "step n/a done n/a s after start: model 2.0 s"

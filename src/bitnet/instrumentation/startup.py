@@ -17,7 +17,7 @@ from bitnet.instrumentation.base import Hook
 from bitnet.instrumentation.provenance import process_start_time
 from bitnet.run import layout
 from bitnet.run.jsonl import JsonlWriter
-from bitnet.status import startup_line
+from bitnet.run.startup import startup_line
 
 
 class StartupClock(Hook):
