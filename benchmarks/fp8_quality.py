@@ -94,8 +94,9 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
 
 
 def compare(results: dict) -> dict:
-    """Deltas against exact-s0, and the noise floor: the largest distance of another exact seed from exact-s0
-    (rows that failed or were skipped left out)."""
+    """Each switch row's deltas against the exact row of its own seed (exact-s0 where that seed has none), the
+    noise floor (the largest distance of another exact seed from exact-s0), and per switch run on several
+    seeds the mean of its paired deltas (rows that failed or were skipped left out)."""
     ran = {name: r for name, r in results.items() if "error" not in r and "skipped" not in r}
     base = ran.get("exact-s0")
     if not base:
@@ -109,17 +110,34 @@ def compare(results: dict) -> dict:
         floor = {"tail_train_loss": max(abs(r["tail_train_loss"] - base["tail_train_loss"]) for r in others),
                  "final_eval_loss": max(evals, default=0.0), "seeds": 1 + len(others)}
         out["noise_floor"] = floor
+    paired = {}
     for name, r in ran.items():
         if name.startswith("exact"):
             continue
-        d = {"tok_s_ratio": r["tok_s"] / base["tok_s"], "peak_gib_delta": r["peak_gib"] - base["peak_gib"],
-             "tail_train_loss_delta": r["tail_train_loss"] - base["tail_train_loss"],
-             "final_eval_loss_delta": (r["final_eval_loss"] or 0) - (base["final_eval_loss"] or 0)}
+        switches, seed = parse_row(name)
+        against = f"exact-s{seed}" if f"exact-s{seed}" in ran else "exact-s0"
+        ref = ran[against]
+        d = {"against": against, "tok_s_ratio": r["tok_s"] / ref["tok_s"], "peak_gib_delta": r["peak_gib"] - ref["peak_gib"],
+             "tail_train_loss_delta": r["tail_train_loss"] - ref["tail_train_loss"],
+             "final_eval_loss_delta": (r["final_eval_loss"] or 0) - (ref["final_eval_loss"] or 0)}
         if floor:
-            d["holds"] = (abs(d["tail_train_loss_delta"]) <= floor["tail_train_loss"]
-                          and abs(d["final_eval_loss_delta"]) <= floor["final_eval_loss"])
+            d["holds"] = holds(d, floor)
         out[name] = d
+        paired.setdefault(switches, []).append(d)
+    for switches, ds in paired.items():
+        if len(ds) > 1:  # the seeds' paired deltas averaged: a switch's own effect, less each seed's noise
+            m = {"seeds": len(ds), **{k: statistics.fmean(d[k] for d in ds)
+                                      for k in ("tail_train_loss_delta", "final_eval_loss_delta")}}
+            if floor:
+                m["holds"] = holds(m, floor)
+            out[f"{switches} (mean)"] = m
     return out
+
+
+def holds(d: dict, floor: dict) -> bool:
+    """Whether both loss deltas lie within the noise floor."""
+    return (abs(d["tail_train_loss_delta"]) <= floor["tail_train_loss"]
+            and abs(d["final_eval_loss_delta"]) <= floor["final_eval_loss"])
 
 
 def table(results: dict, deltas: dict) -> str:
@@ -139,6 +157,12 @@ def table(results: dict, deltas: dict) -> str:
         lines.append(f"{name:<16} {r['tok_s']:>10,.0f} {ratio:>8} {r['peak_gib']:>9.2f} {r['tail_train_loss']:>10.4f} "
                      f"{ev:>8} {dt:>8} {de:>8} {holds:>6} {r.get('gpu_sm_mhz', '-'):>7} "
                      f"{round(r['gpu_power_w']) if 'gpu_power_w' in r else '-':>5}")
+    for name, m in deltas.items():
+        if name.endswith("(mean)"):
+            holds_m = {True: "yes", False: "no"}.get(m.get("holds"), "-")
+            lines.append(f"{name:<16} {'':>10} {'':>8} {'':>9} {'':>10} {'':>8} {m['tail_train_loss_delta']:>+8.4f} "
+                         f"{m['final_eval_loss_delta']:>+8.4f} {holds_m:>6}   over {m['seeds']} seeds, each "
+                         f"against its own seed's exact row")
     if "noise_floor" in deltas:
         f = deltas["noise_floor"]
         lines.append(f"noise floor, the largest |exact-sK - exact-s0| over {f['seeds']} seeds: "

@@ -80,6 +80,16 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
     assert d["head-s0"]["tok_s_ratio"] == pytest.approx(1.1) and d["head-s0"]["peak_gib_delta"] == pytest.approx(-1)
     assert d["head-s0"]["holds"] is True and d["all-s0"]["holds"] is False  # tail +0.05 > floor 0.02
     assert "noise floor" in q.table(results, d)
+    # a switch on several seeds: each row against its own seed's exact row, and the mean of those deltas
+    seeds = q.compare({**results, "exact-s2": {**row, "tail_train_loss": 2.99, "final_eval_loss": 3.16},
+                       "head-s1": {**row, "tail_train_loss": 3.04, "final_eval_loss": 3.13},
+                       "head-s2": {**row, "tail_train_loss": 2.96, "final_eval_loss": 3.13}})
+    assert seeds["head-s1"]["against"] == "exact-s1" and seeds["all-s0"]["against"] == "exact-s0"
+    assert seeds["head-s1"]["final_eval_loss_delta"] == pytest.approx(0.0)
+    assert seeds["head (mean)"] == pytest.approx({"seeds": 3, "tail_train_loss_delta": (0.01 + 0.02 - 0.03) / 3,
+                                                  "final_eval_loss_delta": (0.02 + 0.0 - 0.03) / 3, "holds": True})
+    assert "all (mean)" not in seeds  # one seed: no mean
+    assert "head (mean)" in q.table(results, seeds)
     # rows from two GPU calls are joined and compared as one
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,9 +59,10 @@ class KernelChoice:
         power-of-two scale instead of int8 levels (`references.e4m3_act_quant`): this changes what the model
         computes while it trains (training on CUDA in bf16 only). Eval, sampling and every export keep the
         int8 levels, so the trained model is used with other activations than it trained with; what that
-        costs shows in eval loss. Off by default: 1.019x the trainer's speed on an H100, eval loss +0.021 after
-        2,000 steps, inside three exact seeds' spread (0.027) but above exact's throughout (benchmarks/RESULTS.md,
-        "Issue 25, ninth session").
+        costs shows in eval loss. Off by default: 1.019x the trainer's speed on an H100; after 2,000 steps its
+        eval loss differs from exact's with the same seed by +0.021, +0.004 and -0.020 over three seeds, inside
+        the exact seeds' spread (0.027); a long-run comparison has not run (benchmarks/RESULTS.md, "Issue 25,
+        ninth session" and "tenth session").
     attention: causal attention without a KV cache (training, prefill). "sdpa": torch's SDPA, whose own
         backend pick is cuDNN on Hopper. "fa4": FlashAttention-4's kernels (`kernels/attention.py`) where they
         apply (CUDA sm90/sm100, bf16/fp16, FA4 installed), else SDPA; off by default until measured
