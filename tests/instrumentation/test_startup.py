@@ -13,7 +13,7 @@ from bitnet.run import layout
 from bitnet.run.startup import startup_line
 from tests.conftest import fast_args
 
-PHASES = ["imports", "data", "model", "run_dir", "hooks_start", "initial_checkpoint", "first_step"]
+PHASES = ["imports", "data", "model", "run_dir", "step_fn", "hooks", "hooks_start", "initial_checkpoint", "first_step"]
 
 
 class State:

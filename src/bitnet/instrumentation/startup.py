@@ -3,7 +3,8 @@
 The loop marks the end of each setup phase (`mark`); the first step's end is the hook's on_step_end, after
 the loop has waited for the GPU. Phases, in order: imports (from the process's start where /proc tells it:
 the interpreter, torch and the package, arguments and config; about 0 elsewhere), data (tokenizer and
-loaders), model (built, moved, resumed), run_dir (run directory, step function, hooks), hooks_start (the
+loaders), model (built, moved, resumed), run_dir (the run directory and its meta files), step_fn (the step
+function: compile wrappers, CUDA graphs), hooks (hooks, checkpointer, metrics row, banner), hooks_start (the
 hooks' on_train_start: the first quant-stats forward), initial_checkpoint (a fresh run's step_000000) and
 first_step (torch.compile and the kernels' compiles, and the step). Why: the first step is where a run's
 fixed cost sits, compiles most of all, and a user waiting for the first loss should see what they wait

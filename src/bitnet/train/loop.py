@@ -128,7 +128,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
 
     # ---- run directory, step function, hooks, checkpointer
     run_dir, full_config, lock = open_run_dir(cfg, model_cfg, world, s, data, resumed_from)
+    startup.mark("run_dir")
     step_model, step_fn = build_step(cfg, s, model, optimizer, world)
+    startup.mark("step_fn")
     hooks, progress = build_hooks(cfg, s, world, run_dir, model, step_model, data, tok, prompts, state, resume, quiet)
     checkpointer = Checkpointer(cfg, run_dir, world, model, optimizer, data.train, state, full_config, s.boundary,
                                 hooks, progress.write)
@@ -138,7 +140,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resu
         hooks.insert(0, startup.attach(run_dir, None if quiet else progress.write))
     if not quiet and world.is_main:
         progress.write(banner(cfg, s, world, run_dir, model, state))
-    startup.mark("run_dir")
+    startup.mark("hooks")
 
     # ---- the loop
     stopped_early, stop_reason, stopped_by_policy = False, "", False
