@@ -92,19 +92,17 @@ def run_row(name: str, a, data: str, work: Path) -> dict:
             "loss_curve": [(r["step"], r["loss"]) for r in rows]}
 
 
-
 def compare(results: dict) -> dict:
-    """Each switch row's deltas against the exact row of its own seed (exact-s0 where that seed has none), the
-    noise floor (the largest distance of another exact seed from exact-s0), and per switch run on several
-    seeds the mean of its paired deltas (rows that failed or were skipped left out)."""
+    """Each switch row's deltas against the exact row of its own seed (exact-s0 where that seed has none:
+    `paired` False), the noise floor (the largest distance of another exact seed from exact-s0), and per switch
+    run on several paired seeds the mean of those deltas. Rows that failed or were skipped are left out; an eval
+    delta is None where either row has no eval."""
     ran = {name: r for name, r in results.items() if "error" not in r and "skipped" not in r}
-    base = ran.get("exact-s0")
-    if not base:
-        return {}
-    others = [r for name, r in ran.items() if name.startswith("exact-s") and name != "exact-s0"]
-    out = {}
-    floor = None
-    if others:  # the largest distance of another seed's exact run from exact-s0 (eval: where both evaluated)
+    exact = {parse_row(name)[1]: r for name, r in ran.items() if parse_row(name)[0] == "exact"}
+    out, floor = {}, None
+    base = exact.get(0)
+    others = [r for seed, r in exact.items() if seed != 0]
+    if base and others:  # the largest distance of another seed's exact run from exact-s0 (eval: where both ran)
         evals = [abs(r["final_eval_loss"] - base["final_eval_loss"]) for r in others
                  if r["final_eval_loss"] is not None and base["final_eval_loss"] is not None]
         floor = {"tail_train_loss": max(abs(r["tail_train_loss"] - base["tail_train_loss"]) for r in others),
@@ -112,18 +110,20 @@ def compare(results: dict) -> dict:
         out["noise_floor"] = floor
     paired = {}
     for name, r in ran.items():
-        if name.startswith("exact"):
-            continue
         switches, seed = parse_row(name)
-        against = f"exact-s{seed}" if f"exact-s{seed}" in ran else "exact-s0"
-        ref = ran[against]
-        d = {"against": against, "tok_s_ratio": r["tok_s"] / ref["tok_s"], "peak_gib_delta": r["peak_gib"] - ref["peak_gib"],
+        ref = exact.get(seed, base)
+        if switches == "exact" or ref is None:
+            continue
+        evals = (r["final_eval_loss"], ref["final_eval_loss"])
+        d = {"against": f"exact-s{seed if seed in exact else 0}", "paired": seed in exact,
+             "tok_s_ratio": r["tok_s"] / ref["tok_s"], "peak_gib_delta": r["peak_gib"] - ref["peak_gib"],
              "tail_train_loss_delta": r["tail_train_loss"] - ref["tail_train_loss"],
-             "final_eval_loss_delta": (r["final_eval_loss"] or 0) - (ref["final_eval_loss"] or 0)}
+             "final_eval_loss_delta": evals[0] - evals[1] if None not in evals else None}
         if floor:
             d["holds"] = holds(d, floor)
         out[name] = d
-        paired.setdefault(switches, []).append(d)
+        if d["paired"] and d["final_eval_loss_delta"] is not None:
+            paired.setdefault(switches, []).append(d)
     for switches, ds in paired.items():
         if len(ds) > 1:  # the seeds' paired deltas averaged: a switch's own effect, less each seed's noise
             m = {"seeds": len(ds), **{k: statistics.fmean(d[k] for d in ds)
@@ -134,8 +134,10 @@ def compare(results: dict) -> dict:
     return out
 
 
-def holds(d: dict, floor: dict) -> bool:
-    """Whether both loss deltas lie within the noise floor."""
+def holds(d: dict, floor: dict) -> bool | None:
+    """Whether both loss deltas lie within the noise floor (None: no eval delta to judge)."""
+    if d["final_eval_loss_delta"] is None:
+        return None
     return (abs(d["tail_train_loss_delta"]) <= floor["tail_train_loss"]
             and abs(d["final_eval_loss_delta"]) <= floor["final_eval_loss"])
 
@@ -152,7 +154,7 @@ def table(results: dict, deltas: dict) -> str:
         ev = f"{r['final_eval_loss']:.4f}" if r["final_eval_loss"] is not None else "-"
         ratio = f"{d['tok_s_ratio']:.3f}" if d else "-"
         dt = f"{d['tail_train_loss_delta']:+.4f}" if d else "-"
-        de = f"{d['final_eval_loss_delta']:+.4f}" if d else "-"
+        de = f"{d['final_eval_loss_delta']:+.4f}" if d and d["final_eval_loss_delta"] is not None else "-"
         holds = {True: "yes", False: "no"}.get(d.get("holds"), "-")
         lines.append(f"{name:<16} {r['tok_s']:>10,.0f} {ratio:>8} {r['peak_gib']:>9.2f} {r['tail_train_loss']:>10.4f} "
                      f"{ev:>8} {dt:>8} {de:>8} {holds:>6} {r.get('gpu_sm_mhz', '-'):>7} "

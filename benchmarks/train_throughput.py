@@ -600,12 +600,14 @@ def run_trainer(a, t0) -> dict:
     triton_compiles = watch_triton_compiles()
 
     def timed_train_step(*args, **kw):
+        before = len(triton_compiles)
         out = inner(*args, **kw)
-        if "t" not in first:
+        if not first:
             sync(torch.device(a.device))
             first["t"] = time.time()
             first["compile_metrics"] = dynamo_time_metrics()
-            first["triton"] = list(triton_compiles)
+            first["triton"] = list(triton_compiles)  # from the start: the hooks' first forward compiles some
+            first["triton_in_step"] = triton_compiles[before:]
         return out
     loop.train_step = graphed.train_step = timed_train_step  # the graphed step's first steps run uncaptured
     window = {}
@@ -640,7 +642,8 @@ def run_trainer(a, t0) -> dict:
            "mem_gib_max": max(r.get("mem_gib", 0) for r in rows), "final_loss": rows[-1]["loss"],
            "ttfs_s": first.get("t", float("nan")) - t0, "startup": startup_breakdown(runs / "bench", first),
            "wall_s": time.time() - t0, "train_main_s": wall,
-           "data": a.data, "steps": a.trainer_steps, **gpu_telemetry_medians(timed)}
+           "data": a.data, "steps": a.trainer_steps,
+           **gpu_telemetry_medians(timed[1:] or timed)}  # the first row's reading can fall on an idle GPU
     if "steps" in window:
         res["profile"] = window
         print(f"[bitnet-train] steps {window['steps']}: wall {window['wall_ms_per_step']:.2f} ms/step, kernels "
@@ -649,8 +652,8 @@ def run_trainer(a, t0) -> dict:
     if res["startup"]:
         b = res["startup"]
         print(f"[bitnet-train] {startup_line(b)} (in the first step: dynamo + inductor {b['dynamo_inductor_s']:.1f} s, "
-              f"the project's Triton kernels {b['triton_compile_s']:.1f} s over {len(b['triton_compiles'])} compiles)",
-              flush=True)
+              f"the project's Triton kernels {b['triton_in_step_s']:.1f} s; {b['triton_compile_s']:.1f} s over "
+              f"{len(b['triton_compiles'])} compiles before the first step ended)", flush=True)
     print(f"[bitnet-train] rc {rc}: median tok/s {res['tok_s_median']:,.0f} over {len(timed)} unprofiled rows of "
           f"{len(rows)} {tok}; "
           f"ttfs {res['ttfs_s']:.1f}s; wall {res['wall_s']:.0f}s", flush=True)
@@ -671,7 +674,8 @@ def watch_triton_compiles() -> list[tuple[str, float]]:
         return None  # compile as usual
 
     def after(*, key, fn, **_):
-        compiles.append((fn.name, time.time() - started.pop(key)))
+        if (t := started.pop(key, None)) is not None:  # inductor may call this hook alone (its own kernels)
+            compiles.append((getattr(fn, "name", str(fn)), time.time() - t))
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
     return compiles
 
@@ -689,13 +693,14 @@ def startup_breakdown(run_dir: Path, first: dict) -> dict:
     first step measured apart. Empty if the run wrote no row or took no step."""
     from bitnet.run import layout
     from bitnet.run.jsonl import read_jsonl
-    rows = read_jsonl(run_dir / layout.STARTUP) if (run_dir / layout.STARTUP).exists() else []
+    rows = read_jsonl(run_dir / layout.STARTUP)
     if not rows or "t" not in first:
         return {}
     metrics = first["compile_metrics"]
     return {**rows[0], "dynamo_inductor_s": metrics.get("_compile.compile_inner", 0.0)
             + sum(v for k, v in metrics.items() if "bw_compiler" in k),
             "triton_compile_s": sum(s for _, s in first["triton"]),
+            "triton_in_step_s": sum(s for _, s in first["triton_in_step"]),
             "triton_compiles": first["triton"], "compile_metrics": metrics}
 
 

@@ -385,10 +385,11 @@ def test_watch_frames_of_a_growing_run_match_a_fresh_read(run, capsys, monkeypat
 
 def test_imports_only_the_standard_library():
     """Top-level imports are stdlib; matplotlib may appear only inside functions (plot is lazy). The run
-    directory's names, its JSONL reader and its continuation names (bitnet.run.layout, bitnet.run.jsonl,
-    bitnet.run.directory) are the only bitnet modules it imports, and they hold to the same rule."""
+    directory's names, its JSONL reader, its continuation names and the startup row's line (bitnet.run.layout,
+    bitnet.run.jsonl, bitnet.run.directory, bitnet.run.startup) are the only bitnet modules it imports, and they
+    hold to the same rule."""
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    allowed = {"bitnet.run.layout", "bitnet.run.jsonl", "bitnet.run.directory"}
+    allowed = {"bitnet.run.layout", "bitnet.run.jsonl", "bitnet.run.directory", "bitnet.run.startup"}
 
     def imports(nodes):
         return {(a.name if isinstance(n, ast.Import) else n.module)

@@ -13,6 +13,7 @@ import pytest
 
 from bitnet import status
 from bitnet.cli import status as status_cli
+from bitnet.instrumentation import startup as startup_clock
 from bitnet.run import layout
 from tests.faults.harness import Trainer, checkpoint_steps, flags, last_logged_step, rows, train
 
@@ -26,7 +27,7 @@ def spikes(run) -> list[tuple[int, str]]:
     return sorted((int(m.group(1)), m.group(2)) for m in found if m)
 
 
-def test_status_joins_the_legs_of_a_killed_and_resumed_run(tmp_path, capsys):
+def test_status_joins_the_legs_of_a_killed_and_resumed_run(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     argv = flags(runs, "st", num_steps=NUM_STEPS, checkpoint_interval=1000, lr_stage2_start=0.3)
     trainer = Trainer(argv, tmp_path / "logs")
@@ -37,6 +38,7 @@ def test_status_joins_the_legs_of_a_killed_and_resumed_run(tmp_path, capsys):
     resume_step = max(checkpoint_steps(first))
     assert resume_step == NUM_STEPS // 2 < spikes(first)[0][0] < killed_at < NUM_STEPS
 
+    monkeypatch.setattr(startup_clock, "_process_start_taken", False)  # the resume runs here, as in a fresh process
     assert train(["--resume-from", "auto", "--run-id", "st", "--runs-dir", str(runs), "--quiet"]) == 0
     second = runs / f"st_r{resume_step}"
     redone = [a for a in spikes(first) if a[0] > resume_step]

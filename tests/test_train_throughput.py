@@ -77,16 +77,18 @@ def test_the_window_profiles_the_captured_steps_it_names(monkeypatch):
 
 
 def test_the_startup_breakdown_adds_the_compiles_to_the_trainers_row(tmp_path):
-    row = {"step": 1, "started_at": 100.0, "time_to_first_step_s": 30.5, "phases_s": {"imports": 4.0, "first_step": 18.5}}
+    row = {"step": 1, "started_at": 100.0, "time_to_first_step_s": 30.5,
+           "phases_s": {"imports": 4.0, "first_step": 18.5}}
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "startup.jsonl").write_text(json.dumps(row) + "\n")
     first = {"t": 130.5, "triton": [("_rope_qkv_fwd_kernel", 1.25), ("_swiglu_norm_bwd_kernel", 0.75)],
+             "triton_in_step": [("_swiglu_norm_bwd_kernel", 0.75)],
              "compile_metrics": {"_compile.compile_inner": 9.0, "compile_fx.<locals>.bw_compiler": 4.5,
                                  "GraphLowering.compile_to_module": 6.0}}
     b = tt.startup_breakdown(tmp_path, first)
     assert {k: b[k] for k in row} == row
     assert b["dynamo_inductor_s"] == 13.5  # the forward's compile (dynamo with inductor inside) and the backward's
-    assert b["triton_compile_s"] == 2.0 and len(b["triton_compiles"]) == 2
+    assert b["triton_compile_s"] == 2.0 and len(b["triton_compiles"]) == 2 and b["triton_in_step_s"] == 0.75
     assert tt.startup_breakdown(tmp_path, {}) == {}  # no first step: nothing to split
     assert tt.startup_breakdown(tmp_path / "none", first) == {}  # no row written
 

@@ -356,8 +356,8 @@ def summarize(run_dir, smoothing: int | None = None, now: float | None = None,
                   "latest": quant[-1][1]} if quant else None
 
     found, repeated = _leg_anomalies(legs)
-    starts = [r for leg in legs for r in reader.read(leg["dir"] / layout.STARTUP)]
-    s["startup"] = starts[-1] if starts else None  # the latest process's: a resumed leg starts again
+    starts = reader.read(legs[-1]["dir"] / layout.STARTUP)  # this leg's process: not yet there before its step
+    s["startup"] = starts[-1] if starts else None
     s["anomalies"] = {"count": len(found), "repeated_after_resume": repeated, "latest": [p.name for _, _, p in found[-3:]],
                       "latest_message": load_json(found[-1][2] / layout.ANOMALY_INFO).get("message") if found else None}
 

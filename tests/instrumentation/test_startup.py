@@ -46,17 +46,23 @@ def test_without_a_process_start_the_clock_starts_when_made(monkeypatch):
     assert before <= StartupClock().started_at <= time.time()
 
 
-def test_a_cpu_run_writes_its_phases_in_order_and_they_add_up(tmp_path):
+def test_a_cpu_run_writes_its_phases_in_order_and_they_add_up(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
+    monkeypatch.setattr(startup_mod, "_process_start_taken", False)  # as in a fresh process
     t0 = time.time()
-    assert train_main(fast_args(runs, "st", steps=3)) == 0
+    assert train_main(fast_args(runs, "st", steps=3)) == 0  # --quiet: the row is written, not printed
     t1 = time.time()
+    assert " s after start: " not in capsys.readouterr().out
     (row,) = [json.loads(ln) for ln in (runs / "st" / layout.STARTUP).read_text().splitlines()]
     assert row["step"] == 1 and list(row["phases_s"]) == PHASES
     assert all(v >= 0 for v in row["phases_s"].values())
     assert sum(row["phases_s"].values()) == pytest.approx(row["time_to_first_step_s"])
     # it starts at the process's start (before this test ran) and ends at the first step, inside train_main
     assert row["started_at"] < t0 and t0 - row["started_at"] < row["time_to_first_step_s"] < t1 - row["started_at"]
+    # a second run in the same process starts at its own call, not at the process's start again
+    assert train_main(fast_args(runs, "again", steps=2)) == 0
+    (again,) = [json.loads(ln) for ln in (runs / "again" / layout.STARTUP).read_text().splitlines()]
+    assert t1 <= again["started_at"] <= again["started_at"] + again["time_to_first_step_s"] <= time.time()
 
 
 def test_status_shows_the_row_and_survives_a_malformed_one(tmp_path):
@@ -64,7 +70,10 @@ def test_status_shows_the_row_and_survives_a_malformed_one(tmp_path):
     assert train_main(fast_args(runs, "st", steps=2)) == 0
     s = status.summarize(runs / "st")
     assert s["startup"]["step"] == 1 and "startup    step 1 done " in status.render_text(s)
-    (runs / "st" / layout.STARTUP).write_text(json.dumps({"step": "x", "phases_s": {"data": "slow", "model": 2}})
-                                               + "\n")
-    line = startup_line(status.summarize(runs / "st")["startup"])
-    assert line == "step n/a done n/a s after start: model 2.0 s"
+    (runs / "st" / layout.STARTUP).write_text("not json\n" + json.dumps({"step": "x", "phases_s": {"data": "slow",
+                                                                                                   "model": 2}}) + "\n")
+    damaged = status.summarize(runs / "st")
+    assert startup_line(damaged["startup"]) == "step n/a done n/a s after start: model 2.0 s"
+    assert "startup    step n/a done n/a s after start: model 2.0 s" in status.render_text(damaged)
+    (runs / "st" / layout.STARTUP).write_text("")  # a process that has not finished its first step yet
+    assert "startup    none yet" in status.render_text(status.summarize(runs / "st"))

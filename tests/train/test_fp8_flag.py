@@ -89,6 +89,17 @@ def test_fp8_quality_compares_each_switch_with_the_noise_floor():
     assert seeds["head (mean)"] == pytest.approx({"seeds": 3, "tail_train_loss_delta": (0.01 + 0.02 - 0.03) / 3,
                                                   "final_eval_loss_delta": (0.02 + 0.0 - 0.03) / 3, "holds": True})
     assert "all (mean)" not in seeds  # one seed: no mean
+    # a seed with no exact row of its own is compared with exact-s0 and kept out of the mean; a missing eval
+    # gives no eval delta (and no verdict) instead of a number
+    more = q.compare({**results, "head-s1": {**row, "tail_train_loss": 3.04, "final_eval_loss": 3.13},
+                      "head-s3": {**row, "tail_train_loss": 3.50, "final_eval_loss": 3.90},
+                      "head-s4": {**row, "final_eval_loss": None}})
+    assert more["head-s3"]["against"] == "exact-s0" and more["head-s3"]["paired"] is False
+    assert more["head-s4"]["final_eval_loss_delta"] is None and more["head-s4"]["holds"] is None
+    assert more["head (mean)"]["seeds"] == 2  # head-s0 and head-s1 only
+    # without exact-s0 the pairs are still compared; there is no floor to judge them by
+    no_base = q.compare({"exact-s1": results["exact-s1"], "head-s1": {**row, "final_eval_loss": 3.14}})
+    assert "noise_floor" not in no_base and no_base["head-s1"]["final_eval_loss_delta"] == pytest.approx(0.01)
     assert "head (mean)" in q.table(results, seeds)
     # rows from two GPU calls are joined and compared as one
     import tempfile

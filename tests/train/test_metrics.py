@@ -59,6 +59,7 @@ def test_cpu_rows_have_no_gpu_fields(monkeypatch):
 
 def test_benchmark_rows_take_the_median_clock_and_power_of_the_rows_that_carry_them():
     rows = [{"step": 100}, {"step": 200, "gpu_sm_mhz": 1755, "gpu_power_w": 690.0},
-            {"step": 300, "gpu_sm_mhz": 1530, "gpu_power_w": 700.0}, {"step": 400, "gpu_sm_mhz": 1800, "gpu_power_w": 650.0}]
+            {"step": 300, "gpu_sm_mhz": 1530, "gpu_power_w": 700.0},
+            {"step": 400, "gpu_sm_mhz": 1800, "gpu_power_w": 650.0}]
     assert gpu_telemetry_medians(rows) == {"gpu_sm_mhz": 1755, "gpu_power_w": 690.0}
     assert gpu_telemetry_medians([{"step": 1}, {"step": 2}]) == {}  # CPU rows: no fields, no error

@@ -77,6 +77,32 @@ def test_start_compile_workers_warms_inductors_pool(monkeypatch):
     assert calls == ["warm"]
 
 
+def test_the_trainer_starts_the_compile_workers_before_its_setup_where_it_compiles_on_cuda(monkeypatch, tmp_path):
+    import dataclasses
+
+    from bitnet.cli.train import train_main
+    from bitnet.train import loop
+    from tests.conftest import fast_args
+
+    class Started(Exception):
+        pass
+
+    def on_cuda(*args):  # the CPU run's settings, as a compiled run on CUDA would have them
+        return dataclasses.replace(settings(*args), device=torch.device("cuda"), use_compile=True)
+
+    def start():
+        raise Started  # stop the run here: the data and the model are not built yet
+
+    built = []
+    settings = loop.settings
+    monkeypatch.setattr(loop, "settings", on_cuda)
+    monkeypatch.setattr(loop, "start_compile_workers", start)
+    monkeypatch.setattr(loop, "build_data", lambda *a, **k: built.append("data"))
+    with pytest.raises(Started):
+        train_main(fast_args(tmp_path, "cuda", steps=2))
+    assert built == []
+
+
 def test_the_trainer_on_the_cpu_starts_no_compile_workers(monkeypatch, tmp_path):
     from bitnet.cli.train import train_main
     from bitnet.train import loop

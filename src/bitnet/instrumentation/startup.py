@@ -1,8 +1,9 @@
 """`StartupClock`: where a run's time to its first step goes, one row per process in metrics/startup.jsonl.
 
 The loop marks the end of each setup phase (`mark`); the first step's end is the hook's on_step_end, after
-the loop has waited for the GPU. Phases, in order: imports (from the process's start where /proc tells it:
-the interpreter, torch and the package, arguments and config; about 0 elsewhere), data (tokenizer and
+the loop has waited for the GPU. Phases, in order: imports (from the process's start where /proc tells it,
+for the first run in a process: the interpreter, torch and the package, arguments and config, a resume's
+checkpoint load, the process group; from `train`'s entry for a later run in the same process), data (tokenizer and
 loaders), model (built, moved, resumed), run_dir (the run directory and its meta files), step_fn (the step
 function: compile wrappers, CUDA graphs), hooks (hooks, checkpointer, metrics row, banner), hooks_start (the
 hooks' on_train_start: the first quant-stats forward), initial_checkpoint (a fresh run's step_000000) and
@@ -21,10 +22,20 @@ from bitnet.run.jsonl import JsonlWriter
 from bitnet.run.startup import startup_line
 
 
+_process_start_taken = False
+"""Whether a clock of this process already started at the process's start: a second run (tests, benchmarks
+that train twice in one process) starts at its own `train` call instead."""
+
+
 class StartupClock(Hook):
     def __init__(self, started_at: float | None = None):
-        """started_at: the process's start (Unix time); None: from /proc, else now (no imports phase)."""
-        self.started_at = started_at or process_start_time() or time.time()
+        """started_at (Unix time); None: the process's start for the process's first clock (from /proc), else
+        now."""
+        global _process_start_taken
+        if started_at is None and not _process_start_taken:
+            started_at = process_start_time()
+            _process_start_taken = True
+        self.started_at = started_at or time.time()
         self.last = self.started_at
         self.phases: dict[str, float] = {}
         self.writer, self.log = None, None
@@ -44,7 +55,9 @@ class StartupClock(Hook):
         return self
 
     def works_at(self, step: int) -> bool:
-        return self.row is None  # the loop waits for the GPU first: the first step's time is all in its mark
+        # the loop waits for the GPU first: the first step's time is all in its mark (where the first step is also
+        # a log step, the log row's sync and the hooks' on_log come before, and count in it too)
+        return self.row is None
 
     def on_step_end(self, state, out) -> None:
         if self.row is not None:

@@ -85,10 +85,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
     Under torchrun every rank runs this (parallel.py starts and ends the process group); without
     torchrun no process group exists and nothing below communicates.
     """
+    startup = StartupClock()  # marks the end of each phase until the first step
     world = parallel.init(pick_device(cfg.device), cfg.dist_timeout_s)
     try:
         with use_kernels(current_kernels()):  # the run's --fp8 switches (settings) end with it
-            return _train(cfg, model_cfg, world, resume, resumed_from, quiet)
+            return _train(cfg, model_cfg, world, resume, resumed_from, quiet, startup)
     except BaseException as e:
         parallel.report_failure(world, e)  # every rank says on its own stderr why it stopped
         raise
@@ -97,10 +98,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: dict | None = None, 
 
 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig, world: parallel.World, resume: dict | None,
-           resumed_from: str | None, quiet: bool) -> RunResult:
+           resumed_from: str | None, quiet: bool, startup: StartupClock) -> RunResult:
     # ---- setup: validate everything before anything is written
     s = settings(cfg, model_cfg, world)
-    startup = StartupClock()  # marks the end of each phase until the first step
     if s.use_compile and s.device.type == "cuda":
         start_compile_workers()  # they start while the setup below runs
     startup.mark("imports")
