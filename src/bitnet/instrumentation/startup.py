@@ -1,15 +1,17 @@
 """`StartupClock`: where a run's time to its first step goes, one row per process in metrics/startup.jsonl.
 
 The loop marks the end of each setup phase (`mark`); the first step's end is the hook's on_step_end, after
-the loop has waited for the GPU. Phases, in order: imports (from the process's start where /proc tells it,
-for the first run in a process: the interpreter, torch and the package, arguments and config, a resume's
-checkpoint load, the process group; from `train`'s entry for a later run in the same process), data (tokenizer and
-loaders), model (built, moved, resumed), run_dir (the run directory and its meta files), step_fn (the step
-function: compile wrappers, CUDA graphs), hooks (hooks, checkpointer, metrics row, banner), hooks_start (the
-hooks' on_train_start: the first quant-stats forward), initial_checkpoint (a fresh run's step_000000) and
-first_step (torch.compile and the kernels' compiles, and the step). Why: the first step is where a run's
-fixed cost sits, compiles most of all, and a user waiting for the first loss should see what they wait
-for; the status tool shows the latest row.
+the loop has waited for the GPU. Phases, in order:
+- imports: from the process's start where /proc tells it, for the first run in a process (the interpreter,
+  torch and the package, arguments and config, a resume's checkpoint load, the process group); from
+  `train`'s entry for a later run in the same process;
+- data (tokenizer and loaders), model (built, moved, resumed), run_dir (the run directory and its meta
+  files), step_fn (the step function: compile wrappers, CUDA graphs), hooks (hooks, checkpointer, metrics
+  row, banner), hooks_start (the hooks' on_train_start: the first quant-stats forward), initial_checkpoint
+  (a fresh run's step_000000);
+- first_step: torch.compile and the kernels' compiles, and the step.
+Why: the first step is where a run's fixed cost sits, compiles most of all, and a user waiting for the first
+loss should see what they wait for; bitnet-status shows the row of the leg it is given.
 """
 
 import time
@@ -73,4 +75,3 @@ class StartupClock(Hook):
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
